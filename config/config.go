@@ -1,0 +1,123 @@
+// Package config holds historyproxy's settings: defaults, an optional YAML
+// file, HISTORYPROXY_* environment variables and command-line flags, in
+// rising order of precedence. Loading has no side effects.
+package config
+
+import "time"
+
+// Config is the whole configuration. The zero value is not useful; use
+// Default or Load.
+type Config struct {
+	Listen      string `yaml:"listen"`       // client-facing address, default ":8080"
+	AdminListen string `yaml:"admin_listen"` // health, readiness, metrics, admin; default "127.0.0.1:9090"
+
+	Upstream Upstream `yaml:"upstream"`
+	Redis    Redis    `yaml:"redis"`
+	Store    Store    `yaml:"store"`
+	Session  Session  `yaml:"session"`
+
+	// Defaults are the agent settings used for any agent not listed in
+	// Agents, and the base that listed agents' unset fields fall back to.
+	Defaults Agent           `yaml:"defaults"`
+	Agents   map[string]Agent `yaml:"agents"`
+
+	Tokens  Tokens           `yaml:"tokens"`
+	Models  map[string]Model `yaml:"models"` // extends or overrides the built-in model table
+	Metrics Metrics          `yaml:"metrics"`
+	Log     Log              `yaml:"log"`
+
+	DrainTimeout time.Duration `yaml:"drain_timeout"`  // default 30s
+	MaxBodyBytes int64         `yaml:"max_body_bytes"` // default 20 MiB
+}
+
+// Upstream is the real OpenAI-compatible server.
+type Upstream struct {
+	URL string `yaml:"url"` // base URL including /v1, default "https://api.openai.com/v1"
+	// APIKeyEnv names an environment variable holding the upstream key.
+	// When set (and the variable is not empty) the proxy sends that key and
+	// drops the client's Authorization header.
+	APIKeyEnv string `yaml:"api_key_env"`
+	// APIKey is read from APIKeyEnv at load time, never from the file.
+	APIKey string `yaml:"-"`
+	// Timeout bounds the wait for the upstream's response headers (504
+	// after it). A stream, once started, is not cut by it. Default 10m.
+	Timeout time.Duration `yaml:"timeout"`
+}
+
+// Redis says where conversations live. All empty: the in-memory store.
+type Redis struct {
+	URL            string   `yaml:"url"` // redis:// or rediss://
+	ClusterAddrs   []string `yaml:"cluster_addrs"`
+	SentinelMaster string   `yaml:"sentinel_master"`
+	SentinelAddrs  []string `yaml:"sentinel_addrs"`
+	Username       string   `yaml:"username"`
+	// PasswordEnv names an environment variable holding the password, for
+	// the address-list forms (a URL carries its own).
+	PasswordEnv string `yaml:"password_env"`
+	Password    string `yaml:"-"`
+	Prefix      string `yaml:"prefix"` // key prefix, default "hp"
+}
+
+// Enabled reports whether a Redis store is configured.
+func (r Redis) Enabled() bool {
+	return r.URL != "" || len(r.ClusterAddrs) > 0 || len(r.SentinelAddrs) > 0
+}
+
+// Store is how the proxy treats store failures.
+type Store struct {
+	// OnError is "fail_open" (default: serve without history, queue the
+	// turn for retry) or "fail_closed" (503, nothing forwarded).
+	OnError    string        `yaml:"on_error"`
+	RetryQueue int           `yaml:"retry_queue"` // turns held while the store is down, default 10000
+	Timeout    time.Duration `yaml:"timeout"`     // per store operation, default 2s
+}
+
+// Session is how requests map to sessions.
+type Session struct {
+	Require        bool   `yaml:"require"`         // 400 when no user can be found
+	DefaultChannel string `yaml:"default_channel"` // default "api"
+	DefaultAgent   string `yaml:"default_agent"`   // default "default"
+}
+
+// Agent modes.
+const (
+	ModePerUser = "per_user"
+	ModeShared  = "shared"
+	ModeOff     = "off"
+)
+
+// Agent is one agent's history settings. Zero fields fall back to
+// Config.Defaults.
+type Agent struct {
+	Mode          string        `yaml:"mode"`           // per_user (default), shared, off
+	MaxTokens     int           `yaml:"max_tokens"`     // history token budget, default 4000
+	MaxMessages   int           `yaml:"max_messages"`   // default 20
+	OutputReserve int           `yaml:"output_reserve"` // reserved output tokens when the request names none, default 1024
+	IdleTimeout   time.Duration `yaml:"idle_timeout"`   // 0: never idle
+	Retention     time.Duration `yaml:"retention"`      // 0: keep forever
+}
+
+// Tokens configures counting.
+type Tokens struct {
+	DefaultEncoding string `yaml:"default_encoding"` // for unknown models, default "o200k_base"
+}
+
+// Model is one model's entry in the model table. Prices are USD per one
+// million tokens.
+type Model struct {
+	ContextWindow int     `yaml:"context_window"`
+	Input         float64 `yaml:"input"`
+	CachedInput   float64 `yaml:"cached_input"`
+	Output        float64 `yaml:"output"`
+}
+
+// Metrics configures Prometheus export.
+type Metrics struct {
+	SessionSeriesLimit int `yaml:"session_series_limit"` // default 10000
+}
+
+// Log configures log/slog.
+type Log struct {
+	Format string `yaml:"format"` // text (default) or json
+	Level  string `yaml:"level"`  // debug, info (default), warn, error
+}

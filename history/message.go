@@ -1,0 +1,140 @@
+// Package history stores conversations: the messages of each session's
+// conversations, the session's metadata and usage totals, and chooses the
+// part of a conversation that fits a token budget.
+//
+// It knows nothing of HTTP. Two stores implement the same behaviour: Redis
+// (production) and memory (development, tests, the default without Redis).
+package history
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// Roles of stored messages.
+const (
+	RoleSystem    = "system"
+	RoleUser      = "user"
+	RoleAssistant = "assistant"
+	RoleTool      = "tool"
+)
+
+// Kinds of stored messages.
+const (
+	KindMessage    = "message"     // plain user or assistant text
+	KindToolCall   = "tool_call"   // assistant message that carries tool_calls
+	KindToolResult = "tool_result" // role tool, answers a tool call
+	KindSummary    = "summary"     // compaction of older turns (future)
+)
+
+// Statuses of stored messages.
+const (
+	StatusComplete   = "complete"
+	StatusIncomplete = "incomplete" // the stream ended before [DONE]
+)
+
+// IdempotencyWindow is how long a turn's idempotency key is remembered.
+const IdempotencyWindow = 24 * time.Hour
+
+// Message is one stored chat message.
+type Message struct {
+	// ID is assigned by the store (the Redis stream entry id, or an
+	// equivalent "ms-seq" id in memory); empty before Append.
+	ID   string
+	Role string
+	// Content is the text content. When the message was sent with an array
+	// of content parts, Parts holds that array exactly as sent and Content
+	// is empty.
+	Content string
+	Parts   json.RawMessage
+	// ContentNull records that the message was sent with "content": null
+	// (an assistant message that only calls tools).
+	ContentNull bool
+	Name        string
+	// ToolCalls is the JSON array of tool calls as sent or assembled; nil
+	// when there are none.
+	ToolCalls  json.RawMessage
+	ToolCallID string
+	Refusal    string
+	Kind       string
+	User       string
+	Model      string
+	// Tokens is the message's token count (per-message overhead included),
+	// computed once when it is written.
+	Tokens    int
+	CreatedMs int64
+	RequestID string
+	Status    string
+}
+
+// Usage is what one request adds to a session's all-time totals.
+type Usage struct {
+	PromptTokens     int64
+	CompletionTokens int64
+	CachedTokens     int64
+	HistoryTokens    int64 // tokens of injected history
+	Requests         int64
+	CostMicros       int64 // micro-USD
+}
+
+// Add returns u plus o.
+func (u Usage) Add(o Usage) Usage {
+	return Usage{
+		PromptTokens:     u.PromptTokens + o.PromptTokens,
+		CompletionTokens: u.CompletionTokens + o.CompletionTokens,
+		CachedTokens:     u.CachedTokens + o.CachedTokens,
+		HistoryTokens:    u.HistoryTokens + o.HistoryTokens,
+		Requests:         u.Requests + o.Requests,
+		CostMicros:       u.CostMicros + o.CostMicros,
+	}
+}
+
+// Policy is the per-agent lifetime of conversations.
+type Policy struct {
+	// IdleTimeout: when more than this has passed since the session's last
+	// activity, the next turn starts a new conversation and the old one is
+	// kept for audit. Zero means conversations never go idle.
+	IdleTimeout time.Duration
+	// Retention: an idle conversation's messages expire after this long.
+	// Zero keeps them forever.
+	Retention time.Duration
+}
+
+// Turn is what one request appends: its new messages and the reply, plus
+// the usage it adds to the session's totals. All of it is written
+// atomically, or none of it.
+type Turn struct {
+	Messages []Message
+	// IdempotencyKey, when not empty, makes the append a no-op if the same
+	// key was appended to this session within IdempotencyWindow.
+	IdempotencyKey string
+	Usage          Usage
+	// NowMs is the time of the turn in Unix milliseconds; it decides
+	// idleness and is the created time of messages that have none.
+	NowMs int64
+}
+
+// AppendResult says what Append did.
+type AppendResult struct {
+	ConversationID string
+	IDs            []string // ids of the appended messages, in order
+	Duplicate      bool     // the idempotency key was seen: nothing written
+	NewConversation bool    // this turn started a conversation
+}
+
+// Window is the newest part of a session's active conversation.
+type Window struct {
+	ConversationID string // empty when there is no active conversation
+	Messages       []Message
+}
+
+// Session is a session's metadata.
+type Session struct {
+	ID             string
+	ConversationID string // the active conversation
+	CreatedMs      int64
+	LastActiveMs   int64
+	Active         bool
+	MessageCount   int64 // messages in all of the session's conversations
+	Totals         Usage
+}
