@@ -1,0 +1,269 @@
+// Command historyproxy is an OpenAI-compatible proxy that gives LLM apps
+// conversation memory: point an app's OpenAI base URL at it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/historyproxy/historyproxy/config"
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/metrics"
+	"github.com/historyproxy/historyproxy/proxy"
+	"github.com/historyproxy/historyproxy/tokens"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "healthcheck" {
+		// The container image has no curl: HEALTHCHECK runs the binary.
+		if err := healthcheck(os.Args[2:], os.Getenv); err != nil {
+			fmt.Fprintln(os.Stderr, "historyproxy healthcheck:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "historyproxy:", err)
+		os.Exit(1)
+	}
+}
+
+// addrs are the addresses the program listens on, once it serves.
+type addrs struct{ Proxy, Admin string }
+
+// run is the whole program: it loads the configuration, opens the
+// listeners, builds the store, metrics and proxy, serves until ctx is done,
+// then drains. ready (may be nil) learns the bound addresses, so a test can
+// listen on port 0.
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer, ready func(addrs)) error {
+	cfg, err := config.Load(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		return err
+	}
+
+	pl, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	defer pl.Close()
+	al, err := net.Listen("tcp", cfg.AdminListen)
+	if err != nil {
+		return fmt.Errorf("admin listen %s: %w", cfg.AdminListen, err)
+	}
+	defer al.Close()
+
+	store, closeStore, err := newStore(cfg.Redis, log)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+
+	counter, err := tokens.New(cfg.Tokens.DefaultEncoding)
+	if err != nil {
+		return fmt.Errorf("tokens: %w", err)
+	}
+	models := make(map[string]tokens.Model, len(cfg.Models))
+	for name, m := range cfg.Models {
+		models[name] = tokens.Model{ContextWindow: m.ContextWindow, Input: m.Input, CachedInput: m.CachedInput, Output: m.Output}
+	}
+	reg := metrics.NewRegistry()
+	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit)
+
+	upstream, err := url.Parse(cfg.Upstream.URL)
+	if err != nil {
+		return fmt.Errorf("upstream %q: %w", cfg.Upstream.URL, err)
+	}
+	px, err := proxy.New(proxy.Options{
+		Upstream:        upstream,
+		APIKey:          cfg.Upstream.APIKey,
+		UpstreamTimeout: cfg.Upstream.Timeout,
+		Store:           store,
+		Counter:         counter,
+		Catalog:         tokens.NewCatalog(models),
+		Agent:           func(name string) proxy.Agent { return agent(cfg.Agent(name)) },
+		Metrics:         met,
+		DefaultChannel:  cfg.Session.DefaultChannel,
+		DefaultAgent:    cfg.Session.DefaultAgent,
+		RequireSession:  cfg.Session.Require,
+		MaxBodyBytes:    cfg.MaxBodyBytes,
+		StoreTimeout:    cfg.Store.Timeout,
+		FailClosed:      cfg.Store.OnError == "fail_closed",
+		Logger:          log,
+	})
+	if err != nil {
+		return err
+	}
+
+	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: 30 * time.Second, MaxHeaderBytes: 1 << 20,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	admin := &http.Server{Handler: adminRoutes(store, reg), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 2)
+	go func() { errc <- serve(srv, pl) }()
+	go func() { errc <- serve(admin, al) }()
+	log.Info("historyproxy started", "version", version, "listen", pl.Addr().String(), "admin", al.Addr().String(),
+		"upstream", upstream.Redacted(), "store", storeName(cfg.Redis))
+	if ready != nil {
+		ready(addrs{Proxy: pl.Addr().String(), Admin: al.Addr().String()})
+	}
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	log.Info("shutting down: draining in-flight requests", "timeout", cfg.DrainTimeout)
+	drain, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	defer cancel()
+	// Shutdown closes the listeners at once and waits for every request,
+	// streams included, to finish.
+	err = errors.Join(srv.Shutdown(drain), admin.Shutdown(drain))
+	if err != nil {
+		log.Warn("drain timeout passed with requests in flight", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func serve(s *http.Server, l net.Listener) error {
+	if err := s.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve %s: %w", l.Addr(), err)
+	}
+	return nil
+}
+
+// store is the history store as main wires it: the proxy's needs plus a
+// health check for /readyz.
+type store interface {
+	proxy.Store
+	Ping(ctx context.Context) error
+}
+
+func newStore(rc config.Redis, log *slog.Logger) (store, func(), error) {
+	if !rc.Enabled() {
+		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
+		return history.NewMemory(), func() {}, nil
+	}
+	var client redis.UniversalClient
+	if rc.URL != "" {
+		opts, err := redis.ParseURL(rc.URL)
+		if err != nil {
+			return nil, nil, fmt.Errorf("redis url: %w", err)
+		}
+		client = redis.NewClient(opts)
+	} else {
+		client = redis.NewUniversalClient(&redis.UniversalOptions{
+			Addrs:         append(rc.ClusterAddrs, rc.SentinelAddrs...),
+			MasterName:    rc.SentinelMaster,
+			IsClusterMode: len(rc.ClusterAddrs) > 0,
+			Username:      rc.Username,
+			Password:      rc.Password,
+		})
+	}
+	return history.NewRedis(client, rc.Prefix), func() { _ = client.Close() }, nil
+}
+
+func storeName(rc config.Redis) string {
+	switch {
+	case rc.URL != "":
+		if u, err := url.Parse(rc.URL); err == nil {
+			return u.Redacted()
+		}
+		return "redis"
+	case len(rc.ClusterAddrs) > 0:
+		return "redis cluster " + strings.Join(rc.ClusterAddrs, ",")
+	case rc.SentinelMaster != "":
+		return "redis sentinel " + rc.SentinelMaster
+	}
+	return "memory"
+}
+
+func agent(a config.Agent) proxy.Agent {
+	return proxy.Agent{Mode: a.Mode, MaxTokens: a.MaxTokens, MaxMessages: a.MaxMessages, OutputReserve: a.OutputReserve,
+		Policy: history.Policy{IdleTimeout: a.IdleTimeout, Retention: a.Retention}}
+}
+
+// adminRoutes serves health, readiness and metrics, off the client port.
+func adminRoutes(s store, reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		w.Header().Set("Content-Type", "application/json")
+		if err := s.Ping(ctx); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "{\"status\":\"unavailable\",\"store\":%q}\n", err.Error())
+			return
+		}
+		fmt.Fprintln(w, `{"status":"ok","store":"ok"}`)
+	})
+	mux.Handle("GET /metrics", metrics.Handler(reg))
+	return mux
+}
+
+func newLogger(c config.Log, w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.Level)); err != nil {
+		return nil, fmt.Errorf("log.level %q: %w", c.Level, err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(w, opts)), nil
+}
+
+// healthcheck asks the admin listener's /healthz; it exits non-zero when
+// the process does not answer.
+func healthcheck(args []string, getenv func(string) string) error {
+	cfg, err := config.Load(args, getenv, io.Discard)
+	if err != nil {
+		return err
+	}
+	host, port, err := net.SplitHostPort(cfg.AdminListen)
+	if err != nil {
+		return err
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	c := http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthz answered %s", resp.Status)
+	}
+	return nil
+}

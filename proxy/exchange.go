@@ -1,0 +1,375 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/metrics"
+	"github.com/historyproxy/historyproxy/tokens"
+)
+
+// Request headers the proxy reads.
+const (
+	headerHistory     = "X-History"    // off | read-only | on
+	headerMessageID   = "X-Message-ID" // idempotency key, the proxy's own
+	headerIdempotency = "Idempotency-Key"
+)
+
+// maxReplyBytes bounds a non-stream reply the proxy reads to record.
+const maxReplyBytes = 64 << 20
+
+// exchange is one chat completion on its way through the proxy.
+type exchange struct {
+	start   time.Time
+	req     *chatRequest
+	session Session
+	stored  string // the store's session id ("" = nothing stored)
+	agent   Agent
+	record  bool
+	idemKey string
+
+	historyMessages, historyTokens int
+	truncated                      bool
+	requestTokens                  int // the request's own prompt tokens; -1 until counted
+
+	upstreamStart, upstreamEnd time.Time
+	upstreamErr                error
+	reply                      *reply
+	requestID                  string
+	status                     int
+}
+
+type exchangeKey struct{}
+
+func exchangeFrom(ctx context.Context) *exchange {
+	x, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return x
+}
+
+// chat handles POST /v1/chat/completions: parse, resolve the session,
+// inject history, forward, and (in modifyResponse or the stream body)
+// record the turn.
+func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
+	x := &exchange{start: p.now(), requestTokens: -1}
+	cw := &codeWriter{ResponseWriter: w}
+	defer p.observe(x, cw)
+
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.opt.MaxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeError(cw, &apiError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large",
+				Message: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)})
+			return
+		}
+		writeError(cw, badRequest("invalid_request_body", "", "could not read the request body: "+err.Error()))
+		return
+	}
+	req, aerr := parseChat(body)
+	if aerr != nil {
+		writeError(cw, aerr)
+		return
+	}
+	x.req = req
+	sess, ok, aerr := resolveSession(r.Header, pathSessionFrom(r.Context()), req.User, p.opt.DefaultChannel, p.opt.DefaultAgent)
+	if aerr != nil {
+		writeError(cw, aerr)
+		return
+	}
+	x.session = sess
+	if !ok && p.opt.RequireSession {
+		writeError(cw, badRequest("missing_session", "", "no session: send X-Session-ID: channel:user:agent, X-Session-User, a /s/{channel}/{user}/{agent}/v1 base URL, or the request's user field"))
+		return
+	}
+	hist := r.Header.Get(headerHistory)
+	switch hist {
+	case "", "on", "off", "read-only":
+	default:
+		writeError(cw, badRequest("invalid_value", headerHistory, "X-History must be on, off or read-only, got "+quote(hist)))
+		return
+	}
+	x.agent = p.opt.Agent(sess.Agent)
+	if ok {
+		cw.Header().Set(headerSessionID, sess.ID())
+		if x.agent.Mode != ModeOff && hist != "off" {
+			x.stored = sess.ID()
+			if x.agent.Mode == ModeShared {
+				x.stored = Session{sess.Channel, sharedUser, sess.Agent}.ID()
+			}
+		}
+	}
+	x.record = x.stored != "" && hist != "read-only"
+	x.idemKey = r.Header.Get(headerIdempotency)
+	if x.idemKey == "" {
+		x.idemKey = r.Header.Get(headerMessageID)
+	}
+
+	var inject []history.Message
+	if x.stored != "" && req.lastAssistant() < 0 {
+		var degraded bool
+		inject, degraded = p.selectHistory(r.Context(), x)
+		if degraded {
+			if p.opt.FailClosed {
+				writeError(cw, storeUnavailable())
+				return
+			}
+			cw.Header().Set(headerHistory, "degraded")
+		}
+	}
+	out, err := req.body(body, inject)
+	if err != nil {
+		writeError(cw, &apiError{Status: http.StatusInternalServerError, Type: "server_error", Code: "rewrite_failed", Message: err.Error()})
+		return
+	}
+	cw.Header().Set("X-History-Messages", strconv.Itoa(x.historyMessages))
+	cw.Header().Set("X-History-Tokens", strconv.Itoa(x.historyTokens))
+
+	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
+	r.Body = io.NopCloser(bytes.NewReader(out))
+	r.ContentLength = int64(len(out))
+	r.Header.Del("Content-Length")
+	x.upstreamStart = p.now()
+	p.rp.ServeHTTP(cw, r)
+}
+
+// selectHistory reads the session's window and cuts it to the budget.
+// degraded is true when the store could not be read.
+func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.Message, degraded bool) {
+	a := x.agent
+	if a.MaxMessages <= 0 || a.MaxTokens <= 0 {
+		return nil, false
+	}
+	budget := a.MaxTokens
+	if m, ok := p.opt.Catalog.Lookup(x.req.Model); ok && m.ContextWindow > 0 {
+		reserve := x.req.Reserve
+		if reserve == 0 {
+			reserve = a.OutputReserve
+		}
+		budget = min(budget, m.ContextWindow-p.requestTokens(x)-reserve)
+		if budget <= 0 {
+			return nil, false
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
+	defer cancel()
+	t0 := time.Now()
+	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, p.now().UnixMilli(), a.Policy)
+	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
+	if err != nil {
+		p.log.Warn("history read failed", "session", x.stored, "err", err)
+		return nil, true
+	}
+	sel := history.Select(win.Messages, history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages})
+	msgs = wellFormed(sel.Messages, x.req.answered())
+	for _, m := range msgs {
+		x.historyTokens += m.Tokens
+	}
+	x.historyMessages = len(msgs)
+	x.truncated = sel.Truncated || len(msgs) < len(sel.Messages)
+	return msgs, false
+}
+
+// requestTokens counts the request's own prompt once: its messages, tools
+// and reply priming. Stored history is never re-tokenized.
+func (p *Proxy) requestTokens(x *exchange) int {
+	if x.requestTokens < 0 {
+		ms := make([]tokens.Message, len(x.req.Messages))
+		for i, m := range x.req.Messages {
+			ms[i] = tokenMessage(m.msg)
+		}
+		x.requestTokens = p.opt.Counter.Messages(x.req.Model, ms) + p.opt.Counter.Tools(x.req.Model, x.req.Tools)
+	}
+	return x.requestTokens
+}
+
+func tokenMessage(m history.Message) tokens.Message {
+	return tokens.Message{Role: m.Role, Name: m.Name, Content: m.Content, Parts: m.Parts,
+		ToolCalls: m.ToolCalls, ToolCallID: m.ToolCallID, Refusal: m.Refusal}
+}
+
+// modifyResponse observes the upstream's answer to a chat completion: a
+// whole reply is recorded before its body is relayed; a stream is wrapped
+// so the turn is recorded before [DONE] is relayed. Errors pass unchanged.
+func (p *Proxy) modifyResponse(resp *http.Response) error {
+	x := exchangeFrom(resp.Request.Context())
+	if x == nil {
+		return nil
+	}
+	x.status = resp.StatusCode
+	x.requestID = resp.Header.Get("X-Request-Id")
+	if resp.StatusCode/100 != 2 {
+		x.upstreamEnd = p.now()
+		return nil
+	}
+	x.reply = &reply{}
+	if ct := resp.Header.Get("Content-Type"); len(ct) >= 17 && ct[:17] == "text/event-stream" {
+		hide := x.req.Stream && !x.req.ClientUsage
+		resp.Body = newStreamBody(resp.Body, hide, x.reply, p.now, func(complete bool) error {
+			x.upstreamEnd = p.now()
+			return p.recordTurn(resp.Request.Context(), x, complete)
+		})
+		return nil
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes))
+	resp.Body.Close()
+	x.upstreamEnd = p.now()
+	if err != nil {
+		return fmt.Errorf("read upstream reply: %w", err)
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	if rp, ok := parseReply(body); ok {
+		x.reply = rp
+		if err := p.recordTurn(resp.Request.Context(), x, true); err != nil {
+			return err
+		}
+	} else {
+		x.reply = nil // not a chat completion: relayed as is, nothing recorded
+	}
+	return nil
+}
+
+// recordTurn appends the request's new messages and the reply to the
+// session, with the usage it adds. The write outlives the client (a
+// disconnect must not lose what was generated) but not StoreTimeout.
+func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) error {
+	if x.stored == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.opt.StoreTimeout)
+	defer cancel()
+	now := p.now().UnixMilli()
+	usage := p.usage(x)
+	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, Usage: history.Usage{
+		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
+		HistoryTokens: int64(x.historyTokens), Requests: 1,
+	}}
+	turn.Usage.CostMicros, _ = p.opt.Catalog.Cost(x.req.Model, usage)
+	reqID := x.requestID
+	if x.record {
+		for _, m := range x.req.newMessages() {
+			m.User, m.Model, m.RequestID, m.CreatedMs = x.session.User, x.req.Model, reqID, now
+			m.Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(m))
+			turn.Messages = append(turn.Messages, m)
+		}
+		if a, ok := x.assistant(now, complete); ok {
+			a.Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(a))
+			turn.Messages = append(turn.Messages, a)
+		}
+	}
+	t0 := time.Now()
+	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
+	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
+	if err != nil {
+		p.log.Error("history write failed", "session", x.stored, "err", err)
+		if p.opt.FailClosed {
+			return fmt.Errorf("%w: %v", errStore, err)
+		}
+	}
+	return nil
+}
+
+// assistant is the reply as a stored message; ok is false when there is
+// nothing to store (a stream cut before any delta).
+func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
+	r := x.reply
+	if r == nil {
+		return history.Message{}, false
+	}
+	m := history.Message{
+		Role: history.RoleAssistant, Content: r.Content.String(), Refusal: r.Refusal.String(),
+		ToolCalls: r.toolCallsJSON(), User: x.session.User, Model: x.req.Model, CreatedMs: now,
+		RequestID: x.requestID, Status: history.StatusComplete,
+	}
+	if !complete {
+		m.Status = history.StatusIncomplete
+	}
+	if m.Content == "" && (m.ToolCalls != nil || m.Refusal != "" || r.ContentNull) {
+		m.ContentNull = true
+	}
+	if m.Content == "" && m.ToolCalls == nil && m.Refusal == "" && !complete {
+		return history.Message{}, false
+	}
+	return m, true
+}
+
+// usage is the upstream's usage when it sent one, else a local estimate.
+func (p *Proxy) usage(x *exchange) tokens.Usage {
+	if x.reply != nil && x.reply.Usage != nil {
+		return x.reply.Usage.usage()
+	}
+	u := tokens.Usage{Prompt: int64(p.requestTokens(x) + x.historyTokens), Estimated: true}
+	if a, ok := x.assistant(0, true); ok {
+		u.Completion = int64(p.opt.Counter.Message(x.req.Model, tokenMessage(a)))
+	}
+	return u
+}
+
+// observe reports a finished request to the metrics.
+func (p *Proxy) observe(x *exchange, cw *codeWriter) {
+	end := p.now()
+	r := metrics.Request{
+		Channel: x.session.Channel, Agent: x.session.Agent, Session: x.stored,
+		Code: cw.code, Duration: end.Sub(x.start),
+		HistoryMessages: x.historyMessages, HistoryTokens: x.historyTokens, HistoryTruncated: x.truncated,
+	}
+	if r.Code == 0 {
+		r.Code = http.StatusOK
+	}
+	if x.req != nil {
+		r.Model, r.Stream = x.req.Model, x.req.Stream
+	}
+	if !x.upstreamStart.IsZero() {
+		ue := x.upstreamEnd
+		if ue.IsZero() {
+			ue = end
+		}
+		r.Upstream = ue.Sub(x.upstreamStart)
+		if x.reply != nil && !x.reply.FirstToken.IsZero() {
+			r.TTFT = x.reply.FirstToken.Sub(x.upstreamStart)
+		}
+	}
+	if x.reply != nil && x.status/100 == 2 {
+		u := p.usage(x)
+		r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Estimated = u.Prompt, u.Completion, u.Cached, u.Reasoning, u.Estimated
+		r.CostMicros, r.Priced = p.opt.Catalog.Cost(r.Model, u)
+	}
+	p.opt.Metrics.ObserveRequest(r)
+}
+
+// codeWriter remembers the status code for the metrics.
+type codeWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *codeWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *codeWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach Flush on the real writer.
+func (w *codeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func newID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

@@ -1,0 +1,228 @@
+// Package proxy is the OpenAI-compatible reverse proxy: it resolves a
+// request's session, injects the stored history into chat completions,
+// forwards every call to the upstream (streams included, byte for byte),
+// and records each new turn before the client sees the end of the reply.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/metrics"
+	"github.com/historyproxy/historyproxy/tokens"
+)
+
+// Store is what the proxy needs of a history store.
+type Store interface {
+	Window(ctx context.Context, session string, n int, nowMs int64, p history.Policy) (history.Window, error)
+	Append(ctx context.Context, session string, t history.Turn, p history.Policy) (history.AppendResult, error)
+}
+
+// Observer receives what the proxy measures; *metrics.Metrics is one.
+type Observer interface {
+	ObserveRequest(metrics.Request)
+	ObserveStore(op string, d time.Duration, err error)
+}
+
+// Agent modes.
+const (
+	ModePerUser = "per_user"
+	ModeShared  = "shared"
+	ModeOff     = "off"
+)
+
+// Agent is one agent's history settings.
+type Agent struct {
+	Mode          string // per_user (or ""), shared, off
+	MaxTokens     int    // history token budget
+	MaxMessages   int
+	OutputReserve int // reserved output tokens when the request names none
+	Policy        history.Policy
+}
+
+// Options configure a Proxy. Upstream, Store, Counter, Catalog and Agent
+// are required.
+type Options struct {
+	Upstream *url.URL // base URL including /v1
+	// APIKey, when not empty, replaces the client's Authorization header.
+	APIKey string
+	// UpstreamTimeout bounds the wait for the upstream's response headers
+	// (then 504). Zero: no bound.
+	UpstreamTimeout time.Duration
+	// Transport overrides the upstream transport (tests).
+	Transport http.RoundTripper
+
+	Store   Store
+	Counter *tokens.Counter
+	Catalog *tokens.Catalog
+	Agent   func(name string) Agent
+	Metrics Observer // nil: nothing observed
+
+	DefaultChannel, DefaultAgent string
+	RequireSession               bool
+	MaxBodyBytes                 int64         // chat request bodies; 0: 20 MiB
+	StoreTimeout                 time.Duration // per store call; 0: 2s
+	// FailClosed answers 503 when the store fails, instead of serving
+	// without history.
+	FailClosed bool
+
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// Proxy is the client-facing handler.
+type Proxy struct {
+	opt Options
+	rp  *httputil.ReverseProxy
+	log *slog.Logger
+	now func() time.Time
+}
+
+// New builds the proxy.
+func New(opt Options) (*Proxy, error) {
+	if opt.Upstream == nil || opt.Store == nil || opt.Counter == nil || opt.Catalog == nil || opt.Agent == nil {
+		return nil, errors.New("proxy: Upstream, Store, Counter, Catalog and Agent are required")
+	}
+	if opt.MaxBodyBytes <= 0 {
+		opt.MaxBodyBytes = 20 << 20
+	}
+	if opt.StoreTimeout <= 0 {
+		opt.StoreTimeout = 2 * time.Second
+	}
+	if opt.Metrics == nil {
+		opt.Metrics = discard{}
+	}
+	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	if p.now == nil {
+		p.now = time.Now
+	}
+	tr := opt.Transport
+	if tr == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.ResponseHeaderTimeout = opt.UpstreamTimeout
+		t.MaxIdleConnsPerHost = 256
+		tr = t
+	}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:        p.rewrite,
+		Transport:      tr,
+		ModifyResponse: p.modifyResponse,
+		ErrorHandler:   p.errorHandler,
+		ErrorLog:       slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
+	}
+	return p, nil
+}
+
+// Handler returns the client-facing routes.
+func (p *Proxy) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/chat/completions", p.chat)
+	mux.HandleFunc("/v1/", p.passthrough)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
+			Message: "historyproxy serves the OpenAI API under /v1/ (or /s/{channel}/{user}/{agent}/v1/); " + r.Method + " " + r.URL.Path + " is not part of it"})
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ps, rest, err := parsePathSession(r.URL.Path)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		if ps.ok {
+			// Route the rest of the path as if the app had used /v1 directly.
+			r2 := r.Clone(context.WithValue(r.Context(), pathSessionKey{}, ps))
+			r2.URL.Path, r2.URL.RawPath = rest, ""
+			r = r2
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+type pathSessionKey struct{}
+
+func pathSessionFrom(ctx context.Context) pathSession {
+	ps, _ := ctx.Value(pathSessionKey{}).(pathSession)
+	return ps
+}
+
+// passthrough forwards any other /v1/ call unchanged; it resolves the
+// session from headers and path only, to echo it back.
+func (p *Proxy) passthrough(w http.ResponseWriter, r *http.Request) {
+	s, ok, err := resolveSession(r.Header, pathSessionFrom(r.Context()), "", p.opt.DefaultChannel, p.opt.DefaultAgent)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	if ok {
+		w.Header().Set(headerSessionID, s.ID())
+	}
+	p.rp.ServeHTTP(w, r)
+}
+
+// proxyHeaders are the proxy's own request headers, never forwarded.
+var proxyHeaders = []string{headerSessionID, headerSessionChannel, headerSessionUser, headerSessionAgent, headerHistory, headerMessageID}
+
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	u := p.opt.Upstream
+	pr.Out.URL.Scheme = u.Scheme
+	pr.Out.URL.Host = u.Host
+	pr.Out.URL.Path = strings.TrimSuffix(u.Path, "/") + strings.TrimPrefix(pr.In.URL.Path, "/v1")
+	pr.Out.URL.RawPath = ""
+	pr.Out.Host = u.Host
+	for _, h := range proxyHeaders {
+		pr.Out.Header.Del(h)
+	}
+	if p.opt.APIKey != "" {
+		pr.Out.Header.Set("Authorization", "Bearer "+p.opt.APIKey)
+	}
+	if exchangeFrom(pr.In.Context()) != nil {
+		// The proxy reads the reply: ask for it uncompressed so a client's
+		// Accept-Encoding: gzip cannot blind the observer.
+		pr.Out.Header.Set("Accept-Encoding", "identity")
+	}
+}
+
+// errStore aborts a response whose turn could not be stored (fail_closed).
+var errStore = errors.New("history store unavailable")
+
+func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	if x := exchangeFrom(r.Context()); x != nil {
+		x.upstreamErr = err
+	}
+	var ne net.Error
+	switch {
+	case errors.Is(err, errStore):
+		writeError(w, storeUnavailable())
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads an answer. 499 as nginx logs it.
+		w.WriteHeader(499)
+	case errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()):
+		writeError(w, &apiError{Status: http.StatusGatewayTimeout, Type: "upstream_error", Code: "upstream_timeout",
+			Message: "the upstream did not answer in time"})
+	default:
+		p.log.Warn("upstream unreachable", "err", err)
+		writeError(w, &apiError{Status: http.StatusBadGateway, Type: "upstream_error", Code: "upstream_unreachable",
+			Message: "the upstream could not be reached: " + err.Error()})
+	}
+}
+
+func storeUnavailable() *apiError {
+	return &apiError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "history_unavailable",
+		Message: "the conversation history store is unavailable; try again later"}
+}
+
+type discard struct{}
+
+func (discard) ObserveRequest(metrics.Request)            {}
+func (discard) ObserveStore(string, time.Duration, error) {}

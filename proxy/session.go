@@ -1,0 +1,175 @@
+package proxy
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Session headers. They belong to the proxy and are never forwarded.
+const (
+	headerSessionID      = "X-Session-ID"
+	headerSessionChannel = "X-Session-Channel"
+	headerSessionUser    = "X-Session-User"
+	headerSessionAgent   = "X-Session-Agent"
+)
+
+// maxPartLen is the longest channel, user or agent part, in bytes.
+const maxPartLen = 128
+
+// sharedUser is the user part of a shared agent's conversation. '*' cannot
+// appear in a real part, so it never collides with a user's own id.
+const sharedUser = "*"
+
+// Session is a resolved session: which conversation a request belongs to.
+type Session struct {
+	Channel, User, Agent string
+}
+
+// ID is the session id "channel:user:agent".
+func (s Session) ID() string { return s.Channel + ":" + s.User + ":" + s.Agent }
+
+// pathSession is a session taken from a /s/{channel}/{user}/{agent} prefix.
+type pathSession struct {
+	Channel, User, Agent string
+	ok                   bool
+}
+
+// resolveSession applies the session rules: X-Session-ID, then the
+// X-Session-{Channel,User,Agent} headers, then the path prefix, then the
+// body's user field; missing parts come from the defaults. ok is false when
+// no user was found (a stateless request).
+func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent string) (s Session, ok bool, err *apiError) {
+	if v := h.Values(headerSessionID); len(v) > 0 {
+		if len(v) > 1 {
+			return s, false, invalidSession("X-Session-ID is given more than once")
+		}
+		parts := strings.Split(v[0], ":")
+		if len(parts) != 3 {
+			return s, false, invalidSession("X-Session-ID must be channel:user:agent, got " + quote(v[0]))
+		}
+		s = Session{parts[0], parts[1], parts[2]}
+		if err := s.validate("X-Session-ID"); err != nil {
+			return s, false, err
+		}
+		return s, true, nil
+	}
+	ch, chOK := single(h, headerSessionChannel)
+	us, usOK := single(h, headerSessionUser)
+	ag, agOK := single(h, headerSessionAgent)
+	switch {
+	case chOK || usOK || agOK:
+		s = Session{ch, us, ag}
+		for _, c := range []struct {
+			name, val string
+			set       bool
+		}{{headerSessionChannel, ch, chOK}, {headerSessionUser, us, usOK}, {headerSessionAgent, ag, agOK}} {
+			if c.set {
+				if err := validatePart(c.name, c.val); err != nil {
+					return s, false, err
+				}
+			}
+		}
+	case p.ok:
+		s = Session{p.Channel, p.User, p.Agent}
+	}
+	if s.User == "" && bodyUser != "" {
+		if err := validatePart(`the request's "user" field`, bodyUser); err != nil {
+			return s, false, err
+		}
+		s.User = bodyUser
+	}
+	if s.Channel == "" {
+		s.Channel = defChannel
+	}
+	if s.Agent == "" {
+		s.Agent = defAgent
+	}
+	return s, s.User != "", nil
+}
+
+// single returns the header's value and whether it was present. Repeated
+// headers are joined so validation rejects them (the comma is not allowed).
+func single(h http.Header, name string) (string, bool) {
+	v := h.Values(name)
+	if len(v) == 0 {
+		return "", false
+	}
+	return strings.Join(v, ","), true
+}
+
+// parsePathSession splits "/s/{channel}/{user}/{agent}/rest" into the
+// session and "/rest". ok is false when the path has no such prefix.
+func parsePathSession(path string) (p pathSession, rest string, err *apiError) {
+	if !strings.HasPrefix(path, "/s/") {
+		return p, path, nil
+	}
+	segs := strings.SplitN(path[len("/s/"):], "/", 4)
+	if len(segs) < 4 {
+		return p, path, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., got " + quote(path))
+	}
+	p = pathSession{Channel: segs[0], User: segs[1], Agent: segs[2], ok: true}
+	for _, c := range []struct{ name, val string }{{"path channel", p.Channel}, {"path user", p.User}, {"path agent", p.Agent}} {
+		if err := validatePart(c.name, c.val); err != nil {
+			return p, path, err
+		}
+	}
+	return p, "/" + segs[3], nil
+}
+
+func (s Session) validate(where string) *apiError {
+	for _, v := range []string{s.Channel, s.User, s.Agent} {
+		if err := validatePart(where, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validatePart enforces 1 to 128 bytes of ASCII letters, digits and
+// "._@+-=": no ':' (the separator), no spaces or control characters, which
+// keeps ids safe in Redis keys, Prometheus labels and logs.
+func validatePart(where, v string) *apiError {
+	if v == "" {
+		return invalidSession(where + ": session id part is empty")
+	}
+	if len(v) > maxPartLen {
+		return invalidSession(where + ": session id part is longer than 128 bytes")
+	}
+	if !utf8.ValidString(v) {
+		return invalidSession(where + ": session id part is not valid UTF-8")
+	}
+	for _, r := range v {
+		if !partRune(r) {
+			return invalidSession(where + ": session id part " + quote(v) + " may hold only letters, digits and ._@+-=")
+		}
+	}
+	return nil
+}
+
+// partRune allows Unicode letters and digits (international user names)
+// and the few punctuation marks that e-mail addresses and ids need.
+func partRune(r rune) bool {
+	if r < utf8.RuneSelf {
+		switch {
+		case 'a' <= r && r <= 'z', 'A' <= r && r <= 'Z', '0' <= r && r <= '9':
+			return true
+		}
+		return strings.IndexRune("._@+-=", r) >= 0
+	}
+	return unicode.IsLetter(r) || unicode.IsDigit(r)
+}
+
+func invalidSession(msg string) *apiError {
+	return badRequest("invalid_session_id", "", msg)
+}
+
+// quote shows a value in an error, bounded so a huge header cannot bloat it.
+func quote(v string) string {
+	if len(v) > 64 {
+		return strconv.Quote(v[:64]) + "..."
+	}
+	return strconv.Quote(v)
+}

@@ -1,0 +1,336 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/historyproxy/historyproxy/tokens"
+)
+
+// usageJSON is the usage object of a chat completion or of a stream's
+// usage chunk.
+type usageJSON struct {
+	PromptTokens        int64 `json:"prompt_tokens"`
+	CompletionTokens    int64 `json:"completion_tokens"`
+	PromptTokensDetails *struct {
+		CachedTokens int64 `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
+	CompletionTokensDetails *struct {
+		ReasoningTokens int64 `json:"reasoning_tokens"`
+	} `json:"completion_tokens_details"`
+}
+
+func (u *usageJSON) usage() tokens.Usage {
+	t := tokens.Usage{Prompt: u.PromptTokens, Completion: u.CompletionTokens}
+	if u.PromptTokensDetails != nil {
+		t.Cached = u.PromptTokensDetails.CachedTokens
+	}
+	if u.CompletionTokensDetails != nil {
+		t.Reasoning = u.CompletionTokensDetails.ReasoningTokens
+	}
+	return t
+}
+
+// reply is the assistant's answer (choice 0) as the proxy stores it,
+// assembled from a whole response or from stream deltas.
+type reply struct {
+	Content      strings.Builder
+	Refusal      strings.Builder
+	ContentNull  bool
+	ToolCalls    json.RawMessage // set for a whole response
+	calls        []*toolCall     // assembled from deltas, by index
+	FinishReason string
+	Usage        *usageJSON
+	FirstToken   time.Time // first content, refusal or tool-call delta
+}
+
+type toolCall struct {
+	ID, Type, Name string
+	Args           strings.Builder
+}
+
+// chunk is one streamed chat.completion.chunk.
+type chunk struct {
+	Choices []struct {
+		Index int `json:"index"`
+		Delta struct {
+			Content   *string `json:"content"`
+			Refusal   *string `json:"refusal"`
+			ToolCalls []struct {
+				Index    int    `json:"index"`
+				ID       string `json:"id"`
+				Type     string `json:"type"`
+				Function struct {
+					Name      string `json:"name"`
+					Arguments string `json:"arguments"`
+				} `json:"function"`
+			} `json:"tool_calls"`
+		} `json:"delta"`
+		FinishReason *string `json:"finish_reason"`
+	} `json:"choices"`
+	Usage *usageJSON `json:"usage"`
+}
+
+// add merges one chunk into the reply. Tool-call argument fragments are
+// appended by index, as the API streams them. Choices other than 0 (n > 1)
+// are ignored: the proxy records choice 0.
+func (r *reply) add(c *chunk, now time.Time) {
+	if c.Usage != nil {
+		r.Usage = c.Usage
+	}
+	for _, ch := range c.Choices {
+		if ch.Index != 0 {
+			continue
+		}
+		d := ch.Delta
+		if r.FirstToken.IsZero() && ((d.Content != nil && *d.Content != "") || (d.Refusal != nil && *d.Refusal != "") || len(d.ToolCalls) > 0) {
+			r.FirstToken = now
+		}
+		if d.Content != nil {
+			r.Content.WriteString(*d.Content)
+		}
+		if d.Refusal != nil {
+			r.Refusal.WriteString(*d.Refusal)
+		}
+		for _, tc := range d.ToolCalls {
+			if tc.Index < 0 || tc.Index > 1024 {
+				continue // not a plausible index; never allocate for it
+			}
+			for len(r.calls) <= tc.Index {
+				r.calls = append(r.calls, &toolCall{})
+			}
+			call := r.calls[tc.Index]
+			if tc.ID != "" {
+				call.ID = tc.ID
+			}
+			if tc.Type != "" {
+				call.Type = tc.Type
+			}
+			call.Name += tc.Function.Name
+			call.Args.WriteString(tc.Function.Arguments)
+		}
+		if ch.FinishReason != nil && *ch.FinishReason != "" {
+			r.FinishReason = *ch.FinishReason
+		}
+	}
+}
+
+// toolCallsJSON is the assembled tool calls as the API's tool_calls array.
+func (r *reply) toolCallsJSON() json.RawMessage {
+	if r.ToolCalls != nil {
+		return r.ToolCalls
+	}
+	if len(r.calls) == 0 {
+		return nil
+	}
+	type fn struct {
+		Name      string `json:"name"`
+		Arguments string `json:"arguments"`
+	}
+	type call struct {
+		ID       string `json:"id"`
+		Type     string `json:"type"`
+		Function fn     `json:"function"`
+	}
+	out := make([]call, 0, len(r.calls))
+	for _, c := range r.calls {
+		typ := c.Type
+		if typ == "" {
+			typ = "function"
+		}
+		out = append(out, call{ID: c.ID, Type: typ, Function: fn{Name: c.Name, Arguments: c.Args.String()}})
+	}
+	b, _ := json.Marshal(out) // strings only: cannot fail
+	return b
+}
+
+// parseReply reads choice 0 and the usage of a whole (non-stream) chat
+// completion. ok is false when the body is not a chat completion.
+func parseReply(body []byte) (*reply, bool) {
+	var resp struct {
+		Choices []struct {
+			Index   int `json:"index"`
+			Message struct {
+				Content   *string         `json:"content"`
+				Refusal   *string         `json:"refusal"`
+				ToolCalls json.RawMessage `json:"tool_calls"`
+			} `json:"message"`
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+		Usage *usageJSON `json:"usage"`
+	}
+	if err := json.Unmarshal(body, &resp); err != nil || resp.Choices == nil {
+		return nil, false
+	}
+	r := &reply{Usage: resp.Usage}
+	for _, c := range resp.Choices {
+		if c.Index != 0 {
+			continue
+		}
+		m := c.Message
+		if m.Content != nil {
+			r.Content.WriteString(*m.Content)
+		} else {
+			r.ContentNull = true
+		}
+		if m.Refusal != nil {
+			r.Refusal.WriteString(*m.Refusal)
+		}
+		if len(m.ToolCalls) > 0 && !isNull(m.ToolCalls) {
+			r.ToolCalls = m.ToolCalls
+		}
+		r.FinishReason = c.FinishReason
+	}
+	return r, true
+}
+
+// streamBody relays an SSE stream event by event, unchanged, while it
+// assembles the reply on the side. It holds back only an incomplete event
+// (so each event reaches the client whole, and at once), and drops the
+// usage-only chunk when the client did not ask for it. The turn is
+// recorded (finish) before the final "data: [DONE]" is handed on, so a
+// client that saw the end of the reply can count on it being stored.
+type streamBody struct {
+	src       io.ReadCloser
+	hideUsage bool
+	reply     *reply
+	now       func() time.Time
+	// finish records the turn. complete is false when the stream ended
+	// before [DONE]. A non-nil error aborts the stream before [DONE].
+	finish func(complete bool) error
+
+	once    sync.Once
+	done    bool // [DONE] seen
+	in      []byte
+	out     []byte
+	outPos  int
+	readBuf []byte
+	err     error
+}
+
+func newStreamBody(src io.ReadCloser, hideUsage bool, r *reply, now func() time.Time, finish func(bool) error) *streamBody {
+	return &streamBody{src: src, hideUsage: hideUsage, reply: r, now: now, finish: finish, readBuf: make([]byte, 32<<10)}
+}
+
+func (b *streamBody) Read(p []byte) (int, error) {
+	for b.outPos == len(b.out) {
+		if b.err != nil {
+			return 0, b.err
+		}
+		b.out, b.outPos = b.out[:0], 0
+		n, err := b.src.Read(b.readBuf)
+		b.in = append(b.in, b.readBuf[:n]...)
+		if ferr := b.frame(); ferr != nil {
+			b.err = ferr
+			continue
+		}
+		if err != nil {
+			// Whatever is left is not a whole event; hand it on as it came.
+			b.out = append(b.out, b.in...)
+			b.in = b.in[:0]
+			complete := b.done || (err == io.EOF && b.reply.FinishReason != "")
+			if ferr := b.end(complete); ferr != nil && !b.done {
+				err = ferr
+			}
+			b.err = err
+		}
+	}
+	n := copy(p, b.out[b.outPos:])
+	b.outPos += n
+	return n, nil
+}
+
+// frame moves every whole event from in to out.
+func (b *streamBody) frame() error {
+	start := 0
+	for {
+		end := eventEnd(b.in[start:])
+		if end < 0 {
+			break
+		}
+		ev := b.in[start : start+end]
+		start += end
+		data, isDone := eventData(ev)
+		if isDone {
+			b.done = true
+			if err := b.end(true); err != nil {
+				return err
+			}
+		} else if data != nil {
+			var c chunk
+			if json.Unmarshal(data, &c) == nil {
+				b.reply.add(&c, b.now())
+				if b.hideUsage && c.Usage != nil && len(c.Choices) == 0 {
+					continue // the usage chunk the proxy asked for, not the client
+				}
+			}
+		}
+		b.out = append(b.out, ev...)
+	}
+	b.in = append(b.in[:0], b.in[start:]...)
+	return nil
+}
+
+func (b *streamBody) end(complete bool) error {
+	var err error
+	b.once.Do(func() { err = b.finish(complete) })
+	return err
+}
+
+// Close ends the stream; when the client went away before [DONE], what was
+// generated is recorded as incomplete.
+func (b *streamBody) Close() error {
+	_ = b.end(false)
+	return b.src.Close()
+}
+
+// eventEnd returns the length of the first whole event in buf (through its
+// blank line), or -1. Lines end in \n or \r\n.
+func eventEnd(buf []byte) int {
+	pos := 0
+	for {
+		i := bytes.IndexByte(buf[pos:], '\n')
+		if i < 0 {
+			return -1
+		}
+		line := buf[pos : pos+i]
+		pos += i + 1
+		if len(line) == 0 || (len(line) == 1 && line[0] == '\r') {
+			return pos
+		}
+	}
+}
+
+var doneData = []byte("[DONE]")
+
+// eventData returns the data of an event (its data: lines joined by \n),
+// and whether it is the [DONE] sentinel.
+func eventData(ev []byte) (data []byte, done bool) {
+	var parts [][]byte
+	for len(ev) > 0 {
+		i := bytes.IndexByte(ev, '\n')
+		line := ev
+		if i >= 0 {
+			line, ev = ev[:i], ev[i+1:]
+		} else {
+			ev = nil
+		}
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		if v, ok := bytes.CutPrefix(line, []byte("data:")); ok {
+			parts = append(parts, bytes.TrimPrefix(v, []byte(" ")))
+		}
+	}
+	switch len(parts) {
+	case 0:
+		return nil, false
+	case 1:
+		data = parts[0]
+	default:
+		data = bytes.Join(parts, []byte("\n"))
+	}
+	return data, bytes.Equal(data, doneData)
+}
