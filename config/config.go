@@ -3,7 +3,12 @@
 // rising order of precedence. Loading has no side effects.
 package config
 
-import "time"
+import (
+	"maps"
+	"net/url"
+	"slices"
+	"time"
+)
 
 // Config is the whole configuration. The zero value is not useful; use
 // Default or Load.
@@ -18,7 +23,7 @@ type Config struct {
 
 	// Defaults are the agent settings used for any agent not listed in
 	// Agents, and the base that listed agents' unset fields fall back to.
-	Defaults Agent           `yaml:"defaults"`
+	Defaults Agent            `yaml:"defaults"`
 	Agents   map[string]Agent `yaml:"agents"`
 
 	Tokens  Tokens           `yaml:"tokens"`
@@ -120,4 +125,114 @@ type Metrics struct {
 type Log struct {
 	Format string `yaml:"format"` // text (default) or json
 	Level  string `yaml:"level"`  // debug, info (default), warn, error
+}
+
+// Default returns the configuration used before any file, environment
+// variable or flag is applied. Every field a later source may leave unset
+// has a working value here, so a proxy started with no configuration runs
+// against api.openai.com with an in-memory store.
+func Default() Config {
+	return Config{
+		Listen:      ":8080",
+		AdminListen: "127.0.0.1:9090",
+		Upstream: Upstream{
+			URL:     "https://api.openai.com/v1",
+			Timeout: 10 * time.Minute,
+		},
+		Redis: Redis{Prefix: "hp"},
+		Store: Store{
+			OnError:    "fail_open",
+			RetryQueue: 10000,
+			Timeout:    2 * time.Second,
+		},
+		Session: Session{
+			DefaultChannel: "api",
+			DefaultAgent:   "default",
+		},
+		Defaults: Agent{
+			Mode:          ModePerUser,
+			MaxTokens:     4000,
+			MaxMessages:   20,
+			OutputReserve: 1024,
+		},
+		Tokens:       Tokens{DefaultEncoding: "o200k_base"},
+		Metrics:      Metrics{SessionSeriesLimit: 10000},
+		Log:          Log{Format: "text", Level: "info"},
+		DrainTimeout: 30 * time.Second,
+		MaxBodyBytes: 20 << 20,
+	}
+}
+
+// Agent returns the settings for the named agent: its entry in Agents with
+// every zero field taken from Defaults, or Defaults itself for an agent not
+// listed. Because zero means "inherit", an entry cannot set IdleTimeout or
+// Retention back to 0 (never) when Defaults sets them; leave them unset in
+// Defaults instead.
+func (c Config) Agent(name string) Agent {
+	a, ok := c.Agents[name]
+	if !ok {
+		return c.Defaults
+	}
+	d := c.Defaults
+	if a.Mode == "" {
+		a.Mode = d.Mode
+	}
+	if a.MaxTokens == 0 {
+		a.MaxTokens = d.MaxTokens
+	}
+	if a.MaxMessages == 0 {
+		a.MaxMessages = d.MaxMessages
+	}
+	if a.OutputReserve == 0 {
+		a.OutputReserve = d.OutputReserve
+	}
+	if a.IdleTimeout == 0 {
+		a.IdleTimeout = d.IdleTimeout
+	}
+	if a.Retention == 0 {
+		a.Retention = d.Retention
+	}
+	return a
+}
+
+// redacted replaces a secret in a configuration meant for logs.
+const redacted = "REDACTED"
+
+// Redacted returns a copy safe to log: the upstream API key, the Redis
+// password and any password inside Redis.URL are replaced by "REDACTED"
+// when set. Maps and slices are copied too, so changing the copy never
+// changes c.
+func (c Config) Redacted() Config {
+	if c.Upstream.APIKey != "" {
+		c.Upstream.APIKey = redacted
+	}
+	if c.Redis.Password != "" {
+		c.Redis.Password = redacted
+	}
+	c.Redis.URL = redactURL(c.Redis.URL)
+	c.Redis.ClusterAddrs = slices.Clone(c.Redis.ClusterAddrs)
+	c.Redis.SentinelAddrs = slices.Clone(c.Redis.SentinelAddrs)
+	c.Agents = maps.Clone(c.Agents)
+	c.Models = maps.Clone(c.Models)
+	return c
+}
+
+// redactURL hides the password of a Redis URL. A URL that does not parse
+// is hidden whole, since where its password would be cannot be known.
+func redactURL(raw string) string {
+	if raw == "" {
+		return ""
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return redacted
+	}
+	if u.User == nil {
+		return raw
+	}
+	if _, ok := u.User.Password(); !ok {
+		return raw
+	}
+	u.User = url.UserPassword(u.User.Username(), redacted)
+	return u.String()
 }

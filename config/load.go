@@ -1,0 +1,302 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// EnvPrefix starts the name of every environment variable Load reads for a
+// flag: the flag -redis-url is HISTORYPROXY_REDIS_URL.
+const EnvPrefix = "HISTORYPROXY_"
+
+// setting is one flag and the environment variable that goes with it. One
+// table drives the flag set, the environment and the usage text, so the
+// three cannot drift apart.
+type setting struct {
+	flag  string // flag name without the dash
+	env   string // variable name after EnvPrefix
+	arg   string // placeholder for the value in usage, "" for a boolean
+	usage string
+	// set parses v into c; its error says what was wrong with v and is
+	// prefixed by the caller with the variable or flag name.
+	set func(c *Config, v string) error
+	// get shows the default in usage; "" shows none.
+	get func(c Config) string
+}
+
+// configSetting is the -config flag. It names the file instead of setting
+// a field, so Load handles it before the file is read.
+const configSetting = "config"
+
+// settings lists every flag in the order usage shows them.
+var settings = []setting{
+	{
+		flag: "listen", env: "LISTEN", arg: "host:port",
+		usage: "client-facing address (YAML listen)",
+		set:   func(c *Config, v string) error { c.Listen = v; return nil },
+		get:   func(c Config) string { return c.Listen },
+	},
+	{
+		flag: "admin-listen", env: "ADMIN_LISTEN", arg: "host:port",
+		usage: "address for health, readiness, metrics and admin endpoints (YAML admin_listen)",
+		set:   func(c *Config, v string) error { c.AdminListen = v; return nil },
+		get:   func(c Config) string { return c.AdminListen },
+	},
+	{
+		flag: "upstream", env: "UPSTREAM", arg: "url",
+		usage: "base URL of the OpenAI-compatible upstream, including /v1 (YAML upstream.url)",
+		set:   func(c *Config, v string) error { c.Upstream.URL = v; return nil },
+		get:   func(c Config) string { return c.Upstream.URL },
+	},
+	{
+		flag: "upstream-key-env", env: "UPSTREAM_KEY_ENV", arg: "name",
+		usage: "name of the environment variable holding the upstream API key; when set, the client's Authorization header is replaced (YAML upstream.api_key_env)",
+		set:   func(c *Config, v string) error { c.Upstream.APIKeyEnv = v; return nil },
+		get:   func(c Config) string { return c.Upstream.APIKeyEnv },
+	},
+	{
+		flag: "upstream-timeout", env: "UPSTREAM_TIMEOUT", arg: "duration",
+		usage: "longest wait for the upstream's response headers (YAML upstream.timeout)",
+		set:   func(c *Config, v string) error { return parseDuration(&c.Upstream.Timeout, v) },
+		get:   func(c Config) string { return c.Upstream.Timeout.String() },
+	},
+	{
+		flag: "redis-url", env: "REDIS_URL", arg: "url",
+		usage: "Redis URL (redis://, rediss:// or unix://); empty keeps history in memory (YAML redis.url)",
+		set:   func(c *Config, v string) error { c.Redis.URL = v; return nil },
+		get:   func(c Config) string { return c.Redis.URL },
+	},
+	{
+		flag: "redis-prefix", env: "REDIS_PREFIX", arg: "prefix",
+		usage: "prefix of every Redis key (YAML redis.prefix)",
+		set:   func(c *Config, v string) error { c.Redis.Prefix = v; return nil },
+		get:   func(c Config) string { return c.Redis.Prefix },
+	},
+	{
+		flag: configSetting, env: "CONFIG", arg: "file",
+		usage: "YAML configuration file; none by default",
+	},
+	{
+		flag: "session-require", env: "SESSION_REQUIRE",
+		usage: "reject with 400 a request whose user cannot be found (YAML session.require)",
+		set:   func(c *Config, v string) error { return parseBool(&c.Session.Require, v) },
+		get:   func(c Config) string { return strconv.FormatBool(c.Session.Require) },
+	},
+	{
+		flag: "default-channel", env: "DEFAULT_CHANNEL", arg: "name",
+		usage: "channel of a session that names none (YAML session.default_channel)",
+		set:   func(c *Config, v string) error { c.Session.DefaultChannel = v; return nil },
+		get:   func(c Config) string { return c.Session.DefaultChannel },
+	},
+	{
+		flag: "default-agent", env: "DEFAULT_AGENT", arg: "name",
+		usage: "agent of a session that names none (YAML session.default_agent)",
+		set:   func(c *Config, v string) error { c.Session.DefaultAgent = v; return nil },
+		get:   func(c Config) string { return c.Session.DefaultAgent },
+	},
+	{
+		flag: "store-on-error", env: "STORE_ON_ERROR", arg: "policy",
+		usage: "fail_open (serve without history) or fail_closed (503) when the store fails (YAML store.on_error)",
+		set:   func(c *Config, v string) error { c.Store.OnError = v; return nil },
+		get:   func(c Config) string { return c.Store.OnError },
+	},
+	{
+		flag: "log-format", env: "LOG_FORMAT", arg: "format",
+		usage: "log format, text or json (YAML log.format)",
+		set:   func(c *Config, v string) error { c.Log.Format = v; return nil },
+		get:   func(c Config) string { return c.Log.Format },
+	},
+	{
+		flag: "log-level", env: "LOG_LEVEL", arg: "level",
+		usage: "log level: debug, info, warn or error (YAML log.level)",
+		set:   func(c *Config, v string) error { c.Log.Level = v; return nil },
+		get:   func(c Config) string { return c.Log.Level },
+	},
+	{
+		flag: "drain-timeout", env: "DRAIN_TIMEOUT", arg: "duration",
+		usage: "on shutdown, longest wait for work in flight to finish (YAML drain_timeout)",
+		set:   func(c *Config, v string) error { return parseDuration(&c.DrainTimeout, v) },
+		get:   func(c Config) string { return c.DrainTimeout.String() },
+	},
+}
+
+func parseDuration(dst *time.Duration, v string) error {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (like 30s or 10m)", v)
+	}
+	*dst = d
+	return nil
+}
+
+func parseBool(dst *bool, v string) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return fmt.Errorf("%q is not a boolean (true or false)", v)
+	}
+	*dst = b
+	return nil
+}
+
+// flagValue holds a flag's text until Load has applied the file and the
+// environment, which the flag must override. Set still parses the text at
+// once so that the flag package reports a bad value with its usage.
+type flagValue struct {
+	s   *setting
+	raw string
+}
+
+func (f *flagValue) String() string {
+	if f == nil {
+		return ""
+	}
+	return f.raw
+}
+
+func (f *flagValue) Set(v string) error {
+	if f.s.set != nil {
+		var scratch Config
+		if err := f.s.set(&scratch, v); err != nil {
+			return err
+		}
+	}
+	f.raw = v
+	return nil
+}
+
+// IsBoolFlag lets a boolean flag stand alone (-session-require).
+func (f *flagValue) IsBoolFlag() bool { return f.s.arg == "" }
+
+// Load builds the configuration from Default, then the YAML file named by
+// the -config flag or else HISTORYPROXY_CONFIG (neither: no file), then the
+// HISTORYPROXY_* environment variables, then the flags in args (without the
+// program name); each source overrides only what it sets. Environment
+// variables are read only through getenv, so tests need not touch the
+// process environment; an empty variable counts as unset.
+//
+// After merging, Upstream.APIKey and Redis.Password are read through getenv
+// from the variables named by Upstream.APIKeyEnv and Redis.PasswordEnv.
+//
+// With -h or -help, Load writes the usage of every flag to usage and
+// returns flag.ErrHelp. Otherwise every problem found, in the environment
+// and in the merged values, is returned at once, joined with errors.Join.
+// Load has no side effects besides reading the file and writing to usage.
+func Load(args []string, getenv func(string) string, usage io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("historyproxy", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	fs.Usage = func() { printUsage(usage) }
+	values := make(map[string]*flagValue, len(settings))
+	for i := range settings {
+		v := &flagValue{s: &settings[i]}
+		values[settings[i].flag] = v
+		fs.Var(v, settings[i].flag, settings[i].usage)
+	}
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected argument %q: historyproxy takes only flags", fs.Arg(0))
+	}
+	set := make(map[string]bool)
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+
+	cfg := Default()
+
+	path := getenv(EnvPrefix + "CONFIG")
+	if set[configSetting] {
+		path = values[configSetting].raw
+	}
+	if path != "" {
+		if err := loadFile(&cfg, path); err != nil {
+			return Config{}, err
+		}
+	}
+
+	var errs []error
+	for _, s := range settings {
+		if s.set == nil {
+			continue
+		}
+		name := EnvPrefix + s.env
+		if v := getenv(name); v != "" {
+			if err := s.set(&cfg, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			}
+		}
+	}
+	for _, s := range settings {
+		if s.set != nil && set[s.flag] {
+			// Set has already parsed this text once, so it cannot fail.
+			if err := s.set(&cfg, values[s.flag].raw); err != nil {
+				errs = append(errs, fmt.Errorf("-%s: %w", s.flag, err))
+			}
+		}
+	}
+
+	if name := cfg.Upstream.APIKeyEnv; name != "" {
+		cfg.Upstream.APIKey = getenv(name)
+		if cfg.Upstream.APIKey == "" {
+			errs = append(errs, fmt.Errorf("upstream.api_key_env: environment variable %q is empty or unset", name))
+		}
+	}
+	if name := cfg.Redis.PasswordEnv; name != "" {
+		cfg.Redis.Password = getenv(name)
+		if cfg.Redis.Password == "" {
+			errs = append(errs, fmt.Errorf("redis.password_env: environment variable %q is empty or unset", name))
+		}
+	}
+
+	if err := cfg.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// loadFile decodes the YAML file at path over cfg. Keys the file leaves out
+// keep their current value; a key Config does not know is an error, since
+// a misspelt key would otherwise be ignored without a word.
+func loadFile(cfg *Config, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read config file: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	return nil
+}
+
+// printUsage writes every flag with its variable and default.
+func printUsage(w io.Writer) {
+	def := Default()
+	fmt.Fprintf(w, "Usage: historyproxy [flags]\n\n")
+	fmt.Fprintf(w, "Settings come from defaults, then the YAML file named by -config, then\n")
+	fmt.Fprintf(w, "%s* environment variables, then flags; each overrides the ones before.\n\n", EnvPrefix)
+	fmt.Fprintf(w, "Flags:\n")
+	for _, s := range settings {
+		fmt.Fprintf(w, "  -%s", s.flag)
+		if s.arg != "" {
+			fmt.Fprintf(w, " %s", s.arg)
+		}
+		fmt.Fprintf(w, "\n    \t%s\n    \t(env %s%s", s.usage, EnvPrefix, s.env)
+		if s.get != nil {
+			if d := s.get(def); d != "" {
+				fmt.Fprintf(w, ", default %q", d)
+			}
+		}
+		fmt.Fprintf(w, ")\n")
+	}
+}

@@ -1,0 +1,209 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Accepted values of the enumerated settings.
+var (
+	onErrorPolicies = []string{"fail_open", "fail_closed"}
+	agentModes      = []string{ModePerUser, ModeShared, ModeOff}
+	encodings       = []string{"o200k_base", "cl100k_base", "p50k_base", "r50k_base"}
+	logFormats      = []string{"text", "json"}
+	logLevels       = []string{"debug", "info", "warn", "error"}
+	redisSchemes    = []string{"redis", "rediss", "unix"}
+)
+
+// maxPartLen is the longest session part, as the proxy accepts them.
+const maxPartLen = 128
+
+// Validate reports every problem in c at once, joined with errors.Join.
+// Each error starts with the field's YAML path and quotes the bad value,
+// e.g. `agents.support.mode: "sometimes" is not one of per_user, shared,
+// off`. Load calls it; a caller that builds a Config by hand can too.
+func (c Config) Validate() error {
+	var v validator
+
+	v.hostPort("listen", c.Listen)
+	v.hostPort("admin_listen", c.AdminListen)
+
+	if u, err := url.Parse(c.Upstream.URL); err != nil {
+		v.addf("upstream.url", c.Upstream.URL, "is not a URL: %v", err)
+	} else if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		v.addf("upstream.url", c.Upstream.URL, "is not an absolute http or https URL")
+	}
+	v.positive("upstream.timeout", c.Upstream.Timeout)
+
+	r := c.Redis
+	if r.URL != "" {
+		if u, err := url.Parse(r.URL); err != nil {
+			// url.Error quotes the URL; redact it, since it may hold a password.
+			v.addf("redis.url", redactURL(r.URL), "is not a URL")
+		} else if !slices.Contains(redisSchemes, u.Scheme) {
+			v.addf("redis.url", redactURL(r.URL), "has scheme %q, not one of %s", u.Scheme, strings.Join(redisSchemes, ", "))
+		}
+		if len(r.ClusterAddrs) > 0 || len(r.SentinelAddrs) > 0 || r.SentinelMaster != "" {
+			v.addf("redis.url", redactURL(r.URL), "cannot be used with redis.cluster_addrs or redis.sentinel_addrs/sentinel_master; choose one")
+		}
+	}
+	if r.SentinelMaster != "" && len(r.SentinelAddrs) == 0 {
+		v.addf("redis.sentinel_master", r.SentinelMaster, "needs redis.sentinel_addrs")
+	}
+	if r.SentinelMaster == "" && len(r.SentinelAddrs) > 0 {
+		v.addf("redis.sentinel_addrs", strings.Join(r.SentinelAddrs, ","), "needs redis.sentinel_master")
+	}
+	if len(r.ClusterAddrs) > 0 && (len(r.SentinelAddrs) > 0 || r.SentinelMaster != "") {
+		v.addf("redis.cluster_addrs", strings.Join(r.ClusterAddrs, ","), "cannot be used with redis.sentinel_addrs/sentinel_master; choose one")
+	}
+	for i, a := range r.ClusterAddrs {
+		v.hostPort(fmt.Sprintf("redis.cluster_addrs[%d]", i), a)
+	}
+	for i, a := range r.SentinelAddrs {
+		v.hostPort(fmt.Sprintf("redis.sentinel_addrs[%d]", i), a)
+	}
+
+	v.oneOf("store.on_error", c.Store.OnError, onErrorPolicies)
+	if c.Store.RetryQueue < 0 {
+		v.addf("store.retry_queue", c.Store.RetryQueue, "is negative")
+	}
+	v.positive("store.timeout", c.Store.Timeout)
+
+	v.sessionPart("session.default_channel", c.Session.DefaultChannel)
+	v.sessionPart("session.default_agent", c.Session.DefaultAgent)
+
+	v.oneOf("defaults.mode", c.Defaults.Mode, agentModes)
+	v.agent("defaults", c.Defaults)
+	for _, name := range slices.Sorted(maps.Keys(c.Agents)) {
+		a := c.Agents[name]
+		field := "agents." + name
+		if !validSessionPart(name) {
+			v.addf("agents", name, "is not a valid agent name (1 to %d bytes of ASCII letters, digits and ._@+-=)", maxPartLen)
+		}
+		if a.Mode != "" { // empty inherits defaults.mode
+			v.oneOf(field+".mode", a.Mode, agentModes)
+		}
+		v.agent(field, a)
+	}
+
+	v.oneOf("tokens.default_encoding", c.Tokens.DefaultEncoding, encodings)
+
+	for _, name := range slices.Sorted(maps.Keys(c.Models)) {
+		m := c.Models[name]
+		field := "models." + name
+		if name == "" {
+			v.addf("models", name, "is not a model name")
+		}
+		if m.ContextWindow < 0 {
+			v.addf(field+".context_window", m.ContextWindow, "is negative")
+		}
+		for _, p := range []struct {
+			key   string
+			price float64
+		}{{"input", m.Input}, {"cached_input", m.CachedInput}, {"output", m.Output}} {
+			if p.price < 0 {
+				v.addf(field+"."+p.key, p.price, "is negative")
+			}
+		}
+	}
+
+	if c.Metrics.SessionSeriesLimit <= 0 {
+		v.addf("metrics.session_series_limit", c.Metrics.SessionSeriesLimit, "must be positive")
+	}
+	v.oneOf("log.format", c.Log.Format, logFormats)
+	v.oneOf("log.level", c.Log.Level, logLevels)
+	v.positive("drain_timeout", c.DrainTimeout)
+	if c.MaxBodyBytes <= 0 {
+		v.addf("max_body_bytes", c.MaxBodyBytes, "must be positive")
+	}
+
+	return errors.Join(v.errs...)
+}
+
+// validator collects problems so that all of them are reported together.
+type validator struct{ errs []error }
+
+// addf records `field: value what`; strings are quoted so that an empty or
+// blank value is visible.
+func (v *validator) addf(field string, value any, format string, args ...any) {
+	shown := fmt.Sprint(value)
+	if s, ok := value.(string); ok {
+		shown = fmt.Sprintf("%q", s)
+	}
+	v.errs = append(v.errs, fmt.Errorf("%s: %s %s", field, shown, fmt.Sprintf(format, args...)))
+}
+
+func (v *validator) oneOf(field, value string, allowed []string) {
+	if !slices.Contains(allowed, value) {
+		v.addf(field, value, "is not one of %s", strings.Join(allowed, ", "))
+	}
+}
+
+func (v *validator) positive(field string, d time.Duration) {
+	if d <= 0 {
+		v.addf(field, d, "must be positive")
+	}
+}
+
+// hostPort accepts what net.Listen and net.Dial accept for TCP: a host
+// (possibly empty, meaning every interface) and a non-empty port.
+func (v *validator) hostPort(field, value string) {
+	_, port, err := net.SplitHostPort(value)
+	switch {
+	case err != nil:
+		v.addf(field, value, "is not host:port")
+	case port == "":
+		v.addf(field, value, "has no port")
+	}
+}
+
+func (v *validator) sessionPart(field, value string) {
+	if !validSessionPart(value) {
+		v.addf(field, value, "is not a valid session part (1 to %d bytes of ASCII letters, digits and ._@+-=)", maxPartLen)
+	}
+}
+
+// agent checks the numbers of an agent entry. Zero is allowed everywhere:
+// in an entry it means "inherit from defaults".
+func (v *validator) agent(field string, a Agent) {
+	for _, n := range []struct {
+		key   string
+		value int
+	}{{"max_tokens", a.MaxTokens}, {"max_messages", a.MaxMessages}, {"output_reserve", a.OutputReserve}} {
+		if n.value < 0 {
+			v.addf(field+"."+n.key, n.value, "is negative")
+		}
+	}
+	if a.IdleTimeout < 0 {
+		v.addf(field+".idle_timeout", a.IdleTimeout, "is negative")
+	}
+	if a.Retention < 0 {
+		v.addf(field+".retention", a.Retention, "is negative")
+	}
+}
+
+// validSessionPart reports whether s can be one part of a session id: 1 to
+// 128 bytes of ASCII letters, digits and ._@+-=. Agent names and the
+// default channel and agent end up in session ids and Redis keys, so a
+// value the proxy would reject from a client is rejected here at start-up.
+func validSessionPart(s string) bool {
+	if len(s) == 0 || len(s) > maxPartLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		b := s[i]
+		switch {
+		case 'a' <= b && b <= 'z', 'A' <= b && b <= 'Z', '0' <= b && b <= '9':
+		case strings.IndexByte("._@+-=", b) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,245 @@
+package tokens
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+func TestCatalogLookup(t *testing.T) {
+	c := NewCatalog(nil)
+	tests := []struct {
+		model  string
+		want   string // the built-in entry it should resolve to; "" for none
+		wantOK bool
+	}{
+		{"gpt-4o", "gpt-4o", true},
+		{"gpt-4o-2024-08-06", "gpt-4o", true},
+		{"gpt-4o-2024-05-13", "gpt-4o-2024-05-13", true}, // a snapshot priced apart
+		{"gpt-4o-mini", "gpt-4o-mini", true},
+		{"gpt-4o-mini-2024-07-18", "gpt-4o-mini", true},
+		{"gpt-4.1-nano-2025-04-14", "gpt-4.1-nano", true},
+		{"gpt-5-chat-latest", "gpt-5", true},
+		{"gpt-5-mini-2025-08-07", "gpt-5-mini", true},
+		{"o1-mini-2024-09-12", "o1-mini", true},
+		{"o3-mini-2025-01-31", "o3-mini", true},
+		{"o3-2025-04-16", "o3", true},
+		{"gpt-4-0613", "gpt-4", true},
+		{"gpt-4-32k-0613", "gpt-4-32k", true},
+		{"gpt-4-turbo-2024-04-09", "gpt-4-turbo", true},
+		{"gpt-3.5-turbo-0125", "gpt-3.5-turbo", true},
+		{"ft:gpt-4o-mini:my-org::abc123", "ft:gpt-4o-mini", true},
+		{"ft:gpt-4o-mini-2024-07-18:my-org:suffix:abc123", "ft:gpt-4o-mini", true},
+		{"ft:gpt-4o-2024-08-06:my-org::abc123", "ft:gpt-4o", true},
+		{"ft:gpt-5-mini:my-org::abc123", "gpt-5-mini", true}, // no fine-tune price: the base model's
+		{"gpt-5.9", "", false},                               // a new version does not take gpt-5's price
+		{"gpt-4ox", "", false},
+		{"llama-3-70b", "", false},
+		{"", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.model, func(t *testing.T) {
+			got, ok := c.Lookup(tt.model)
+			if ok != tt.wantOK {
+				t.Fatalf("Lookup(%q): got ok %v, want %v", tt.model, ok, tt.wantOK)
+			}
+			if want := builtinModels[tt.want]; got != want {
+				t.Errorf("Lookup(%q) = %+v, want %s's %+v", tt.model, got, tt.want, want)
+			}
+		})
+	}
+}
+
+func TestBuiltinModels(t *testing.T) {
+	for _, name := range []string{
+		"gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano",
+		"gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o3", "o3-mini", "o4-mini",
+		"gpt-4-turbo", "gpt-4", "gpt-3.5-turbo",
+	} {
+		m, ok := builtinModels[name]
+		if !ok {
+			t.Errorf("built-in table lacks %s", name)
+			continue
+		}
+		if m.ContextWindow <= 0 || m.Input <= 0 || m.Output <= 0 {
+			t.Errorf("%s: got %+v, want a context window and input and output prices", name, m)
+		}
+	}
+	for name, m := range builtinModels {
+		if m.CachedInput > m.Input {
+			t.Errorf("%s: cached input %v costs more than input %v", name, m.CachedInput, m.Input)
+		}
+	}
+}
+
+func TestCost(t *testing.T) {
+	c := NewCatalog(map[string]Model{
+		// Prices chosen so each term is easy to check by hand.
+		"test-model": {Input: 2, CachedInput: 0.5, Output: 8},
+		// 0.15 USD per 1M is 0.15 micro-USD per token: fractions of a
+		// micro-USD per token.
+		"test-cheap": {Input: 0.15, CachedInput: 0.075, Output: 0.6},
+		// No cached price: cached tokens are billed at the input price.
+		"test-nocache": {Input: 10, Output: 30},
+		"test-free":    {},
+		// An override replaces the whole built-in entry.
+		"gpt-4o": {ContextWindow: 1000, Input: 1, Output: 1},
+	})
+	tests := []struct {
+		name       string
+		model      string
+		usage      Usage
+		wantMicros int64
+		wantPriced bool
+	}{
+		{
+			name:       "input and output",
+			model:      "test-model",
+			usage:      Usage{Prompt: 1000, Completion: 500},
+			wantMicros: 1000*2 + 500*8, // USD per 1M = micro-USD per token
+			wantPriced: true,
+		},
+		{
+			name:       "cached tokens are part of the prompt",
+			model:      "test-model",
+			usage:      Usage{Prompt: 1000, Cached: 400, Completion: 10},
+			wantMicros: 600*2 + 400/2 + 10*8,
+			wantPriced: true,
+		},
+		{
+			name:       "reasoning tokens are part of the completion",
+			model:      "test-model",
+			usage:      Usage{Prompt: 10, Completion: 100, Reasoning: 80},
+			wantMicros: 10*2 + 100*8,
+			wantPriced: true,
+		},
+		{
+			name:       "fraction rounds down below half",
+			model:      "test-cheap",
+			usage:      Usage{Prompt: 3}, // 0.45 micro-USD
+			wantMicros: 0,
+			wantPriced: true,
+		},
+		{
+			name:       "fraction rounds half up",
+			model:      "test-cheap",
+			usage:      Usage{Prompt: 10}, // 1.5 micro-USD
+			wantMicros: 2,
+			wantPriced: true,
+		},
+		{
+			name:       "fractions add before rounding",
+			model:      "test-cheap",
+			usage:      Usage{Prompt: 7, Cached: 4, Completion: 1}, // 0.45 + 0.3 + 0.6 = 1.35
+			wantMicros: 1,
+			wantPriced: true,
+		},
+		{
+			name:       "no cached price bills cached tokens at input",
+			model:      "test-nocache",
+			usage:      Usage{Prompt: 100, Cached: 100},
+			wantMicros: 100 * 10,
+			wantPriced: true,
+		},
+		{
+			name:       "zero usage",
+			model:      "test-model",
+			usage:      Usage{},
+			wantMicros: 0,
+			wantPriced: true,
+		},
+		{
+			name:       "a free model is priced",
+			model:      "test-free",
+			usage:      Usage{Prompt: 100, Completion: 100},
+			wantMicros: 0,
+			wantPriced: true,
+		},
+		{
+			name:       "unknown model",
+			model:      "llama-3-70b",
+			usage:      Usage{Prompt: 1000, Completion: 1000},
+			wantMicros: 0,
+			wantPriced: false,
+		},
+		{
+			name:       "override replaces the built-in price",
+			model:      "gpt-4o-2024-08-06",
+			usage:      Usage{Prompt: 100, Cached: 50, Completion: 100},
+			wantMicros: 100 + 100, // no cached price in the override: input price
+			wantPriced: true,
+		},
+		{
+			name:       "built-ins stay beside the extras",
+			model:      "gpt-4o-mini-2024-07-18",
+			usage:      Usage{Prompt: 1_000_000, Cached: 200_000, Completion: 1_000_000},
+			wantMicros: 800_000*0.15 + 200_000*0.075 + 1_000_000*0.6, // 120,000 + 15,000 + 600,000
+			wantPriced: true,
+		},
+		{
+			name:       "fine-tune of an extra model takes its price",
+			model:      "ft:test-model:my-org::abc",
+			usage:      Usage{Prompt: 1, Completion: 1},
+			wantMicros: 2 + 8,
+			wantPriced: true,
+		},
+		{
+			name:       "negative counts count as zero",
+			model:      "test-model",
+			usage:      Usage{Prompt: -5, Cached: -1, Completion: -3},
+			wantMicros: 0,
+			wantPriced: true,
+		},
+		{
+			name:       "cached above prompt is capped",
+			model:      "test-model",
+			usage:      Usage{Prompt: 100, Cached: 150},
+			wantMicros: 100 / 2,
+			wantPriced: true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			micros, priced := c.Cost(tt.model, tt.usage)
+			if micros != tt.wantMicros || priced != tt.wantPriced {
+				t.Errorf("Cost(%s, %+v) = %d, %v; want %d, %v",
+					tt.model, tt.usage, micros, priced, tt.wantMicros, tt.wantPriced)
+			}
+		})
+	}
+}
+
+// TestCostPublishedPrices prices one million tokens of each kind on a few
+// built-in models; one million tokens cost the list price in USD, that is
+// the price × 10^6 micro-USD.
+func TestCostPublishedPrices(t *testing.T) {
+	c := NewCatalog(nil)
+	for _, model := range []string{"gpt-4o", "gpt-4.1-nano", "gpt-5-nano", "o4-mini", "gpt-4"} {
+		m := builtinModels[model]
+		cached := m.CachedInput
+		if cached == 0 {
+			cached = m.Input
+		}
+		for _, tc := range []struct {
+			kind  string
+			usage Usage
+			usd   float64
+		}{
+			{"input", Usage{Prompt: 1_000_000}, m.Input},
+			{"cached", Usage{Prompt: 1_000_000, Cached: 1_000_000}, cached},
+			{"output", Usage{Completion: 1_000_000}, m.Output},
+		} {
+			micros, priced := c.Cost(model, tc.usage)
+			assert.True(t, priced, "%s priced", model)
+			assert.Equal(t, int64(tc.usd*1e6+0.5), micros, "%s: cost of 1M %s tokens", model, tc.kind)
+		}
+	}
+}
+
+func TestNewCatalogDoesNotAliasBuiltins(t *testing.T) {
+	NewCatalog(map[string]Model{"gpt-4o": {Input: 99}})
+	got, _ := NewCatalog(nil).Lookup("gpt-4o")
+	if got.Input == 99 {
+		t.Errorf("an override leaked into a later catalog: got %+v", got)
+	}
+}
