@@ -116,10 +116,10 @@ type Turn struct {
 
 // AppendResult says what Append did.
 type AppendResult struct {
-	ConversationID string
-	IDs            []string // ids of the appended messages, in order
-	Duplicate      bool     // the idempotency key was seen: nothing written
-	NewConversation bool    // this turn started a conversation
+	ConversationID  string
+	IDs             []string // ids of the appended messages, in order
+	Duplicate       bool     // the idempotency key was seen: nothing written
+	NewConversation bool     // this turn started a conversation
 }
 
 // Window is the newest part of a session's active conversation.

@@ -193,7 +193,9 @@ func TestStreamHidesUsageChunkItAddedAndRecords(t *testing.T) {
 					Choices []struct {
 						Delta struct{ Content string }
 					}
-					Usage *struct{ PromptTokens int `json:"prompt_tokens"` }
+					Usage *struct {
+						PromptTokens int `json:"prompt_tokens"`
+					}
 				}
 				require.NoError(t, json.Unmarshal([]byte(e), &c), e)
 				if len(c.Choices) == 0 && c.Usage != nil {
