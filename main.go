@@ -96,6 +96,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	reg := metrics.NewRegistry()
 	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit)
 
+	failClosed := cfg.Store.OnError == "fail_closed"
 	upstream, err := url.Parse(cfg.Upstream.URL)
 	if err != nil {
 		return fmt.Errorf("upstream %q: %w", cfg.Upstream.URL, err)
@@ -114,7 +115,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		RequireSession:  cfg.Session.Require,
 		MaxBodyBytes:    cfg.MaxBodyBytes,
 		StoreTimeout:    cfg.Store.Timeout,
-		FailClosed:      cfg.Store.OnError == "fail_closed",
+		FailClosed:      failClosed,
+		RetryQueue:      cfg.Store.RetryQueue,
 		Logger:          log,
 	})
 	if err != nil {
@@ -123,7 +125,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: 30 * time.Second, MaxHeaderBytes: 1 << 20,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	admin := &http.Server{Handler: adminRoutes(store, reg), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed), ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 2)
 	go func() { errc <- serve(srv, pl) }()
 	go func() { errc <- serve(admin, al) }()
@@ -143,10 +145,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	defer cancel()
 	// Shutdown closes the listeners at once and waits for every request,
 	// streams included, to finish.
-	err = errors.Join(srv.Shutdown(drain), admin.Shutdown(drain))
-	if err != nil {
+	if err := srv.Shutdown(drain); err != nil {
 		log.Warn("drain timeout passed with requests in flight", "err", err)
 	}
+	// Turns queued while the store was down get the rest of the drain time.
+	if err := px.Close(drain); err != nil {
+		log.Error("shutdown", "err", err)
+	}
+	_ = admin.Shutdown(drain)
 	log.Info("stopped")
 	return nil
 }
@@ -210,7 +216,10 @@ func agent(a config.Agent) proxy.Agent {
 }
 
 // adminRoutes serves health, readiness and metrics, off the client port.
-func adminRoutes(s store, reg *prometheus.Registry) http.Handler {
+// Readiness fails on a store outage only when failing closed: failing open,
+// the proxy still serves (without history), and pulling every instance out
+// of the load balancer at once would turn a Redis blip into an outage.
+func adminRoutes(s store, reg *prometheus.Registry, failClosed bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -220,8 +229,12 @@ func adminRoutes(s store, reg *prometheus.Registry) http.Handler {
 		defer cancel()
 		w.Header().Set("Content-Type", "application/json")
 		if err := s.Ping(ctx); err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "{\"status\":\"unavailable\",\"store\":%q}\n", err.Error())
+			status, code := "degraded", http.StatusOK
+			if failClosed {
+				status, code = "unavailable", http.StatusServiceUnavailable
+			}
+			w.WriteHeader(code)
+			fmt.Fprintf(w, "{\"status\":%q,\"store\":%q}\n", status, err.Error())
 			return
 		}
 		fmt.Fprintln(w, `{"status":"ok","store":"ok"}`)

@@ -46,6 +46,7 @@ type exchange struct {
 	reply                      *reply
 	requestID                  string
 	status                     int
+	degraded                   bool // the store failed; served without it (fail_open)
 }
 
 type exchangeKey struct{}
@@ -112,12 +113,16 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	if x.idemKey == "" {
 		x.idemKey = r.Header.Get(headerMessageID)
 	}
+	if x.idemKey == "" {
+		// Every turn carries a key, so a retried write whose first answer
+		// was lost (a Redis timeout) cannot store the turn twice.
+		x.idemKey = "hp-" + newID()
+	}
 
 	var inject []history.Message
 	if x.stored != "" && req.lastAssistant() < 0 {
-		var degraded bool
-		inject, degraded = p.selectHistory(r.Context(), x)
-		if degraded {
+		inject, x.degraded = p.selectHistory(r.Context(), x)
+		if x.degraded {
 			if p.opt.FailClosed {
 				writeError(cw, storeUnavailable())
 				return
@@ -164,6 +169,7 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	t0 := time.Now()
 	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, p.now().UnixMilli(), a.Policy)
 	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
+	p.opt.Metrics.SetStoreUp(err == nil)
 	if err != nil {
 		p.log.Warn("history read failed", "session", x.stored, "err", err)
 		return nil, true
@@ -231,6 +237,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		if err := p.recordTurn(resp.Request.Context(), x, true); err != nil {
 			return err
 		}
+		if x.degraded {
+			resp.Header.Set(headerHistory, "degraded")
+		}
 	} else {
 		x.reply = nil // not a chat completion: relayed as is, nothing recorded
 	}
@@ -265,15 +274,31 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 			turn.Messages = append(turn.Messages, a)
 		}
 	}
+	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy}
+	if p.retry != nil && p.retry.queued(x.stored) {
+		// Earlier turns of this session wait for the store: this one goes
+		// behind them to keep the conversation's order.
+		x.degraded = true
+		p.retry.push(pending)
+		return nil
+	}
 	t0 := time.Now()
 	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
-	if err != nil {
-		p.log.Error("history write failed", "session", x.stored, "err", err)
-		if p.opt.FailClosed {
-			return fmt.Errorf("%w: %v", errStore, err)
-		}
+	p.opt.Metrics.SetStoreUp(err == nil)
+	if err == nil {
+		return nil
 	}
+	if p.opt.FailClosed {
+		p.log.Error("history write failed: answer withheld (fail_closed)", "session", x.stored, "err", err)
+		return fmt.Errorf("%w: %v", errStore, err)
+	}
+	x.degraded = true
+	if p.retry != nil && p.retry.push(pending) {
+		p.log.Warn("history write failed: turn queued for retry", "session", x.stored, "err", err)
+		return nil
+	}
+	p.log.Error("history write failed: turn lost", "session", x.stored, "err", err)
 	return nil
 }
 

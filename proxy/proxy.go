@@ -7,6 +7,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -30,6 +31,7 @@ type Store interface {
 type Observer interface {
 	ObserveRequest(metrics.Request)
 	ObserveStore(op string, d time.Duration, err error)
+	RetryObserver
 }
 
 // Agent modes.
@@ -73,6 +75,9 @@ type Options struct {
 	// FailClosed answers 503 when the store fails, instead of serving
 	// without history.
 	FailClosed bool
+	// RetryQueue is how many turns are held for a retry while the store
+	// is down (fail open only); 0 holds none, so such turns are lost.
+	RetryQueue int
 
 	Logger *slog.Logger
 	Now    func() time.Time
@@ -80,10 +85,13 @@ type Options struct {
 
 // Proxy is the client-facing handler.
 type Proxy struct {
-	opt Options
-	rp  *httputil.ReverseProxy
-	log *slog.Logger
-	now func() time.Time
+	opt   Options
+	rp    *httputil.ReverseProxy
+	log   *slog.Logger
+	now   func() time.Time
+	retry *retryQueue // nil: fail closed, or no queue
+	stop  context.CancelFunc
+	done  chan struct{}
 }
 
 // New builds the proxy.
@@ -107,6 +115,18 @@ func New(opt Options) (*Proxy, error) {
 	if p.now == nil {
 		p.now = time.Now
 	}
+	p.stop, p.done = func() {}, make(chan struct{})
+	if !opt.FailClosed && opt.RetryQueue > 0 {
+		p.retry = newRetryQueue(opt.Store, opt.RetryQueue, opt.StoreTimeout, opt.Metrics, p.log)
+		ctx, cancel := context.WithCancel(context.Background())
+		p.stop = cancel
+		go func() { // stops when Close cancels ctx
+			defer close(p.done)
+			p.retry.run(ctx)
+		}()
+	} else {
+		close(p.done)
+	}
 	tr := opt.Transport
 	if tr == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
@@ -122,6 +142,23 @@ func New(opt Options) (*Proxy, error) {
 		ErrorLog:       slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
 	}
 	return p, nil
+}
+
+// Close writes the turns still waiting for the store, until ctx is done,
+// then stops the retry worker. Call it after the server has drained.
+func (p *Proxy) Close(ctx context.Context) error {
+	defer func() {
+		p.stop()
+		<-p.done
+	}()
+	if p.retry == nil {
+		return nil
+	}
+	if left := p.retry.drain(ctx); left > 0 {
+		p.log.Error("shutdown: turns not written to the store are lost", "turns", left)
+		return fmt.Errorf("%d turns could not be written to the store", left)
+	}
+	return nil
 }
 
 // Handler returns the client-facing routes.
@@ -226,3 +263,7 @@ type discard struct{}
 
 func (discard) ObserveRequest(metrics.Request)            {}
 func (discard) ObserveStore(string, time.Duration, error) {}
+func (discard) SetRetryQueueDepth(int)                    {}
+func (discard) RetryAttempt(bool)                         {}
+func (discard) RetryDropped()                             {}
+func (discard) SetStoreUp(bool)                           {}

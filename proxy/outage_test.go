@@ -1,0 +1,201 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+	"github.com/historyproxy/historyproxy/internal/redistest"
+	"github.com/historyproxy/historyproxy/tokens"
+)
+
+// countingObserver counts the retry queue's events.
+type countingObserver struct {
+	discard
+	mu               sync.Mutex
+	ok, failed, drop int
+}
+
+func (o *countingObserver) RetryAttempt(ok bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if ok {
+		o.ok++
+	} else {
+		o.failed++
+	}
+}
+
+func (o *countingObserver) RetryDropped() { o.mu.Lock(); o.drop++; o.mu.Unlock() }
+
+func redisProxy(t *testing.T, rs *redistest.Server, up *fakeai.Server, mod func(*Options)) (*Proxy, *httptest.Server) {
+	t.Helper()
+	u, err := url.Parse(up.URL)
+	require.NoError(t, err)
+	opt := Options{
+		Upstream: u, Store: history.NewRedis(rs.Client(t), ""), Counter: sharedCounter, Catalog: tokens.NewCatalog(nil),
+		Agent: defaultAgent, DefaultChannel: "api", DefaultAgent: "default",
+		StoreTimeout: 300 * time.Millisecond, RetryQueue: 10000,
+	}
+	if mod != nil {
+		mod(&opt)
+	}
+	px, err := New(opt)
+	require.NoError(t, err)
+	srv := httptest.NewServer(px.Handler())
+	t.Cleanup(srv.Close)
+	return px, srv
+}
+
+// TestRedisOutageLosesNoAcknowledgedTurn: under a steady load of
+// multi-turn conversations the test's redis-server is killed, kept down,
+// and started again on the same AOF data. Every turn answered 2xx must
+// end up in Redis, in order, exactly once.
+func TestRedisOutageLosesNoAcknowledgedTurn(t *testing.T) {
+	rs := redistest.Start(t, redistest.WithAOF())
+	up := fakeai.New(t)
+	up.SetDefault(func(r fakeai.ChatRequest) fakeai.Reply {
+		return fakeai.Reply{Content: "re: " + r.Messages[len(r.Messages)-1]["content"].(string)}
+	})
+	obs := &countingObserver{}
+	px, srv := redisProxy(t, rs, up, func(o *Options) { o.Metrics = obs })
+
+	const sessions = 4
+	stop := make(chan struct{})
+	acked := make([][]string, sessions)
+	var degraded sync.Map
+	var wg sync.WaitGroup
+	for s := 0; s < sessions; s++ {
+		wg.Add(1)
+		go func() { // stops when stop is closed, or after 2000 turns
+			defer wg.Done()
+			for i := 0; i < 2000; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				msg := fmt.Sprintf("s%d-t%d", s, i)
+				req, _ := http.NewRequest(http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user(msg))))
+				req.Header.Set("X-Session-ID", fmt.Sprintf("load:u%d:a", s))
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					continue
+				}
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					acked[s] = append(acked[s], msg)
+					if resp.Header.Get("X-History") == "degraded" {
+						degraded.Store(msg, true)
+					}
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+
+	time.Sleep(500 * time.Millisecond)
+	rs.Stop(t)
+	time.Sleep(2 * time.Second) // down for a while, under load
+	rs.Restart(t)
+	time.Sleep(1 * time.Second)
+	close(stop)
+	wg.Wait()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	require.NoError(t, px.Close(ctx), "the retry queue drains once Redis is back")
+
+	n := 0
+	degraded.Range(func(any, any) bool { n++; return true })
+	require.Positive(t, n, "some turns were answered while Redis was down")
+	obs.mu.Lock()
+	require.Positive(t, obs.failed, "retries failed while Redis was down")
+	require.Zero(t, obs.drop)
+	obs.mu.Unlock()
+
+	store := history.NewRedis(rs.Client(t), "")
+	for s := 0; s < sessions; s++ {
+		msgs, err := store.Messages(context.Background(), fmt.Sprintf("load:u%d:a", s), "")
+		require.NoError(t, err)
+		var users []string
+		for i, m := range msgs {
+			if m.Role == history.RoleUser {
+				users = append(users, m.Content)
+				require.Less(t, i+1, len(msgs))
+				require.Equal(t, "re: "+m.Content, msgs[i+1].Content, "each turn is whole")
+			}
+		}
+		require.Equal(t, acked[s], users, "session %d: every acknowledged turn, in order, exactly once", s)
+	}
+}
+
+func TestFailClosedRefusesWhenRedisIsDown(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	_, srv := redisProxy(t, rs, up, func(o *Options) { o.FailClosed = true })
+	rs.Stop(t)
+	resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+		`{"model":"gpt-4o","user":"u1","messages":[{"role":"user","content":"hi"}]}`))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	assertOpenAIError(t, readAll(t, resp), "history_unavailable")
+	require.Empty(t, up.Requests(), "nothing is forwarded")
+}
+
+func TestFailOpenServesWithoutHistoryAndRetries(t *testing.T) {
+	rs := redistest.Start(t, redistest.WithAOF())
+	up := fakeai.New(t)
+	px, srv := redisProxy(t, rs, up, nil)
+	rs.Stop(t)
+	post := func(msg string) *http.Response {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+			`{"model":"gpt-4o","user":"u1","messages":[{"role":"user","content":"`+msg+`"}]}`))
+		require.NoError(t, err)
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	r := post("while down")
+	require.Equal(t, http.StatusOK, r.StatusCode)
+	require.Equal(t, "degraded", r.Header.Get("X-History"))
+	rs.Restart(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.Eventually(t, func() bool { return px.retry.drain(ctx) == 0 }, 10*time.Second, 50*time.Millisecond)
+	r = post("after")
+	require.Equal(t, http.StatusOK, r.StatusCode)
+	require.Empty(t, r.Header.Get("X-History"))
+	require.Equal(t, "2", r.Header.Get("X-History-Messages"), "the queued turn was written and is injected")
+}
+
+func TestRetryQueueBoundDropsAndCounts(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	obs := &countingObserver{}
+	px, srv := redisProxy(t, rs, up, func(o *Options) { o.RetryQueue = 2; o.Metrics = obs })
+	rs.Stop(t)
+	for i := 0; i < 4; i++ {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+			`{"model":"gpt-4o","user":"u1","messages":[{"role":"user","content":"x"}]}`))
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+	}
+	obs.mu.Lock()
+	require.Equal(t, 2, obs.drop, "two turns past the bound are dropped")
+	obs.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	require.Error(t, px.Close(ctx), "Close reports turns it could not write")
+}

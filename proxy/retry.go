@@ -1,0 +1,184 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/historyproxy/historyproxy/history"
+)
+
+// RetryObserver receives the retry queue's measurements; *metrics.Metrics
+// is one.
+type RetryObserver interface {
+	SetRetryQueueDepth(n int)
+	RetryAttempt(ok bool)
+	RetryDropped()
+	SetStoreUp(up bool)
+}
+
+// pendingTurn is a turn the store could not take yet.
+type pendingTurn struct {
+	session string
+	turn    history.Turn
+	policy  history.Policy
+}
+
+// retryQueue holds the turns the store refused while it was down
+// (store.on_error: fail_open), so that a turn the client has seen answered
+// is not lost, and writes them once the store is back: in order per
+// session, each exactly once (every turn carries an idempotency key, so a
+// write whose answer was lost is not repeated).
+//
+// It is bounded: past max turns, new ones are dropped, counted and logged.
+type retryQueue struct {
+	store   Store
+	max     int
+	timeout time.Duration
+	obs     RetryObserver
+	log     *slog.Logger
+
+	mu      sync.Mutex
+	pending map[string][]pendingTurn // per session, oldest first
+	order   []string                 // sessions with pending turns, oldest first
+	n       int
+	wake    chan struct{}
+	idle    chan struct{} // closed and replaced whenever the queue empties
+}
+
+// Backoff between attempts while the store stays down.
+const (
+	retryMinBackoff = 50 * time.Millisecond
+	retryMaxBackoff = 2 * time.Second
+)
+
+func newRetryQueue(store Store, max int, timeout time.Duration, obs RetryObserver, log *slog.Logger) *retryQueue {
+	return &retryQueue{store: store, max: max, timeout: timeout, obs: obs, log: log,
+		pending: map[string][]pendingTurn{}, wake: make(chan struct{}, 1), idle: make(chan struct{})}
+}
+
+// queued reports whether the session has turns waiting: a new turn of that
+// session must wait behind them, or the order would change.
+func (q *retryQueue) queued(session string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.pending[session]) > 0
+}
+
+// push adds a turn; false when the queue is full and the turn is dropped.
+func (q *retryQueue) push(p pendingTurn) bool {
+	q.mu.Lock()
+	if q.n >= q.max {
+		q.mu.Unlock()
+		q.obs.RetryDropped()
+		q.log.Error("retry queue full: turn dropped", "session", p.session, "queued", q.max)
+		return false
+	}
+	if len(q.pending[p.session]) == 0 {
+		q.order = append(q.order, p.session)
+	}
+	q.pending[p.session] = append(q.pending[p.session], p)
+	q.n++
+	n := q.n
+	q.mu.Unlock()
+	q.obs.SetRetryQueueDepth(n)
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// head returns the oldest pending turn of the session queued longest.
+func (q *retryQueue) head() (pendingTurn, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.order) == 0 {
+		return pendingTurn{}, false
+	}
+	return q.pending[q.order[0]][0], true
+}
+
+// pop removes the head after it was written.
+func (q *retryQueue) pop() {
+	q.mu.Lock()
+	s := q.order[0]
+	rest := q.pending[s][1:]
+	if len(rest) == 0 {
+		delete(q.pending, s)
+		q.order = q.order[1:]
+	} else {
+		q.pending[s] = rest
+		// Take turns between sessions, so one long backlog does not hold
+		// every other session's behind it.
+		q.order = append(q.order[1:], s)
+	}
+	q.n--
+	n := q.n
+	if n == 0 {
+		close(q.idle)
+		q.idle = make(chan struct{})
+	}
+	q.mu.Unlock()
+	q.obs.SetRetryQueueDepth(n)
+}
+
+// run writes pending turns until ctx is done, backing off while the store
+// fails. It stops when ctx is done.
+func (q *retryQueue) run(ctx context.Context) {
+	backoff := retryMinBackoff
+	for {
+		p, ok := q.head()
+		if !ok {
+			select {
+			case <-ctx.Done():
+				return
+			case <-q.wake:
+				continue
+			}
+		}
+		if err := q.write(ctx, p); err != nil {
+			q.log.Warn("retrying turn: store still failing", "session", p.session, "backoff", backoff, "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, retryMaxBackoff)
+			continue
+		}
+		backoff = retryMinBackoff
+		q.pop()
+	}
+}
+
+func (q *retryQueue) write(ctx context.Context, p pendingTurn) error {
+	ctx, cancel := context.WithTimeout(ctx, q.timeout)
+	defer cancel()
+	_, err := q.store.Append(ctx, p.session, p.turn, p.policy)
+	q.obs.RetryAttempt(err == nil)
+	q.obs.SetStoreUp(err == nil)
+	return err
+}
+
+// drain waits until the queue is empty or ctx is done (shutdown), and
+// says how many turns are left behind.
+func (q *retryQueue) drain(ctx context.Context) int {
+	for {
+		q.mu.Lock()
+		n, idle := q.n, q.idle
+		q.mu.Unlock()
+		if n == 0 {
+			return 0
+		}
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			q.mu.Lock()
+			n := q.n
+			q.mu.Unlock()
+			return n
+		}
+	}
+}
