@@ -220,3 +220,44 @@ func TestHelpAndBadConfig(t *testing.T) {
 	err = run(context.Background(), []string{"-upstream", "ftp://x"}, func(string) string { return "" }, io.Discard, nil)
 	require.ErrorContains(t, err, "ftp://x")
 }
+
+func TestReadyzReportsTheStore(t *testing.T) {
+	cases := []struct {
+		name     string
+		onError  string
+		wantCode int
+		want     string
+	}{
+		{name: "fail open stays in the load balancer", onError: "fail_open", wantCode: http.StatusOK, want: `"status":"degraded"`},
+		{name: "fail closed leaves it", onError: "fail_closed", wantCode: http.StatusServiceUnavailable, want: `"status":"unavailable"`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := redistest.Start(t)
+			up := fakeai.New(t)
+			p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, "-store-on-error", tc.onError)
+			get := func() (int, string) {
+				resp, err := http.Get("http://" + p.addrs.Admin + "/readyz")
+				require.NoError(t, err)
+				defer resp.Body.Close()
+				b, _ := io.ReadAll(resp.Body)
+				return resp.StatusCode, string(b)
+			}
+			code, body := get()
+			require.Equal(t, http.StatusOK, code, body)
+			require.Contains(t, body, `"status":"ok"`)
+			rs.Stop(t)
+			code, body = get()
+			require.Equal(t, tc.wantCode, code, body)
+			require.Contains(t, body, tc.want)
+		})
+	}
+}
+
+func TestHealthcheckMode(t *testing.T) {
+	up := fakeai.New(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL})
+	require.NoError(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }))
+	p.shutdown(t)
+	require.Error(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }))
+}
