@@ -40,6 +40,7 @@ type exchange struct {
 	historyMessages, historyTokens int
 	truncated                      bool
 	requestTokens                  int // the request's own prompt tokens; -1 until counted
+	bodyLen                        int
 
 	upstreamStart, upstreamEnd time.Time
 	upstreamErr                error
@@ -80,7 +81,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		writeError(cw, aerr)
 		return
 	}
-	x.req = req
+	x.req, x.bodyLen = req, len(body)
 	sess, ok, aerr := resolveSession(r.Header, pathSessionFrom(r.Context()), req.User, p.opt.DefaultChannel, p.opt.DefaultAgent)
 	if aerr != nil {
 		writeError(cw, aerr)
@@ -159,7 +160,13 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		if reserve == 0 {
 			reserve = a.OutputReserve
 		}
-		budget = min(budget, m.ContextWindow-p.requestTokens(x)-reserve)
+		// A BPE token covers at least one byte, so the body's size (plus
+		// the per-message overhead) bounds the request's tokens from
+		// above. When even that bound leaves room for the whole budget,
+		// the request need not be tokenized at all.
+		if bound := x.bodyLen + (tokens.TokensPerMessage+1)*len(x.req.Messages) + tokens.ReplyPriming; m.ContextWindow-bound-reserve < budget {
+			budget = min(budget, m.ContextWindow-p.requestTokens(x)-reserve)
+		}
 		if budget <= 0 {
 			return nil, false
 		}
@@ -270,7 +277,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 			turn.Messages = append(turn.Messages, m)
 		}
 		if a, ok := x.assistant(now, complete); ok {
-			a.Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(a))
+			a.Tokens = p.replyTokens(x, a, usage)
 			turn.Messages = append(turn.Messages, a)
 		}
 	}
@@ -324,6 +331,17 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 		return history.Message{}, false
 	}
 	return m, true
+}
+
+// replyTokens is the stored token count of the reply. The upstream already
+// counted it (completion tokens, less hidden reasoning), which spares
+// tokenizing a long reply before [DONE] can be relayed; without usage, or
+// with several choices sharing it, it is counted here.
+func (p *Proxy) replyTokens(x *exchange, a history.Message, u tokens.Usage) int {
+	if !u.Estimated && x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0 {
+		return int(u.Completion-u.Reasoning) + tokens.TokensPerMessage
+	}
+	return p.opt.Counter.Message(x.req.Model, tokenMessage(a))
 }
 
 // usage is the upstream's usage when it sent one, else a local estimate.
