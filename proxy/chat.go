@@ -326,3 +326,13 @@ func toWire(m history.Message) wireMessage {
 	}
 	return w
 }
+
+// hasParts reports whether any message has a content-part array.
+func (c *chatRequest) hasParts() bool {
+	for _, m := range c.Messages {
+		if m.msg.Parts != nil {
+			return true
+		}
+	}
+	return false
+}

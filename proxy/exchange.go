@@ -163,8 +163,10 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		// A BPE token covers at least one byte, so the body's size (plus
 		// the per-message overhead) bounds the request's tokens from
 		// above. When even that bound leaves room for the whole budget,
-		// the request need not be tokenized at all.
-		if bound := x.bodyLen + (tokens.TokensPerMessage+1)*len(x.req.Messages) + tokens.ReplyPriming; m.ContextWindow-bound-reserve < budget {
+		// the request need not be tokenized at all. Content parts break
+		// the bound (an image costs hundreds of tokens in a few bytes of
+		// URL), so requests with them are always counted.
+		if bound := x.bodyLen + (tokens.TokensPerMessage+1)*len(x.req.Messages) + tokens.ReplyPriming; x.req.hasParts() || m.ContextWindow-bound-reserve < budget {
 			budget = min(budget, m.ContextWindow-p.requestTokens(x)-reserve)
 		}
 		if budget <= 0 {

@@ -644,3 +644,18 @@ func TestStreamCutStoresIncomplete(t *testing.T) {
 	require.Equal(t, history.StatusIncomplete, msgs[1].Status)
 	require.NotEmpty(t, msgs[1].Content)
 }
+
+// TestBudgetCountsImageParts: a few bytes of image URL cost hundreds of
+// tokens, so a small body with images still shrinks the history budget.
+func TestBudgetCountsImageParts(t *testing.T) {
+	h := newHarness(t, func(o *Options) {
+		o.Catalog = tokens.NewCatalog(map[string]tokens.Model{"img-model": {ContextWindow: 3000}})
+	})
+	hdr := map[string]string{"X-Session-User": "img"}
+	h.do(t, "/v1/chat/completions", `{"model":"img-model","messages":[`+user("hello")+`]}`, hdr)
+	img := `{"type":"image_url","image_url":{"url":"https://x.io/a.png"}}`
+	parts := `[` + strings.Repeat(img+",", 3) + img + `]` // 4 images: 3060 tokens by the counter
+	r := h.do(t, "/v1/chat/completions", `{"model":"img-model","max_tokens":10,"messages":[{"role":"user","content":`+parts+`}]}`, hdr)
+	require.Equal(t, http.StatusOK, r.StatusCode, readAll(t, r))
+	require.Equal(t, "0", r.Header.Get("X-History-Messages"), "four images leave no room in a 3000-token window")
+}
