@@ -649,13 +649,17 @@ func TestStreamCutStoresIncomplete(t *testing.T) {
 // tokens, so a small body with images still shrinks the history budget.
 func TestBudgetCountsImageParts(t *testing.T) {
 	h := newHarness(t, func(o *Options) {
-		o.Catalog = tokens.NewCatalog(map[string]tokens.Model{"img-model": {ContextWindow: 3000}})
+		o.Catalog = tokens.NewCatalog(map[string]tokens.Model{"img-model": {ContextWindow: 5000}})
 	})
 	hdr := map[string]string{"X-Session-User": "img"}
-	h.do(t, "/v1/chat/completions", `{"model":"img-model","messages":[`+user("hello")+`]}`, hdr)
+	// About 1,500 tokens of history (the message and its echo): within the
+	// agent's 4,000, but not within what five images leave of the window.
+	h.do(t, "/v1/chat/completions", `{"model":"img-model","messages":[`+user(strings.Repeat("word ", 700))+`]}`, hdr)
 	img := `{"type":"image_url","image_url":{"url":"https://x.io/a.png"}}`
-	parts := `[` + strings.Repeat(img+",", 3) + img + `]` // 4 images: 3060 tokens by the counter
-	r := h.do(t, "/v1/chat/completions", `{"model":"img-model","max_tokens":10,"messages":[{"role":"user","content":`+parts+`}]}`, hdr)
+	parts := `[` + strings.Repeat(img+",", 4) + img + `]` // 5 images: 3825 tokens by the counter
+	r := h.do(t, "/v1/chat/completions", `{"model":"img-model","max_tokens":100,"messages":[{"role":"user","content":`+parts+`}]}`, hdr)
 	require.Equal(t, http.StatusOK, r.StatusCode, readAll(t, r))
-	require.Equal(t, "0", r.Header.Get("X-History-Messages"), "four images leave no room in a 3000-token window")
+	require.Equal(t, "0", r.Header.Get("X-History-Messages"), "five images leave no room for the history in a 5000-token window")
+	r = h.do(t, "/v1/chat/completions", `{"model":"img-model","max_tokens":100,"messages":[`+user("text only")+`]}`, hdr)
+	require.NotEqual(t, "0", r.Header.Get("X-History-Messages"), "without the images the history fits")
 }
