@@ -32,17 +32,6 @@ type inMessage struct {
 	msg history.Message
 }
 
-// wireMessage is a chat message as the API takes it; stored history is
-// written out in this shape.
-type wireMessage struct {
-	Role       string          `json:"role"`
-	Content    json.RawMessage `json:"content"`
-	Name       string          `json:"name,omitempty"`
-	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
-	ToolCallID string          `json:"tool_call_id,omitempty"`
-	Refusal    *string         `json:"refusal,omitempty"`
-}
-
 var nullJSON = json.RawMessage("null")
 
 // parseChat reads and validates a chat completion request. Errors are
@@ -260,71 +249,6 @@ func (c *chatRequest) answered() map[string]bool {
 		}
 	}
 	return ids
-}
-
-// body returns the request to send upstream: the injected history after
-// the leading system messages, and include_usage set on streams so the
-// proxy learns the token usage. With nothing to change it returns orig.
-func (c *chatRequest) body(orig []byte, inject []history.Message) ([]byte, error) {
-	forceUsage := c.Stream && !c.ClientUsage
-	if len(inject) == 0 && !forceUsage {
-		return orig, nil
-	}
-	if len(inject) > 0 {
-		lead := c.leadingSystem()
-		msgs := make([]json.RawMessage, 0, len(c.Messages)+len(inject))
-		for _, m := range c.Messages[:lead] {
-			msgs = append(msgs, m.raw)
-		}
-		for _, m := range inject {
-			b, err := json.Marshal(toWire(m))
-			if err != nil {
-				return nil, fmt.Errorf("encode history message %s: %w", m.ID, err)
-			}
-			msgs = append(msgs, b)
-		}
-		for _, m := range c.Messages[lead:] {
-			msgs = append(msgs, m.raw)
-		}
-		b, err := json.Marshal(msgs)
-		if err != nil {
-			return nil, fmt.Errorf("encode messages: %w", err)
-		}
-		c.fields["messages"] = b
-	}
-	if forceUsage {
-		so := map[string]json.RawMessage{}
-		if raw, ok := c.fields["stream_options"]; ok && !isNull(raw) {
-			if err := json.Unmarshal(raw, &so); err != nil {
-				return nil, fmt.Errorf("decode stream_options: %w", err)
-			}
-		}
-		so["include_usage"] = json.RawMessage("true")
-		b, err := json.Marshal(so)
-		if err != nil {
-			return nil, fmt.Errorf("encode stream_options: %w", err)
-		}
-		c.fields["stream_options"] = b
-	}
-	return json.Marshal(c.fields)
-}
-
-// toWire writes a stored message in the API's shape.
-func toWire(m history.Message) wireMessage {
-	w := wireMessage{Role: m.Role, Name: m.Name, ToolCalls: m.ToolCalls, ToolCallID: m.ToolCallID}
-	switch {
-	case m.Parts != nil:
-		w.Content = m.Parts
-	case m.ContentNull:
-		w.Content = nullJSON
-	default:
-		w.Content, _ = json.Marshal(m.Content) // a string always encodes
-	}
-	if m.Refusal != "" {
-		r := m.Refusal
-		w.Refusal = &r
-	}
-	return w
 }
 
 // hasParts reports whether any message has a content-part array.
