@@ -35,6 +35,14 @@ type memSession struct {
 	convs         map[string]*memConv
 	order         []string         // conversation ids, oldest first
 	idem          map[string]int64 // idempotency key -> ms
+	// idemOrder holds the keys in arrival order, so pruning expired keys
+	// costs only the expired ones, not a scan of a day's keys per turn.
+	idemOrder []idemEntry
+}
+
+type idemEntry struct {
+	key string
+	ms  int64
 }
 
 // memConv mirrors a conversation stream.
@@ -126,16 +134,19 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		ss = &memSession{convs: map[string]*memConv{}, idem: map[string]int64{}}
 	}
 	cutoff := t.NowMs - IdempotencyWindow.Milliseconds()
-	for k, ms := range ss.idem {
-		if ms < cutoff {
-			delete(ss.idem, k)
+	for len(ss.idemOrder) > 0 && ss.idemOrder[0].ms < cutoff {
+		e := ss.idemOrder[0]
+		if ss.idem[e.key] == e.ms {
+			delete(ss.idem, e.key)
 		}
+		ss.idemOrder = ss.idemOrder[1:]
 	}
 	if t.IdempotencyKey != "" {
-		if _, ok := ss.idem[t.IdempotencyKey]; ok {
+		if ms, ok := ss.idem[t.IdempotencyKey]; ok && ms >= cutoff {
 			return AppendResult{ConversationID: ss.conversation, Duplicate: true}, nil
 		}
 		ss.idem[t.IdempotencyKey] = t.NowMs
+		ss.idemOrder = append(ss.idemOrder, idemEntry{t.IdempotencyKey, t.NowMs})
 	}
 	s.sessions[session] = ss
 

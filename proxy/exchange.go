@@ -48,6 +48,8 @@ type exchange struct {
 	requestID                  string
 	status                     int
 	degraded                   bool // the store failed; served without it (fail_open)
+	newMsgs                    []history.Message
+	counted                    chan struct{} // closed when newMsgs are counted
 }
 
 type exchangeKey struct{}
@@ -118,6 +120,17 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		// Every turn carries a key, so a retried write whose first answer
 		// was lost (a Redis timeout) cannot store the turn twice.
 		x.idemKey = "hp-" + newID()
+	}
+
+	if x.record {
+		// Tokenizing the new messages (tens of µs for a sentence, ms for a
+		// long paste) overlaps the upstream call instead of delaying the
+		// reply; recordTurn waits for it.
+		x.counted = make(chan struct{})
+		go func() { // ends when the messages are counted
+			defer close(x.counted)
+			x.newMsgs = p.countNew(x)
+		}()
 	}
 
 	var inject []history.Message
@@ -273,9 +286,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	turn.Usage.CostMicros, _ = p.opt.Catalog.Cost(x.req.Model, usage)
 	reqID := x.requestID
 	if x.record {
-		for _, m := range x.req.newMessages() {
+		<-x.counted
+		for _, m := range x.newMsgs {
 			m.User, m.Model, m.RequestID, m.CreatedMs = x.session.User, x.req.Model, reqID, now
-			m.Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(m))
 			turn.Messages = append(turn.Messages, m)
 		}
 		if a, ok := x.assistant(now, complete); ok {
@@ -309,6 +322,15 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	}
 	p.log.Error("history write failed: turn lost", "session", x.stored, "err", err)
 	return nil
+}
+
+// countNew returns the messages the turn records, with their token counts.
+func (p *Proxy) countNew(x *exchange) []history.Message {
+	msgs := x.req.newMessages()
+	for i := range msgs {
+		msgs[i].Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(msgs[i]))
+	}
+	return msgs
 }
 
 // assistant is the reply as a stored message; ok is false when there is

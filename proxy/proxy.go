@@ -204,6 +204,10 @@ func (p *Proxy) passthrough(w http.ResponseWriter, r *http.Request) {
 	if ok {
 		w.Header().Set(headerSessionID, s.ID())
 	}
+	// The request body streams through while the reply may already be
+	// flowing back; without full duplex the server may close the body
+	// under the transport and cut the reply (golang/go#40747).
+	_ = http.NewResponseController(w).EnableFullDuplex()
 	p.rp.ServeHTTP(w, r)
 }
 
