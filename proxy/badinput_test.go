@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -312,20 +311,10 @@ func TestBadInputForwardedOrRejected(t *testing.T) {
 	}
 }
 
-// badKnownBug skips a regression test of a reported, not yet fixed bug;
-// HISTORYPROXY_KNOWN_BUGS=1 runs it (and shows it failing until the fix).
-func badKnownBug(t *testing.T, bug string) {
-	t.Helper()
-	if os.Getenv("HISTORYPROXY_KNOWN_BUGS") == "" {
-		t.Skip("known bug, not fixed yet: " + bug)
-	}
-}
-
 // An upstream may send an SSE stream with a Content-Length (a buffering
 // gateway, a cache). Dropping the usage chunk shortens the body, so the
 // length must not be relayed.
-func TestKnownBugStreamContentLengthWithHiddenUsage(t *testing.T) {
-	badKnownBug(t, "modifyResponse relays the upstream's Content-Length after streamBody drops the usage chunk")
+func TestStreamContentLengthWithHiddenUsage(t *testing.T) {
 	cases := []struct {
 		name, opts string
 	}{
@@ -351,8 +340,7 @@ func TestKnownBugStreamContentLengthWithHiddenUsage(t *testing.T) {
 // A base URL with a trailing slash ("/s/web/u1/agent/" + "/v1/...") or any
 // other unclean path after the session prefix must keep the session, not
 // be redirected to the bare /v1 path where it is silently lost.
-func TestKnownBugUncleanPathAfterSessionPrefix(t *testing.T) {
-	badKnownBug(t, "Handler routes the unclean rest of a /s/ path through ServeMux, whose redirect drops the prefix")
+func TestUncleanPathAfterSessionPrefix(t *testing.T) {
 	cases := []string{
 		"/s/web/u1/agent//v1/chat/completions",
 		"/s/web/u1/agent/v1//chat/completions",

@@ -69,13 +69,10 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		c.Reserve = maxTokens
 	}
 	if raw, ok := fields["stream_options"]; ok && !isNull(raw) {
-		var so struct {
-			IncludeUsage bool `json:"include_usage"`
-		}
-		if err := json.Unmarshal(raw, &so); err != nil {
+		var so map[string]json.RawMessage // exact keys, as the upstream reads them
+		if err := json.Unmarshal(raw, &so); err != nil || field(so, "include_usage", &c.ClientUsage) != nil {
 			return nil, badRequest("invalid_type", "stream_options", "stream_options must be an object with a boolean include_usage")
 		}
-		c.ClientUsage = so.IncludeUsage
 	}
 	c.Tools = fields["tools"]
 
@@ -133,17 +130,29 @@ const (
 
 func parseMessage(raw json.RawMessage, i int) (history.Message, *apiError) {
 	param := fmt.Sprintf("messages[%d]", i)
-	var m struct {
-		Role       string          `json:"role"`
-		Content    json.RawMessage `json:"content"`
-		Name       string          `json:"name"`
-		ToolCalls  json.RawMessage `json:"tool_calls"`
-		ToolCallID string          `json:"tool_call_id"`
-		Refusal    *string         `json:"refusal"`
-	}
-	if err := json.Unmarshal(raw, &m); err != nil {
+	// A map, not a struct: encoding/json matches struct fields ignoring
+	// case, so {"role":"system","Role":"user"} would read as a user message
+	// here while the upstream, reading exact keys, sees a system message.
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
 		return history.Message{}, badRequest("invalid_type", param, param+" must be a message object: "+typeMismatch(err))
 	}
+	var m struct {
+		Role, Name, ToolCallID string
+		Content, ToolCalls     json.RawMessage
+		Refusal                *string
+	}
+	for _, f := range []struct {
+		key string
+		dst any
+	}{{"role", &m.Role}, {"name", &m.Name}, {"tool_call_id", &m.ToolCallID}, {"refusal", &m.Refusal}} {
+		if err := field(fields, f.key, f.dst); err != nil {
+			err.Param = param + "." + f.key
+			err.Message = param + "." + err.Message
+			return history.Message{}, err
+		}
+	}
+	m.Content, m.ToolCalls = fields["content"], fields["tool_calls"]
 	switch m.Role {
 	case history.RoleSystem, roleDeveloper, history.RoleUser, history.RoleAssistant, history.RoleTool, roleFunction:
 	case "":

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"strconv"
 	"time"
@@ -239,20 +240,36 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		return nil
 	}
 	x.reply = &reply{}
-	if ct := resp.Header.Get("Content-Type"); len(ct) >= 17 && ct[:17] == "text/event-stream" {
+	if ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); ct == "text/event-stream" {
 		hide := x.req.Stream && !x.req.ClientUsage
 		resp.Body = newStreamBody(resp.Body, hide, x.reply, p.now, func(complete bool) error {
 			x.upstreamEnd = p.now()
 			return p.recordTurn(resp.Request.Context(), x, complete)
 		})
+		// Dropping the usage chunk shortens the body: a length the
+		// upstream announced (a buffering gateway) no longer holds.
+		resp.Header.Del("Content-Length")
+		resp.ContentLength = -1
 		return nil
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes))
-	resp.Body.Close()
-	x.upstreamEnd = p.now()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes+1))
 	if err != nil {
+		resp.Body.Close()
+		x.upstreamEnd = p.now()
 		return fmt.Errorf("read upstream reply: %w", err)
 	}
+	if len(body) > maxReplyBytes {
+		// Too large to hold and parse: relay it whole, record nothing.
+		p.log.Warn("upstream reply too large to record", "session", x.stored, "limit", maxReplyBytes)
+		resp.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.MultiReader(bytes.NewReader(body), resp.Body), resp.Body}
+		x.reply = nil
+		return nil
+	}
+	resp.Body.Close()
+	x.upstreamEnd = p.now()
 	resp.Body = io.NopCloser(bytes.NewReader(body))
 	if rp, ok := parseReply(body); ok {
 		x.reply = rp

@@ -100,3 +100,33 @@ func TestBodyRewrite(t *testing.T) {
 		})
 	}
 }
+
+// TestMessageKeysAreExact: the upstream reads exact keys, so the proxy must
+// too; encoding/json's case-insensitive struct matching would let
+// {"role":"system","Role":"user"} be recorded as a user message.
+func TestMessageKeysAreExact(t *testing.T) {
+	cases := []struct {
+		name, msg string
+		wantRole  string
+		wantCode  string
+	}{
+		{name: "later case-varied key ignored", msg: `{"role":"system","content":"be evil","Role":"user"}`, wantRole: "system"},
+		{name: "case-varied key alone is no role", msg: `{"Role":"user","content":"x"}`, wantCode: "missing_required_parameter"},
+		{name: "case-varied content is no content", msg: `{"role":"user","Content":"x"}`, wantCode: "missing_required_parameter"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			req, aerr := parseChat([]byte(`{"model":"m","messages":[` + tc.msg + `]}`))
+			if tc.wantCode != "" {
+				require.NotNil(t, aerr)
+				require.Equal(t, tc.wantCode, aerr.Code)
+				return
+			}
+			require.Nil(t, aerr)
+			require.Equal(t, tc.wantRole, req.Messages[0].msg.Role)
+		})
+	}
+	req, aerr := parseChat([]byte(`{"model":"m","stream":true,"stream_options":{"Include_Usage":true},"messages":[{"role":"user","content":"x"}]}`))
+	require.Nil(t, aerr)
+	require.False(t, req.ClientUsage, "a case-varied include_usage is not the client asking for usage")
+}

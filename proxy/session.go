@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"unicode"
@@ -102,21 +103,28 @@ func single(h http.Header, name string) (string, bool) {
 
 // parsePathSession splits "/s/{channel}/{user}/{agent}/rest" into the
 // session and "/rest". ok is false when the path has no such prefix.
-func parsePathSession(path string) (p pathSession, rest string, err *apiError) {
-	if !strings.HasPrefix(path, "/s/") {
-		return p, path, nil
+func parsePathSession(urlPath string) (p pathSession, rest string, err *apiError) {
+	if !strings.HasPrefix(urlPath, "/s/") {
+		return p, urlPath, nil
 	}
-	segs := strings.SplitN(path[len("/s/"):], "/", 4)
+	segs := strings.SplitN(urlPath[len("/s/"):], "/", 4)
 	if len(segs) < 4 {
-		return p, path, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., got " + quote(path))
+		return p, urlPath, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., got " + quote(urlPath))
 	}
 	p = pathSession{Channel: segs[0], User: segs[1], Agent: segs[2], ok: true}
 	for _, c := range []struct{ name, val string }{{"path channel", p.Channel}, {"path user", p.User}, {"path agent", p.Agent}} {
 		if err := validatePart(c.name, c.val); err != nil {
-			return p, path, err
+			return p, urlPath, err
 		}
 	}
-	return p, "/" + segs[3], nil
+	// Clean the rest, as ServeMux would, but here: its redirect to the
+	// clean path would drop the session prefix. A base URL with a trailing
+	// slash gives "//v1/...".
+	rest = path.Clean("/" + segs[3])
+	if strings.HasSuffix(segs[3], "/") && rest != "/" {
+		rest += "/"
+	}
+	return p, rest, nil
 }
 
 func (s Session) validate(where string) *apiError {
@@ -128,9 +136,10 @@ func (s Session) validate(where string) *apiError {
 	return nil
 }
 
-// validatePart enforces 1 to 128 bytes of ASCII letters, digits and
-// "._@+-=": no ':' (the separator), no spaces or control characters, which
-// keeps ids safe in Redis keys, Prometheus labels and logs.
+// validatePart enforces 1 to 128 bytes of letters, digits (Unicode ones
+// included) and "._@+-=": no ':' (the separator), no spaces, control
+// characters or invalid UTF-8, which keeps ids safe in Redis keys,
+// Prometheus labels and logs.
 func validatePart(where, v string) *apiError {
 	if v == "" {
 		return invalidSession(where + ": session id part is empty")

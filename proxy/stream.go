@@ -42,7 +42,8 @@ type reply struct {
 	Refusal      strings.Builder
 	ContentNull  bool
 	ToolCalls    json.RawMessage // set for a whole response
-	calls        []*toolCall     // assembled from deltas, by index
+	calls        []*toolCall     // assembled from deltas, in order of appearance
+	slots        map[int]int     // a delta's index -> its call in calls
 	FinishReason string
 	Usage        *usageJSON
 	FirstToken   time.Time // first content, refusal or tool-call delta
@@ -61,7 +62,7 @@ type chunk struct {
 			Content   *string `json:"content"`
 			Refusal   *string `json:"refusal"`
 			ToolCalls []struct {
-				Index    int    `json:"index"`
+				Index    *int   `json:"index"`
 				ID       string `json:"id"`
 				Type     string `json:"type"`
 				Function struct {
@@ -97,13 +98,10 @@ func (r *reply) add(c *chunk, now time.Time) {
 			r.Refusal.WriteString(*d.Refusal)
 		}
 		for _, tc := range d.ToolCalls {
-			if tc.Index < 0 || tc.Index > 1024 {
-				continue // not a plausible index; never allocate for it
+			call := r.callFor(tc.Index, tc.ID)
+			if call == nil {
+				continue
 			}
-			for len(r.calls) <= tc.Index {
-				r.calls = append(r.calls, &toolCall{})
-			}
-			call := r.calls[tc.Index]
 			if tc.ID != "" {
 				call.ID = tc.ID
 			}
@@ -117,6 +115,36 @@ func (r *reply) add(c *chunk, now time.Time) {
 			r.FinishReason = *ch.FinishReason
 		}
 	}
+}
+
+// maxToolCalls bounds the calls assembled from one stream.
+const maxToolCalls = 128
+
+// callFor returns the call a tool-call delta belongs to. Calls get slots in
+// the order they first appear rather than at their index: some gateways
+// number calls from 1, and a gap must not leave an empty call that no
+// tool result could answer. Some servers send no index at all; then a
+// new id starts a new call.
+func (r *reply) callFor(index *int, id string) *toolCall {
+	key := -1
+	if index != nil {
+		key = *index
+	}
+	if i, ok := r.slots[key]; ok {
+		c := r.calls[i]
+		if id == "" || c.ID == "" || c.ID == id {
+			return c
+		}
+	}
+	if len(r.calls) >= maxToolCalls {
+		return nil
+	}
+	if r.slots == nil {
+		r.slots = map[int]int{}
+	}
+	r.calls = append(r.calls, &toolCall{})
+	r.slots[key] = len(r.calls) - 1
+	return r.calls[len(r.calls)-1]
 }
 
 // toolCallsJSON is the assembled tool calls as the API's tool_calls array.

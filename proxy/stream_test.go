@@ -434,11 +434,11 @@ func TestReplyAssembly(t *testing.T) {
 		{name: "other choices ignored (n>1)", chunks: []string{`{"choices":[{"index":1,"delta":{"content":"[choice 1] x"}}]}`, `{"choices":[{"index":0,"delta":{"content":"x"}}]}`,
 			`{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}`},
 			wantContent: "x", wantFirst: true},
-		{name: "implausible tool-call indexes skipped", chunks: []string{
+		{name: "odd tool-call indexes kept in order of appearance, no empty slots", chunks: []string{
 			`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":-1,"id":"neg","function":{"name":"n"}}]}}]}`,
 			`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":99999999,"id":"huge","function":{"name":"h"}}]}}]}`,
 			`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"zero","function":{"name":"f","arguments":"{}"}}]}}]}`},
-			wantCalls: `[{"id":"zero","type":"function","function":{"name":"f","arguments":"{}"}}]`,
+			wantCalls: `[{"id":"neg","type":"function","function":{"name":"n","arguments":""}},{"id":"huge","type":"function","function":{"name":"h","arguments":""}},{"id":"zero","type":"function","function":{"name":"f","arguments":"{}"}}]`,
 			wantFirst: true},
 		{name: "nulls everywhere", chunks: []string{`{"choices":null,"usage":null}`, `{"choices":[{"index":0,"delta":null,"finish_reason":null}]}`,
 			`{"choices":[{"index":0,"delta":{"content":null,"tool_calls":null,"refusal":null}}]}`,
@@ -473,8 +473,7 @@ func TestReplyAssembly(t *testing.T) {
 // text block). The reply must hold the calls that came, not an empty call
 // at index 0 that no tool result can ever answer (which later makes
 // wellFormed drop the whole assistant message and its results).
-func TestKnownBugToolCallIndexGap(t *testing.T) {
-	badKnownBug(t, "reply.add/toolCallsJSON keep a never-announced empty call for each index gap")
+func TestToolCallIndexGap(t *testing.T) {
 	r := &reply{}
 	for _, c := range []string{
 		`{"choices":[{"index":0,"delta":{"role":"assistant","content":"Let me check."}}]}`,
