@@ -335,19 +335,6 @@ const fzHistoryJSON = `[
  {"role":"assistant","content":"","refusal":"I can't help with that."}
 ]`
 
-// fzFoldedKey reports whether obj has a key that is name up to case but not
-// name itself. encoding/json matches struct fields case-insensitively while
-// the upstream reads exact keys; that known difference is reported apart,
-// and such inputs are not judged here.
-func fzFoldedKey(obj map[string]any, name string) bool {
-	for k := range obj {
-		if k != name && strings.EqualFold(k, name) {
-			return true
-		}
-	}
-	return false
-}
-
 // FuzzParseChat: parseChat never panics and rejects with an OpenAI-shaped
 // 400; what it accepts is rewritten into valid JSON whose messages are the
 // leading system and developer messages, the injected history, then the
@@ -386,18 +373,12 @@ func FuzzParseChat(f *testing.F) {
 			if !ok {
 				t.Fatalf("parseChat accepted messages[%d] = %v, want an object", i, m)
 			}
-			if fzFoldedKey(obj, "role") {
-				return
-			}
 			if role := obj["role"]; lead == i && (role == "system" || role == "developer") {
 				lead++
 			}
 		}
 		stream := in["stream"] == true
 		so, _ := in["stream_options"].(map[string]any)
-		if fzFoldedKey(so, "include_usage") {
-			return
-		}
 		force := stream && so["include_usage"] != true
 
 		for _, inject := range [][]history.Message{nil, fzHistory} {
