@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -184,7 +185,12 @@ func newStore(rc config.Redis, log *slog.Logger) (store, func(), error) {
 		}
 		client = redis.NewClient(opts)
 	} else {
+		var tlsConfig *tls.Config
+		if rc.TLS {
+			tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
 		client = redis.NewUniversalClient(&redis.UniversalOptions{
+			TLSConfig:     tlsConfig,
 			Addrs:         append(rc.ClusterAddrs, rc.SentinelAddrs...),
 			MasterName:    rc.SentinelMaster,
 			IsClusterMode: len(rc.ClusterAddrs) > 0,

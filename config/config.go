@@ -60,7 +60,10 @@ type Redis struct {
 	// the address-list forms (a URL carries its own).
 	PasswordEnv string `yaml:"password_env"`
 	Password    string `yaml:"-"`
-	Prefix      string `yaml:"prefix"` // key prefix, default "hp"
+	// TLS connects with TLS in the address-list forms; a URL says
+	// rediss:// instead.
+	TLS    bool   `yaml:"tls"`
+	Prefix string `yaml:"prefix"` // key prefix, default "hp"
 }
 
 // Enabled reports whether a Redis store is configured.
