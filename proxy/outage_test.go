@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -198,4 +199,28 @@ func TestRetryQueueBoundDropsAndCounts(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	require.Error(t, px.Close(ctx), "Close reports turns it could not write")
+}
+
+// TestRetryQueueOneBadSessionDoesNotBlockOthers: a turn that keeps failing
+// for its own reason must not hold the other sessions' turns.
+func TestRetryQueueOneBadSessionDoesNotBlockOthers(t *testing.T) {
+	rs := redistest.Start(t)
+	client := rs.Client(t)
+	store := history.NewRedis(client, "")
+	q := newRetryQueue(store, 10, time.Second, discard{}, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// The bad session's hash is a string: every append to it fails.
+	require.NoError(t, client.Set(ctx, "hp:{c:bad:a}:session", "not a hash", 0).Err())
+	turn := func(msg string) history.Turn {
+		return history.Turn{NowMs: time.Now().UnixMilli(), IdempotencyKey: msg,
+			Messages: []history.Message{{Role: history.RoleUser, Content: msg}}}
+	}
+	require.True(t, q.push(pendingTurn{session: "c:bad:a", turn: turn("b1")}))
+	require.True(t, q.push(pendingTurn{session: "c:good:a", turn: turn("g1")}))
+	go q.run(ctx)
+	require.Eventually(t, func() bool {
+		msgs, err := store.Messages(ctx, "c:good:a", "")
+		return err == nil && len(msgs) == 1
+	}, 5*time.Second, 20*time.Millisecond, "the good session's turn is written while the bad one keeps failing")
 }

@@ -124,6 +124,15 @@ func (q *retryQueue) pop() {
 	q.obs.SetRetryQueueDepth(n)
 }
 
+// rotate moves the session at the head to the back of the order.
+func (q *retryQueue) rotate() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.order) > 1 {
+		q.order = append(q.order[1:], q.order[0])
+	}
+}
+
 // run writes pending turns until ctx is done, backing off while the store
 // fails. It stops when ctx is done.
 func (q *retryQueue) run(ctx context.Context) {
@@ -140,6 +149,9 @@ func (q *retryQueue) run(ctx context.Context) {
 		}
 		if err := q.write(ctx, p); err != nil {
 			q.log.Warn("retrying turn: store still failing", "session", p.session, "backoff", backoff, "err", err)
+			// Let the next session try: an error that is this session's
+			// alone (a key of the wrong type, say) must not hold the rest.
+			q.rotate()
 			select {
 			case <-ctx.Done():
 				return
