@@ -1,6 +1,6 @@
 module github.com/historyproxy/historyproxy
 
-go 1.26.8
+go 1.26.0
 
 require (
 	github.com/openai/openai-go v1.12.0
