@@ -165,14 +165,7 @@ func serve(s *http.Server, l net.Listener) error {
 	return nil
 }
 
-// store is the history store as main wires it: the proxy's needs plus a
-// health check for /readyz.
-type store interface {
-	proxy.Store
-	Ping(ctx context.Context) error
-}
-
-func newStore(rc config.Redis, log *slog.Logger) (store, func(), error) {
+func newStore(rc config.Redis, log *slog.Logger) (proxy.Store, func(), error) {
 	if !rc.Enabled() {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
 		return history.NewMemory(), func() {}, nil
@@ -225,7 +218,7 @@ func agent(a config.Agent) proxy.Agent {
 // Readiness fails on a store outage only when failing closed: failing open,
 // the proxy still serves (without history), and pulling every instance out
 // of the load balancer at once would turn a Redis blip into an outage.
-func adminRoutes(s store, reg *prometheus.Registry, failClosed bool) http.Handler {
+func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")

@@ -145,6 +145,12 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 			cw.Header().Set(headerHistory, "degraded")
 		}
 	}
+	if p.opt.FailClosed && x.stored != "" && !p.storeOK.Load() && !p.storeAnswers(r.Context()) {
+		// The store failed last time and still does not answer: with
+		// nowhere to record the turn, nothing is forwarded.
+		writeError(cw, storeUnavailable())
+		return
+	}
 	out, err := req.body(body, inject)
 	if err != nil {
 		writeError(cw, &apiError{Status: http.StatusInternalServerError, Type: "server_error", Code: "rewrite_failed", Message: err.Error()})
@@ -192,7 +198,7 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	t0 := time.Now()
 	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, p.now().UnixMilli(), a.Policy)
 	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
-	p.opt.Metrics.SetStoreUp(err == nil)
+	p.storeUp(err == nil)
 	if err != nil {
 		p.log.Warn("history read failed", "session", x.stored, "err", err)
 		return nil, true
@@ -205,6 +211,21 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	x.historyMessages = len(msgs)
 	x.truncated = sel.Truncated || len(msgs) < len(sel.Messages)
 	return msgs, false
+}
+
+// storeUp records whether the store's last answer was a success.
+func (p *Proxy) storeUp(ok bool) {
+	p.storeOK.Store(ok)
+	p.opt.Metrics.SetStoreUp(ok)
+}
+
+// storeAnswers pings the store (fail closed, after a failure).
+func (p *Proxy) storeAnswers(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
+	defer cancel()
+	err := p.opt.Store.Ping(ctx)
+	p.storeUp(err == nil)
+	return err == nil
 }
 
 // requestTokens counts the request's own prompt once: its messages, tools
@@ -324,7 +345,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	t0 := time.Now()
 	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
-	p.opt.Metrics.SetStoreUp(err == nil)
+	p.storeUp(err == nil)
 	if err == nil {
 		return nil
 	}

@@ -224,3 +224,29 @@ func TestRetryQueueOneBadSessionDoesNotBlockOthers(t *testing.T) {
 		return err == nil && len(msgs) == 1
 	}, 5*time.Second, 20*time.Millisecond, "the good session's turn is written while the bad one keeps failing")
 }
+
+// TestFailClosedChecksTheStoreBeforeForwarding: a request that carries its
+// own history needs no read, but it must still find the store answering
+// before anything is forwarded once a failure was seen.
+func TestFailClosedChecksTheStoreBeforeForwarding(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	_, srv := redisProxy(t, rs, up, func(o *Options) { o.FailClosed = true })
+	own := `{"model":"gpt-4o","user":"u1","messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"},{"role":"user","content":"c"}]}`
+	post := func(body string) int {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	rs.Stop(t)
+	// The first failure is found on the write, after the upstream answered.
+	require.Equal(t, http.StatusServiceUnavailable, post(own))
+	require.Len(t, up.Requests(), 1)
+	// From then on, nothing is forwarded while the store is down.
+	require.Equal(t, http.StatusServiceUnavailable, post(own))
+	require.Len(t, up.Requests(), 1, "nothing forwarded once the store is known to be down")
+	rs.Restart(t)
+	require.Equal(t, http.StatusOK, post(own), "a ping finds the store back")
+	require.Len(t, up.Requests(), 2)
+}

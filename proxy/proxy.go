@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/historyproxy/historyproxy/history"
@@ -25,6 +26,7 @@ import (
 type Store interface {
 	Window(ctx context.Context, session string, n int, nowMs int64, p history.Policy) (history.Window, error)
 	Append(ctx context.Context, session string, t history.Turn, p history.Policy) (history.AppendResult, error)
+	Ping(ctx context.Context) error
 }
 
 // Observer receives what the proxy measures; *metrics.Metrics is one.
@@ -90,8 +92,12 @@ type Proxy struct {
 	log   *slog.Logger
 	now   func() time.Time
 	retry *retryQueue // nil: fail closed, or no queue
-	stop  context.CancelFunc
-	done  chan struct{}
+	// storeOK is whether the store's last answer was a success; failing
+	// closed, a request after a failure checks the store before it is
+	// forwarded.
+	storeOK atomic.Bool
+	stop    context.CancelFunc
+	done    chan struct{}
 }
 
 // New builds the proxy.
@@ -109,6 +115,7 @@ func New(opt Options) (*Proxy, error) {
 		opt.Metrics = discard{}
 	}
 	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now}
+	p.storeOK.Store(true)
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
