@@ -5,6 +5,13 @@ package history
 type Limits struct {
 	MaxTokens   int
 	MaxMessages int
+	// ToolSteps also lets a group start at an assistant message that calls
+	// tools. It is for a request that answers tool calls while its user
+	// message is out of reach (an agent loop longer than the window): the
+	// selection may then begin with that assistant message, which keeps
+	// every call with its results, rather than with nothing at all, which
+	// leaves the request's tool results dangling.
+	ToolSteps bool
 }
 
 // Selection is the part of a window chosen by Select.
@@ -32,7 +39,7 @@ func Select(window []Message, l Limits) Selection {
 	start, tokens, groupTokens := len(window), 0, 0
 	for i := len(window) - 1; i >= 0; i-- {
 		groupTokens += window[i].Tokens
-		if !startsTurn(window[i]) {
+		if !startsTurn(window[i]) && !(l.ToolSteps && startsStep(window[i])) {
 			continue
 		}
 		if l.MaxMessages > 0 && len(window)-i > l.MaxMessages {
@@ -53,4 +60,10 @@ func Select(window []Message, l Limits) Selection {
 // startsTurn reports whether m begins a group of Select.
 func startsTurn(m Message) bool {
 	return m.Role == RoleUser || m.Kind == KindSummary
+}
+
+// startsStep reports whether m begins a tool step: an assistant message
+// with tool calls, followed by their results.
+func startsStep(m Message) bool {
+	return m.Role == RoleAssistant && m.ToolCalls != nil
 }

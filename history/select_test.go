@@ -148,3 +148,28 @@ func BenchmarkSelect(b *testing.B) {
 		}
 	}
 }
+
+func TestSelectToolSteps(t *testing.T) {
+	call := func(id string) Message {
+		m := msg(RoleAssistant, "", 5)
+		m.ToolCalls = []byte(`[{"id":"` + id + `","type":"function","function":{"name":"f","arguments":"{}"}}]`)
+		return m
+	}
+	result := func(id string) Message { m := msg(RoleTool, "ok", 5); m.ToolCallID = id; return m }
+	// A loop whose user message is out of the window: without ToolSteps
+	// nothing can be selected; with it, whole steps from the newest back.
+	window := []Message{result("c0"), call("c1"), result("c1"), call("c2"), result("c2"), call("c3")}
+	if got := Select(window, Limits{MaxMessages: 6}); len(got.Messages) != 0 {
+		t.Fatalf("got %d messages without ToolSteps, want 0", len(got.Messages))
+	}
+	got := Select(window, Limits{MaxMessages: 6, MaxTokens: 15, ToolSteps: true})
+	if len(got.Messages) != 3 || got.Messages[0].ToolCalls == nil || got.Tokens != 15 || !got.Truncated {
+		t.Fatalf("got %d messages (%d tokens, truncated %v), want the last 3 starting at a call", len(got.Messages), got.Tokens, got.Truncated)
+	}
+	// A user message within reach still starts the selection there.
+	window = append([]Message{msg(RoleUser, "go", 5)}, window[1:]...)
+	got = Select(window, Limits{MaxMessages: 6, ToolSteps: true})
+	if len(got.Messages) != 6 || got.Messages[0].Role != RoleUser {
+		t.Fatalf("got %d messages starting with %s, want all 6 from the user message", len(got.Messages), got.Messages[0].Role)
+	}
+}

@@ -269,3 +269,11 @@ func (c *chatRequest) hasParts() bool {
 	}
 	return false
 }
+
+// answersFirst reports whether the request's first message after the
+// leading system messages is a tool result: the app sends back what its
+// tools returned and relies on the history for the call.
+func (c *chatRequest) answersFirst() bool {
+	lead := c.leadingSystem()
+	return lead < len(c.Messages) && c.Messages[lead].msg.Role == history.RoleTool
+}

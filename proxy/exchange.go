@@ -203,8 +203,18 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		p.log.Warn("history read failed", "session", x.stored, "err", err)
 		return nil, true
 	}
-	sel := history.Select(win.Messages, history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages})
-	msgs = wellFormed(sel.Messages, x.req.answered())
+	limits := history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages}
+	answered := x.req.answered()
+	sel := history.Select(win.Messages, limits)
+	msgs = wellFormed(sel.Messages, answered)
+	if x.req.answersFirst() && !callsAnswered(msgs, answered) {
+		// The request continues a tool loop whose user message is beyond
+		// the window or the budget: begin at a whole tool step instead,
+		// or the upstream gets tool results with no call before them.
+		limits.ToolSteps = true
+		sel = history.Select(win.Messages, limits)
+		msgs = wellFormed(sel.Messages, answered)
+	}
 	for _, m := range msgs {
 		x.historyTokens += m.Tokens
 	}

@@ -66,3 +66,22 @@ func toolCallIDs(raw json.RawMessage) []string {
 	}
 	return ids
 }
+
+// callsAnswered reports whether msgs hold the tool calls that answered
+// names: every id answered must be among the calls.
+func callsAnswered(msgs []history.Message, answered map[string]bool) bool {
+	calls := map[string]bool{}
+	for _, m := range msgs {
+		if m.Role == history.RoleAssistant && m.ToolCalls != nil {
+			for _, id := range toolCallIDs(m.ToolCalls) {
+				calls[id] = true
+			}
+		}
+	}
+	for id := range answered {
+		if !calls[id] {
+			return false
+		}
+	}
+	return true
+}

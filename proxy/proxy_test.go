@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -662,4 +663,32 @@ func TestBudgetCountsImageParts(t *testing.T) {
 	require.Equal(t, "0", r.Header.Get("X-History-Messages"), "five images leave no room for the history in a 5000-token window")
 	r = h.do(t, "/v1/chat/completions", `{"model":"img-model","max_tokens":100,"messages":[`+user("text only")+`]}`, hdr)
 	require.NotEqual(t, "0", r.Header.Get("X-History-Messages"), "without the images the history fits")
+}
+
+// TestLongToolLoopKeepsTheCallBeforeItsResults: an agent loop of many tool
+// round trips, each request sending only the tool results, outgrows the
+// history window; the upstream must still get the call before its results
+// (the fake upstream, like the API, answers 400 otherwise).
+func TestLongToolLoopKeepsTheCallBeforeItsResults(t *testing.T) {
+	h := newHarness(t, func(o *Options) {
+		o.Agent = func(string) Agent {
+			return Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 6, OutputReserve: 1024}
+		}
+	})
+	sid := map[string]string{"X-Session-ID": "app:loop:agent"}
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_0", Name: "step", Arguments: `{"n":0}`}}})
+	r := h.do(t, "/v1/chat/completions", chatBody(user("run the job")), sid)
+	require.Equal(t, http.StatusOK, r.StatusCode, readAll(t, r))
+	for i := 0; i < 8; i++ {
+		h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: fmt.Sprintf("call_%d", i+1), Name: "step", Arguments: fmt.Sprintf(`{"n":%d}`, i+1)}}})
+		body := chatBody(fmt.Sprintf(`{"role":"tool","tool_call_id":"call_%d","content":"ok %d"}`, i, i))
+		r := h.do(t, "/v1/chat/completions", body, sid)
+		require.Equal(t, http.StatusOK, r.StatusCode, "round %d: %s", i, readAll(t, r))
+		got := h.up.LastChat().Chat.Messages
+		last := got[len(got)-1]
+		require.Equal(t, "tool", last["role"])
+		prev := got[len(got)-2]
+		require.Equal(t, "assistant", prev["role"], "round %d: the call precedes its result", i)
+		require.LessOrEqual(t, len(got)-1, 6, "round %d: the window bounds what is injected", i)
+	}
 }

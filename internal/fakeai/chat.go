@@ -110,6 +110,45 @@ func validate(b chatBody) (message, param, code string) {
 		// it only to streaming requests.
 		return "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options", ""
 	}
+	return validateToolOrder(b.Messages)
+}
+
+// validateToolOrder rejects what the API rejects about tool messages: a
+// tool message that answers no call of the assistant message before it,
+// and an assistant message whose calls are not all answered right after
+// it. A proxy that injects history can get both wrong.
+func validateToolOrder(msgs []map[string]any) (message, param, code string) {
+	var open map[string]bool // calls of the last assistant message not yet answered
+	for i, m := range msgs {
+		role, _ := m["role"].(string)
+		if role == "tool" {
+			id, _ := m["tool_call_id"].(string)
+			if !open[id] {
+				return "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+					fmt.Sprintf("messages.[%d].role", i), ""
+			}
+			delete(open, id)
+			continue
+		}
+		if len(open) > 0 {
+			return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'.",
+				fmt.Sprintf("messages.[%d].role", i), ""
+		}
+		open = nil
+		if calls, ok := m["tool_calls"].([]any); ok && role == "assistant" {
+			open = map[string]bool{}
+			for _, c := range calls {
+				if call, ok := c.(map[string]any); ok {
+					id, _ := call["id"].(string)
+					open[id] = true
+				}
+			}
+		}
+	}
+	if len(open) > 0 {
+		return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'.",
+			fmt.Sprintf("messages.[%d].role", len(msgs)-1), ""
+	}
 	return "", "", ""
 }
 

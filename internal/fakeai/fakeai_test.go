@@ -1026,3 +1026,38 @@ func TestEchoReply(t *testing.T) {
 		})
 	}
 }
+
+func TestValidateToolOrder(t *testing.T) {
+	call := func(ids ...string) map[string]any {
+		var calls []any
+		for _, id := range ids {
+			calls = append(calls, map[string]any{"id": id, "type": "function", "function": map[string]any{"name": "f", "arguments": "{}"}})
+		}
+		return map[string]any{"role": "assistant", "content": nil, "tool_calls": calls}
+	}
+	tool := func(id string) map[string]any { return map[string]any{"role": "tool", "tool_call_id": id, "content": "r"} }
+	u := map[string]any{"role": "user", "content": "q"}
+	a := map[string]any{"role": "assistant", "content": "a"}
+	cases := []struct {
+		name string
+		msgs []map[string]any
+		ok   bool
+	}{
+		{name: "plain turns", msgs: []map[string]any{u, a, u}, ok: true},
+		{name: "call answered", msgs: []map[string]any{u, call("c1", "c2"), tool("c2"), tool("c1"), a, u}, ok: true},
+		{name: "tool result first", msgs: []map[string]any{tool("c1"), u}},
+		{name: "result of another call", msgs: []map[string]any{u, call("c1"), tool("c9")}},
+		{name: "call left unanswered", msgs: []map[string]any{u, call("c1"), u}},
+		{name: "one of two answered at the end", msgs: []map[string]any{u, call("c1", "c2"), tool("c1")}},
+		{name: "result after a plain assistant", msgs: []map[string]any{u, call("c1"), tool("c1"), a, tool("c1")}},
+		{name: "history may start at a tool step", msgs: []map[string]any{call("c1"), tool("c1"), u}, ok: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			msg, _, _ := validateToolOrder(tc.msgs)
+			if got := msg == ""; got != tc.ok {
+				t.Fatalf("got ok=%v (%q), want ok=%v", got, msg, tc.ok)
+			}
+		})
+	}
+}
