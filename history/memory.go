@@ -51,6 +51,7 @@ type memConv struct {
 	expiresAt time.Time // zero: never
 	lastMs    int64     // last id, as a stream keeps it
 	lastSeq   int64
+	gone      bool // expired by retention
 }
 
 // NewMemory returns an empty in-memory store.
@@ -68,8 +69,14 @@ func (c *memConv) expire(now time.Time) {
 	if !c.expiresAt.IsZero() && !now.Before(c.expiresAt) {
 		c.msgs = nil
 		c.expiresAt = time.Time{}
+		c.gone = true
 	}
 }
+
+// expired reports whether retention removed the conversation: its stream
+// is gone in Redis, and a new turn starts a new conversation rather than
+// refilling an id whose start was lost.
+func (c *memConv) expired() bool { return c.gone }
 
 // nextID gives a stream-like "ms-seq" id that always grows.
 func (c *memConv) nextID(now time.Time) string {
@@ -160,7 +167,10 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	}
 
 	idle := p.IdleTimeout.Milliseconds()
-	if ss.conversation == "" || !ss.active || (idle > 0 && t.NowMs-ss.lastActiveMs > idle) {
+	if cur := ss.convs[ss.conversation]; cur != nil {
+		cur.expire(now)
+	}
+	if ss.conversation == "" || !ss.active || (idle > 0 && t.NowMs-ss.lastActiveMs > idle) || ss.convs[ss.conversation].expired() {
 		ss.conversations++
 		ss.conversation = "c" + strconv.FormatInt(ss.conversations, 10)
 		ss.active = true

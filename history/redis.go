@@ -105,14 +105,17 @@ local n = tonumber(ARGV[13])
 if n == 0 then return {conv, 0} end
 local last = tonumber(h[2] or '0')
 local new = 0
-if conv == '' or h[3] ~= '1' or (idle > 0 and now - last > idle) then
+local prefix = string.sub(KEYS[1], 1, -8) .. 'conv:'
+-- A conversation whose stream is gone expired by retention: a new turn
+-- starts a new conversation instead of refilling its id.
+if conv == '' or h[3] ~= '1' or (idle > 0 and now - last > idle) or redis.call('EXISTS', prefix .. conv) == 0 then
   conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
   redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
   redis.call('ZADD', KEYS[2], ARGV[1], conv)
   new = 1
 end
 if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
-local stream = string.sub(KEYS[1], 1, -8) .. 'conv:' .. conv
+local stream = prefix .. conv
 local res = {conv, new}
 local i = 14
 for m = 1, n do

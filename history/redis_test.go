@@ -46,6 +46,11 @@ func redisFixture(c redis.UniversalClient) func(t *testing.T) fixture {
 				if ttl != -1 {
 					t.Errorf("session hash: got PTTL %s, want none (-1)", ttl)
 				}
+				// Expire it now, as Redis will when the TTL runs out.
+				mustNoErr(t, c.PExpire(ctx, s.convKey(session, conv), time.Millisecond).Err())
+				for c.Exists(ctx, s.convKey(session, conv)).Val() == 1 {
+					time.Sleep(time.Millisecond)
+				}
 			},
 			keys: func(t *testing.T, session string) []string {
 				return scanKeys(t, c, prefix+":{"+session+"}*")

@@ -37,7 +37,8 @@ var (
 type fixture struct {
 	store store
 	// checkRetention asserts that conversation conv of session, last
-	// written with Policy.Retention d, expires d after that write.
+	// written with Policy.Retention d, expires d after that write, and
+	// leaves it expired.
 	checkRetention func(t *testing.T, session, conv string, d time.Duration)
 	// keys lists the backend keys of a session (nil for memory): Erase
 	// must leave none.
@@ -495,6 +496,12 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		p := Policy{Retention: time.Hour}
 		res := appendQA(t, f.store, session, 0, t0, p)
 		f.checkRetention(t, session, res.ConversationID, time.Hour)
+		// The expired conversation is not refilled: the next turn starts
+		// c2, so an audit never sees a c1 that lost its beginning.
+		res = appendQA(t, f.store, session, 1, t0+time.Hour.Milliseconds(), p)
+		if !res.NewConversation || res.ConversationID != "c2" {
+			t.Errorf("after expiry: got %+v, want a new conversation c2", res)
+		}
 	})
 
 	t.Run("empty session id", func(t *testing.T) {
