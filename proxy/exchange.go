@@ -95,6 +95,9 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		writeError(cw, badRequest("missing_session", "", "no session: send X-Session-ID: channel:user:agent, X-Session-User, a /s/{channel}/{user}/{agent}/v1 base URL, or the request's user field"))
 		return
 	}
+	if ok {
+		cw.Header().Set(headerSessionID, sess.ID())
+	}
 	hist := r.Header.Get(headerHistory)
 	switch hist {
 	case "", "on", "off", "read-only":
@@ -104,7 +107,6 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	}
 	x.agent = p.opt.Agent(sess.Agent)
 	if ok {
-		cw.Header().Set(headerSessionID, sess.ID())
 		if x.agent.Mode != ModeOff && hist != "off" {
 			x.stored = sess.ID()
 			if x.agent.Mode == ModeShared {
@@ -353,9 +355,21 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		return nil
 	}
 	t0 := time.Now()
-	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
+	res, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
 	p.storeUp(err == nil)
+	if err == nil && res.Duplicate {
+		// A client's retry with a key already recorded stores no second
+		// turn, but it did cost a second upstream call: count it, or the
+		// session's all-time totals would fall short of the bill.
+		usage := history.Turn{NowMs: now, Usage: turn.Usage}
+		_, err = p.opt.Store.Append(ctx, x.stored, usage, x.agent.Policy)
+		p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
+		if err != nil {
+			p.log.Warn("usage of a repeated turn not counted", "session", x.stored, "err", err)
+		}
+		return nil
+	}
 	if err == nil {
 		return nil
 	}

@@ -187,6 +187,13 @@ func (p *Proxy) Handler() http.Handler {
 			// Route the rest of the path as if the app had used /v1 directly.
 			r2 := r.Clone(context.WithValue(r.Context(), pathSessionKey{}, ps))
 			r2.URL.Path, r2.URL.RawPath = rest, ""
+			if r.URL.RawPath != "" {
+				// Keep the client's escaping of the rest; net/url uses it
+				// only while it still encodes Path.
+				if segs := strings.SplitN(r.URL.RawPath, "/", 6); len(segs) == 6 {
+					r2.URL.RawPath = "/" + segs[5]
+				}
+			}
 			r = r2
 		}
 		mux.ServeHTTP(w, r)
@@ -225,8 +232,10 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	u := p.opt.Upstream
 	pr.Out.URL.Scheme = u.Scheme
 	pr.Out.URL.Host = u.Host
+	// Keep the client's escaping (a file id with %2F must stay one
+	// segment): the raw path is joined alongside the decoded one.
 	pr.Out.URL.Path = strings.TrimSuffix(u.Path, "/") + strings.TrimPrefix(pr.In.URL.Path, "/v1")
-	pr.Out.URL.RawPath = ""
+	pr.Out.URL.RawPath = strings.TrimSuffix(u.EscapedPath(), "/") + strings.TrimPrefix(pr.In.URL.EscapedPath(), "/v1")
 	pr.Out.Host = u.Host
 	for _, h := range proxyHeaders {
 		pr.Out.Header.Del(h)

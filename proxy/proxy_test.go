@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -691,4 +692,104 @@ func TestLongToolLoopKeepsTheCallBeforeItsResults(t *testing.T) {
 		require.Equal(t, "assistant", prev["role"], "round %d: the call precedes its result", i)
 		require.LessOrEqual(t, len(got)-1, 6, "round %d: the window bounds what is injected", i)
 	}
+}
+
+func TestPassthroughKeepsEscapedPath(t *testing.T) {
+	var got []string
+	var mu sync.Mutex
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, r.URL.EscapedPath())
+		mu.Unlock()
+	}))
+	defer up.Close()
+	u, _ := url.Parse(up.URL + "/v1")
+	h := newHarness(t, func(o *Options) { o.Upstream = u })
+	for _, path := range []string{"/v1/files/abc%2Fdef/content", "/s/web/u1/a/v1/files/abc%2Fdef/content"} {
+		resp, err := http.Get(h.srv.URL + path)
+		require.NoError(t, err)
+		resp.Body.Close()
+	}
+	require.Equal(t, []string{"/v1/files/abc%2Fdef/content", "/v1/files/abc%2Fdef/content"}, got)
+}
+
+func TestRetryWithSameKeyStillCountsUsage(t *testing.T) {
+	h := newHarness(t)
+	hdr := map[string]string{"X-Session-User": "bill", "Idempotency-Key": "k-1"}
+	h.up.Enqueue(fakeai.Reply{Content: "one", Usage: &fakeai.Usage{PromptTokens: 10, CompletionTokens: 2}})
+	h.up.Enqueue(fakeai.Reply{Content: "one", Usage: &fakeai.Usage{PromptTokens: 10, CompletionTokens: 2}})
+	h.do(t, "/v1/chat/completions", chatBody(user("q")), hdr)
+	h.do(t, "/v1/chat/completions", chatBody(user("q")), hdr)
+	s, _, err := h.store.Session(context.Background(), "api:bill:default")
+	require.NoError(t, err)
+	require.EqualValues(t, 2, s.Totals.Requests, "both upstream calls are billed")
+	require.EqualValues(t, 20, s.Totals.PromptTokens)
+	require.EqualValues(t, 2, s.MessageCount, "the turn is stored once")
+}
+
+func TestSessionHeaderOnEarlyErrorsAndNeverForwarded(t *testing.T) {
+	h := newHarness(t)
+	r := h.do(t, "/v1/chat/completions", chatBody(user("x")), map[string]string{"X-Session-User": "e1", "X-History": "maybe"})
+	require.Equal(t, http.StatusBadRequest, r.StatusCode)
+	require.Equal(t, "api:e1:default", r.Header.Get("X-Session-ID"), "the resolved id comes back with the error")
+
+	h.do(t, "/v1/chat/completions", chatBody(user("x")), map[string]string{
+		"X-Session-Channel": "c", "X-Session-User": "u", "X-Session-Agent": "a"})
+	for _, name := range []string{"X-Session-Channel", "X-Session-User", "X-Session-Agent"} {
+		require.Empty(t, h.up.LastChat().Header.Get(name), name+" must not reach the upstream")
+	}
+}
+
+// TestClientDisconnectCancelsUpstreamRequest: on the chat path and on a
+// pass-through path, a client that goes away ends the upstream request.
+func TestClientDisconnectCancelsUpstreamRequest(t *testing.T) {
+	for _, path := range []string{"/v1/chat/completions", "/v1/responses"} {
+		t.Run(path, func(t *testing.T) {
+			started, canceled := make(chan struct{}), make(chan struct{})
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				// Read the body first: only then does the server watch the
+				// connection and cancel the context when it closes.
+				_, _ = io.ReadAll(r.Body)
+				close(started)
+				select {
+				case <-r.Context().Done():
+					close(canceled)
+				case <-time.After(10 * time.Second):
+				}
+			}))
+			defer up.Close()
+			u, _ := url.Parse(up.URL + "/v1")
+			h := newHarness(t, func(o *Options) { o.Upstream = u })
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.srv.URL+path, strings.NewReader(chatBody(user("x"))))
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if resp, err := http.DefaultClient.Do(req); err == nil {
+					resp.Body.Close()
+				}
+			}()
+			<-started
+			cancel()
+			select {
+			case <-canceled:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream request was not canceled")
+			}
+			<-done
+		})
+	}
+}
+
+func TestUpstreamErrorBodyAndHeadersRelayedByteForByte(t *testing.T) {
+	h := newHarness(t)
+	raw := []byte(`{"error":{"message":"You exceeded your current quota.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}` + "\n")
+	h.up.Enqueue(fakeai.Reply{Status: http.StatusTooManyRequests, Raw: raw,
+		Header: http.Header{"Retry-After": {"20"}, "X-Ratelimit-Remaining-Requests": {"0"}}})
+	r := h.do(t, "/v1/chat/completions", chatBody(user("x")), map[string]string{"X-Session-User": "q"})
+	require.Equal(t, http.StatusTooManyRequests, r.StatusCode)
+	require.Equal(t, string(raw), readAll(t, r))
+	require.Equal(t, "20", r.Header.Get("Retry-After"))
+	require.Equal(t, "0", r.Header.Get("X-Ratelimit-Remaining-Requests"))
+	require.Equal(t, "application/json", r.Header.Get("Content-Type"))
 }
