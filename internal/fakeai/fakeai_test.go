@@ -1035,7 +1035,9 @@ func TestValidateToolOrder(t *testing.T) {
 		}
 		return map[string]any{"role": "assistant", "content": nil, "tool_calls": calls}
 	}
-	tool := func(id string) map[string]any { return map[string]any{"role": "tool", "tool_call_id": id, "content": "r"} }
+	tool := func(id string) map[string]any {
+		return map[string]any{"role": "tool", "tool_call_id": id, "content": "r"}
+	}
 	u := map[string]any{"role": "user", "content": "q"}
 	a := map[string]any{"role": "assistant", "content": "a"}
 	cases := []struct {
