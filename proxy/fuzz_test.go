@@ -167,29 +167,40 @@ func FuzzResolveSession(f *testing.F) {
 }
 
 // fzSSE is an independent reading of an SSE stream: its whole events (each
-// through its blank line, "\n" or "\r\n") and the incomplete rest.
+// through its blank line; lines end in LF, CRLF or a lone CR) and the
+// incomplete rest.
 func fzSSE(in []byte) (events [][]byte, rest []byte) {
-	start, pos := 0, 0
-	for {
-		i := bytes.IndexByte(in[pos:], '\n')
-		if i < 0 {
-			return events, in[start:]
+	start, lineStart := 0, 0
+	for pos := 0; pos < len(in); {
+		c := in[pos]
+		if c != '\n' && c != '\r' {
+			pos++
+			continue
 		}
-		line := in[pos : pos+i+1]
-		pos += i + 1
-		if string(line) == "\n" || string(line) == "\r\n" {
+		if c == '\r' && pos+1 == len(in) {
+			break // a CR at the end: its LF may be in the next read
+		}
+		blank := pos == lineStart
+		if c == '\r' && in[pos+1] == '\n' {
+			pos++
+		}
+		pos++
+		if blank {
 			events = append(events, in[start:pos])
 			start = pos
 		}
+		lineStart = pos
 	}
+	return events, in[start:]
 }
 
 // fzData is an event's data: its "data:" lines without the field name and
-// one optional space, joined by "\n"; ok is false when it has none.
+// one optional space, joined by "\n"; ok is false when it has none. Lines
+// end in LF, CRLF or a lone CR.
 func fzData(ev []byte) (data string, ok bool) {
 	var parts []string
-	for _, line := range strings.SplitAfter(string(ev), "\n") {
-		line = strings.TrimSuffix(strings.TrimSuffix(line, "\n"), "\r")
+	norm := strings.NewReplacer("\r\n", "\n", "\r", "\n").Replace(string(ev))
+	for _, line := range strings.Split(norm, "\n") {
 		if v, found := strings.CutPrefix(line, "data:"); found {
 			parts = append(parts, strings.TrimPrefix(v, " "))
 		}

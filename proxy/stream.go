@@ -317,19 +317,40 @@ func (b *streamBody) Close() error {
 }
 
 // eventEnd returns the length of the first whole event in buf (through its
-// blank line), or -1. Lines end in \n or \r\n.
+// blank line), or -1. Lines end in \n, \r\n or a lone \r, as the SSE
+// specification allows.
 func eventEnd(buf []byte) int {
 	pos := 0
 	for {
-		i := bytes.IndexByte(buf[pos:], '\n')
-		if i < 0 {
+		line, next, ok := nextLine(buf, pos)
+		if !ok {
 			return -1
 		}
-		line := buf[pos : pos+i]
-		pos += i + 1
-		if len(line) == 0 || (len(line) == 1 && line[0] == '\r') {
+		pos = next
+		if len(line) == 0 {
 			return pos
 		}
+	}
+}
+
+// nextLine returns the line that starts at pos and where the next one
+// starts; ok is false when the line's end has not arrived yet. A \r at the
+// very end of buf is not taken as an end: a \n may follow in the next read.
+func nextLine(buf []byte, pos int) (line []byte, next int, ok bool) {
+	i := bytes.IndexAny(buf[pos:], "\r\n")
+	if i < 0 {
+		return nil, 0, false
+	}
+	end := pos + i
+	switch {
+	case buf[end] == '\n':
+		return buf[pos:end], end + 1, true
+	case end+1 == len(buf):
+		return nil, 0, false
+	case buf[end+1] == '\n':
+		return buf[pos:end], end + 2, true
+	default:
+		return buf[pos:end], end + 1, true
 	}
 }
 
@@ -339,15 +360,12 @@ var doneData = []byte("[DONE]")
 // and whether it is the [DONE] sentinel.
 func eventData(ev []byte) (data []byte, done bool) {
 	var parts [][]byte
-	for len(ev) > 0 {
-		i := bytes.IndexByte(ev, '\n')
-		line := ev
-		if i >= 0 {
-			line, ev = ev[:i], ev[i+1:]
-		} else {
-			ev = nil
+	for pos := 0; pos < len(ev); {
+		line, next, ok := nextLine(ev, pos)
+		if !ok {
+			line, next = bytes.TrimSuffix(ev[pos:], []byte("\r")), len(ev)
 		}
-		line = bytes.TrimSuffix(line, []byte("\r"))
+		pos = next
 		if v, ok := bytes.CutPrefix(line, []byte("data:")); ok {
 			parts = append(parts, bytes.TrimPrefix(v, []byte(" ")))
 		}

@@ -146,10 +146,11 @@ func TestEventEnd(t *testing.T) {
 		{name: "lone blank line", in: "\n", want: 1},
 		{name: "lone CRLF blank line", in: "\r\n", want: 2},
 		{name: "a line of spaces is not blank", in: "data: x\n \n", want: -1},
-		{name: "a line holding only CR CR is not blank", in: "data: x\n\r\r\n", want: -1},
-		// Lone CR line endings (allowed by the SSE spec, never sent by
-		// OpenAI) are not recognised.
-		{name: "CR-only endings", in: "data: x\r\r", want: -1},
+		{name: "a lone CR ends a line, so CR CR LF holds a blank line", in: "data: x\n\r\r\n", want: 9},
+		// Lone CR line endings are allowed by the SSE spec; a CR at the very
+		// end waits for the next read, which may bring its LF.
+		{name: "CR-only endings", in: "data: x\r\rdata: y", want: 9},
+		{name: "CR at the end is undecided", in: "data: x\r\r", want: -1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
