@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"mime"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/historyproxy/historyproxy/history"
@@ -304,7 +306,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	resp.Body.Close()
 	x.upstreamEnd = p.now()
 	resp.Body = io.NopCloser(bytes.NewReader(body))
-	if rp, ok := parseReply(body); ok {
+	if rp, ok := parseReply(decoded(resp.Header, body)); ok {
 		x.reply = rp
 		if err := p.recordTurn(resp.Request.Context(), x, true); err != nil {
 			return err
@@ -316,6 +318,24 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		x.reply = nil // not a chat completion: relayed as is, nothing recorded
 	}
 	return nil
+}
+
+// decoded returns a whole reply's body for reading: an upstream that
+// compresses although the proxy asked for identity is decoded on the side,
+// while the client still gets the bytes as they came.
+func decoded(h http.Header, body []byte) []byte {
+	if !strings.EqualFold(h.Get("Content-Encoding"), "gzip") {
+		return body
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(body))
+	if err != nil {
+		return body
+	}
+	plain, err := io.ReadAll(io.LimitReader(zr, maxReplyBytes))
+	if err != nil {
+		return body
+	}
+	return plain
 }
 
 // recordTurn appends the request's new messages and the reply to the

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -792,4 +793,34 @@ func TestUpstreamErrorBodyAndHeadersRelayedByteForByte(t *testing.T) {
 	require.Equal(t, "20", r.Header.Get("Retry-After"))
 	require.Equal(t, "0", r.Header.Get("X-Ratelimit-Remaining-Requests"))
 	require.Equal(t, "application/json", r.Header.Get("Content-Type"))
+}
+
+// TestGzipReplyDespiteIdentityIsRecorded: an upstream that compresses
+// although asked for identity is relayed as it came and still recorded.
+func TestGzipReplyDespiteIdentityIsRecorded(t *testing.T) {
+	reply := `{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"zipped hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}`
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	_, _ = zw.Write([]byte(reply))
+	require.NoError(t, zw.Close())
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Encoding", "gzip")
+		_, _ = w.Write(zipped.Bytes())
+	}))
+	defer up.Close()
+	u, _ := url.Parse(up.URL + "/v1")
+	h := newHarness(t, func(o *Options) { o.Upstream = u })
+	req, _ := http.NewRequest(http.MethodPost, h.srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user("zip?"))))
+	req.Header.Set("X-Session-User", "gz2")
+	req.Header.Set("Accept-Encoding", "gzip") // read the raw bytes, no transparent decoding
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	got, _ := io.ReadAll(resp.Body)
+	require.Equal(t, zipped.Bytes(), got, "the client gets the upstream's bytes")
+	msgs := h.stored(t, "api:gz2:default")
+	require.Len(t, msgs, 2)
+	require.Equal(t, "zipped hello", msgs[1].Content)
 }
