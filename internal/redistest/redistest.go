@@ -1,6 +1,7 @@
 // Package redistest starts real redis-server processes for tests: a
-// standalone server or a three-master Redis Cluster on loopback ports, each
-// owned by the test that started it and stopped in its Cleanup.
+// standalone server (plain or TLS), a three-master Redis Cluster or a
+// Sentinel on loopback ports, each owned by the test that started it and
+// stopped in its Cleanup.
 //
 // Tests talk to a real server rather than a fake so that Lua scripts,
 // streams, expiry and Cluster slot rules behave exactly as in production.
@@ -10,11 +11,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +41,7 @@ type Option func(*options)
 
 type options struct {
 	aof bool
+	tls bool
 	// extra arguments, used by StartCluster.
 	args []string
 }
@@ -47,14 +52,27 @@ func WithAOF() Option {
 	return func(o *options) { o.aof = true }
 }
 
+// WithTLS makes the server speak TLS only: a test CA and a server
+// certificate for 127.0.0.1 and localhost are generated into its data
+// directory, Server.URL is rediss://, Server.CAFile names the CA and Client
+// trusts it. Clients need no certificate of their own. The test is skipped
+// when redis-server was built without TLS support.
+func WithTLS() Option {
+	return func(o *options) { o.tls = true }
+}
+
 // Server is a redis-server process owned by a test.
 type Server struct {
 	Addr string // 127.0.0.1:port
-	URL  string // redis://127.0.0.1:port/0
+	URL  string // redis://127.0.0.1:port/0, or rediss:// WithTLS
 	Dir  string // data directory, kept across Stop and Restart
+	// CAFile is the PEM file of the CA that signed the server's
+	// certificate WithTLS, empty otherwise.
+	CAFile string
 
 	port int
 	args []string
+	tls  *tls.Config // client side, nil without TLS
 
 	mu   sync.Mutex
 	proc *process // nil when stopped
@@ -79,6 +97,13 @@ func Start(t testing.TB, opts ...Option) *Server {
 	}
 	bin := lookPath(t, "redis-server")
 	dir := t.TempDir()
+	var clientTLS *tls.Config
+	if o.tls {
+		var err error
+		if clientTLS, err = writeCerts(dir); err != nil {
+			t.Fatalf("redistest: TLS certificates: %v", err)
+		}
+	}
 
 	// Another process may take the free port between our probe and
 	// redis-server's bind; try a few ports before giving up.
@@ -93,15 +118,48 @@ func Start(t testing.TB, opts ...Option) *Server {
 			URL:  fmt.Sprintf("redis://127.0.0.1:%d/0", port),
 			Dir:  dir,
 			port: port,
+			tls:  clientTLS,
+		}
+		if o.tls {
+			s.URL = fmt.Sprintf("rediss://127.0.0.1:%d/0", port)
+			s.CAFile = filepath.Join(dir, caFile)
 		}
 		s.args = serverArgs(port, dir, o)
 		if lastErr = s.run(bin); lastErr == nil {
 			t.Cleanup(s.kill)
 			return s
 		}
+		var se *startError
+		if o.tls && errors.As(lastErr, &se) && tlsUnsupported(se.out) {
+			t.Skipf("redistest: %s was built without TLS support (build it with BUILD_TLS=yes, or install a distribution package that has it): %v", bin, lastErr)
+		}
 	}
 	t.Fatalf("redistest: start redis-server: %v", lastErr)
 	return nil
+}
+
+// tlsUnsupported tells whether a failed start's output says that
+// redis-server has no TLS: Redis 6 and 7.0 built without it do not know the
+// tls-* directives; 7.2 and later lack the "tls" connection type (or its
+// module).
+func tlsUnsupported(out string) bool {
+	out = strings.ToLower(out)
+	if !strings.Contains(out, "tls") {
+		return false
+	}
+	for _, sign := range []string{
+		"bad directive",
+		"unrecognized option",
+		"missing implement of connection type tls",
+		"connection listener of tls",
+		"tls is not supported",
+		"not built with tls",
+	} {
+		if strings.Contains(out, sign) {
+			return true
+		}
+	}
+	return false
 }
 
 func serverArgs(port int, dir string, o options) []string {
@@ -116,6 +174,18 @@ func serverArgs(port int, dir string, o options) []string {
 		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
 	} else {
 		args = append(args, "--appendonly", "no")
+	}
+	if o.tls {
+		// TLS only: the plain port is off, so nothing reaches the
+		// server without TLS.
+		args[1] = "0"
+		args = append(args,
+			"--tls-port", strconv.Itoa(port),
+			"--tls-cert-file", filepath.Join(dir, certFile),
+			"--tls-key-file", filepath.Join(dir, keyFile),
+			"--tls-ca-cert-file", filepath.Join(dir, caFile),
+			"--tls-auth-clients", "no",
+		)
 	}
 	return append(args, o.args...)
 }
@@ -147,13 +217,39 @@ func freePort() (int, error) {
 // run starts the process and waits until it answers PING. On failure the
 // process is killed and the error carries the server's own output.
 func (s *Server) run(bin string) error {
+	p, err := startProcess(bin, s.Dir, s.args)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.proc = p
+	s.mu.Unlock()
+
+	if err := waitReady(func() error { return ping(s.Addr, s.tls) }, p.done); err != nil {
+		s.kill()
+		return &startError{err: fmt.Errorf("%s on %s: %w", bin, s.Addr, err), out: p.out.String()}
+	}
+	return nil
+}
+
+// startError is a failed start with the server's own output.
+type startError struct {
+	err error
+	out string
+}
+
+func (e *startError) Error() string { return e.err.Error() + "\n" + e.out }
+func (e *startError) Unwrap() error { return e.err }
+
+// startProcess starts bin in dir, collecting its output.
+func startProcess(bin, dir string, args []string) (*process, error) {
 	out := &syncBuffer{}
-	cmd := exec.Command(bin, s.args...)
-	cmd.Dir = s.Dir
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
 	cmd.Stdout = out
 	cmd.Stderr = out
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("exec %s: %w", bin, err)
+		return nil, fmt.Errorf("exec %s: %w", bin, err)
 	}
 	p := &process{cmd: cmd, out: out, done: make(chan struct{})}
 	// This goroutine stops when the process exits (killed by Stop or
@@ -162,57 +258,145 @@ func (s *Server) run(bin string) error {
 		_ = cmd.Wait()
 		close(p.done)
 	}()
-	s.mu.Lock()
-	s.proc = p
-	s.mu.Unlock()
-
-	if err := waitPing(s.Addr, p.done); err != nil {
-		s.kill()
-		return fmt.Errorf("%s on %s: %w\n%s", bin, s.Addr, err, out.String())
-	}
-	return nil
+	return p, nil
 }
 
-// waitPing polls addr until PING answers, the process exits, or
-// startTimeout passes. It speaks RESP over a plain connection: a go-redis
-// client would retry and log each refused dial while the server starts.
-func waitPing(addr string, exited <-chan struct{}) error {
+// stop sends SIGKILL and waits for the process to exit.
+func (p *process) stop() {
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// waitReady polls check until it succeeds, the process exits, or
+// startTimeout passes. The checks speak RESP over a plain (or TLS)
+// connection: a go-redis client would retry and log each refused dial while
+// the server starts.
+func waitReady(check func() error, exited <-chan struct{}) error {
 	deadline := time.Now().Add(startTimeout)
 	for {
-		err := ping(addr)
+		err := check()
 		if err == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no PING answer after %s: %w", startTimeout, err)
+			return fmt.Errorf("not ready after %s: %w", startTimeout, err)
 		}
 		select {
 		case <-exited:
-			return errors.New("redis-server exited during start")
+			return fmt.Errorf("redis-server exited during start (last check: %v)", err)
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
 }
 
-func ping(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
+// ping sends PING to addr, over TLS when tc is not nil.
+func ping(addr string, tc *tls.Config) error {
+	reply, err := do(addr, tc, "PING")
 	if err != nil {
 		return err
+	}
+	if len(reply) != 1 || reply[0] != "PONG" {
+		return fmt.Errorf("PING answered %q", reply)
+	}
+	return nil
+}
+
+// do sends one command to addr on a new connection and reads the reply: a
+// simple string, a bulk string, or an array of bulk strings (a nil bulk
+// or array reads as no element). An error reply (-LOADING while the AOF is
+// read back, for instance) is an error.
+func do(addr string, tc *tls.Config, args ...string) ([]string, error) {
+	d := &net.Dialer{Timeout: time.Second}
+	var conn net.Conn
+	var err error
+	if tc != nil {
+		conn, err = tls.DialWithDialer(d, "tcp", addr, tc)
+	} else {
+		conn, err = d.Dial("tcp", addr)
+	}
+	if err != nil {
+		return nil, err
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return err
+
+	var req bytes.Buffer
+	fmt.Fprintf(&req, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&req, "$%d\r\n%s\r\n", len(a), a)
 	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
+	if _, err := conn.Write(req.Bytes()); err != nil {
+		return nil, err
+	}
+	r := bufio.NewReader(conn)
+	line, err := readLine(r)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if line != "+PONG\r\n" {
-		// -LOADING while the AOF is read back, for instance.
-		return fmt.Errorf("PING answered %q", strings.TrimSpace(line))
+	switch {
+	case line == "":
+		return nil, errors.New("empty reply")
+	case line[0] == '+':
+		return []string{line[1:]}, nil
+	case line[0] == '-':
+		return nil, fmt.Errorf("error reply %q", line[1:])
+	case line[0] == '$':
+		b, err := readBulk(r, line)
+		if err != nil || b == nil {
+			return nil, err
+		}
+		return []string{*b}, nil
+	case line[0] == '*':
+		n, err := strconv.Atoi(line[1:])
+		if err != nil {
+			return nil, fmt.Errorf("bad array header %q", line)
+		}
+		var reply []string
+		for i := 0; i < n; i++ {
+			line, err := readLine(r)
+			if err != nil {
+				return nil, err
+			}
+			if line == "" || line[0] != '$' {
+				return nil, fmt.Errorf("array element %q is not a bulk string", line)
+			}
+			b, err := readBulk(r, line)
+			if err != nil {
+				return nil, err
+			}
+			if b != nil {
+				reply = append(reply, *b)
+			}
+		}
+		return reply, nil
 	}
-	return nil
+	return nil, fmt.Errorf("unexpected reply %q", line)
+}
+
+func readLine(r *bufio.Reader) (string, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSuffix(line, "\r\n"), nil
+}
+
+// readBulk reads the body of a bulk string whose header is line; nil for
+// a nil bulk ($-1).
+func readBulk(r *bufio.Reader, line string) (*string, error) {
+	n, err := strconv.Atoi(line[1:])
+	if err != nil {
+		return nil, fmt.Errorf("bad bulk header %q", line)
+	}
+	if n < 0 {
+		return nil, nil
+	}
+	buf := make([]byte, n+2)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return nil, err
+	}
+	b := string(buf[:n])
+	return &b, nil
 }
 
 // kill sends SIGKILL and waits for the process to exit. It does nothing
@@ -222,18 +406,20 @@ func (s *Server) kill() {
 	p := s.proc
 	s.proc = nil
 	s.mu.Unlock()
-	if p == nil {
-		return
+	if p != nil {
+		p.stop()
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGKILL)
-	<-p.done
 }
 
-// Client returns a client of the server, closed in t.Cleanup. The database
-// is not flushed.
+// Client returns a client of the server, closed in t.Cleanup; WithTLS it
+// connects with TLS and trusts the test CA. The database is not flushed.
 func (s *Server) Client(t testing.TB) *redis.Client {
 	t.Helper()
-	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	opts := &redis.Options{Addr: s.Addr}
+	if s.tls != nil {
+		opts.TLSConfig = s.tls.Clone()
+	}
+	c := redis.NewClient(opts)
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
