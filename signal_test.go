@@ -1,11 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"context"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,57 +19,112 @@ import (
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
 
+// built is the program's binary, built once per run of the test binary by
+// buildBinary and removed by TestMain.
+var built struct {
+	once sync.Once
+	dir  string
+	bin  string
+	err  error
+	out  []byte
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		_ = os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
+// buildBinary builds the real binary with go build, once per run of the
+// test binary, and returns its path. It skips in -short mode.
+func buildBinary(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	built.once.Do(func() {
+		if built.dir, built.err = os.MkdirTemp("", "historyproxy-test-"); built.err != nil {
+			return
+		}
+		built.bin = filepath.Join(built.dir, "historyproxy")
+		built.out, built.err = exec.Command("go", "build", "-o", built.bin, ".").CombinedOutput()
+	})
+	require.NoError(t, built.err, "go build: %s", built.out)
+	return built.bin
+}
+
+// binary is the real program running in its own process.
+type binary struct {
+	cmd    *exec.Cmd
+	addr   string        // the proxy's listen address, from the log
+	stderr *syncBuffer   // the whole log
+	exited chan struct{} // closed when the process has exited
+	err    error         // the exit status, once exited is closed
+}
+
+// startBinary runs the built binary on loopback port 0 with args and the
+// test's environment plus env ("K=V"), waits until its start-up log names
+// the listen address, and kills it in t.Cleanup if it still runs.
+func startBinary(t *testing.T, env []string, args ...string) *binary {
+	t.Helper()
+	bin := buildBinary(t)
+	b := &binary{stderr: &syncBuffer{}, exited: make(chan struct{})}
+	b.cmd = exec.Command(bin, append([]string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0"}, args...)...)
+	b.cmd.Env = append(os.Environ(), env...)
+	b.cmd.Stderr = b.stderr
+	require.NoError(t, b.cmd.Start())
+	go func() {
+		b.err = b.cmd.Wait()
+		close(b.exited)
+	}()
+	t.Cleanup(func() {
+		_ = b.cmd.Process.Kill()
+		<-b.exited
+	})
+
+	listen := regexp.MustCompile(`listen=(127\.0\.0\.1:\d+)`)
+	deadline := time.After(10 * time.Second)
+	for {
+		if m := listen.FindStringSubmatch(b.stderr.String()); m != nil {
+			b.addr = m[1]
+			return b
+		}
+		select {
+		case <-b.exited:
+			t.Fatalf("the binary exited before serving: %v\n%s", b.err, b.stderr)
+		case <-deadline:
+			t.Fatalf("the start-up log named no listen address in 10s:\n%s", b.stderr)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
 // TestSIGTERMDrainsSlowStream runs the real binary and sends it SIGTERM
 // while a slow stream is in flight: the stream completes and is recorded,
 // and the process exits 0 within the drain timeout.
 func TestSIGTERMDrainsSlowStream(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary")
-	}
-	bin := filepath.Join(t.TempDir(), "historyproxy")
-	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
-	require.NoError(t, err, string(out))
-
+	buildBinary(t) // skips in -short mode before anything starts
 	up := fakeai.New(t)
 	rs := redistest.Start(t)
 	gate := make(chan struct{})
 	up.Enqueue(fakeai.Reply{Content: "a slow reply", Gate: gate, GateAfter: 1})
 
-	cmd := exec.Command(bin, "-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0",
-		"-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "5s")
-	stderr, err := cmd.StderrPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	p := startBinary(t, nil, "-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "5s")
 
-	lines := bufio.NewScanner(stderr)
-	listen := regexp.MustCompile(`listen=(127\.0\.0\.1:\d+)`)
-	var addr string
-	for addr == "" && lines.Scan() {
-		if m := listen.FindStringSubmatch(lines.Text()); m != nil {
-			addr = m[1]
-		}
-	}
-	require.NotEmpty(t, addr, "the start-up log names the listen address")
-	go func() { // drain the log so the process never blocks on it
-		for lines.Scan() {
-		}
-	}()
-
-	c := openai.NewClient(option.WithBaseURL("http://"+addr+"/v1/"), option.WithAPIKey("k"),
+	c := openai.NewClient(option.WithBaseURL("http://"+p.addr+"/v1/"), option.WithAPIKey("k"),
 		option.WithHeader("X-Session-ID", "c:sig:a"), option.WithMaxRetries(0))
 	stream := c.Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{
 		Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("slowly")},
 	})
 	require.True(t, stream.Next())
-	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
 	time.Sleep(200 * time.Millisecond) // the process must still be draining
 	select {
-	case err := <-exited:
-		t.Fatalf("process exited (%v) while a stream was in flight", err)
+	case <-p.exited:
+		t.Fatalf("process exited (%v) while a stream was in flight", p.err)
 	default:
 	}
 	close(gate)
@@ -76,8 +132,8 @@ func TestSIGTERMDrainsSlowStream(t *testing.T) {
 	}
 	require.NoError(t, stream.Err())
 	select {
-	case err := <-exited:
-		require.NoError(t, err, "exit status 0")
+	case <-p.exited:
+		require.NoError(t, p.err, "exit status 0")
 	case <-time.After(10 * time.Second):
 		t.Fatal("process did not exit after the stream ended")
 	}

@@ -176,8 +176,8 @@ func TestTLS(t *testing.T) {
 func TestTLSUnsupportedOutput(t *testing.T) {
 	for out, want := range map[string]bool{
 		"*** FATAL CONFIG FILE ERROR (Redis 7.0.15) ***\nReading the configuration file, at line 2\n>>> 'tls-port \"6380\"'\nBad directive or wrong number of arguments": true,
-		"# Missing implement of connection type tls": true,
-		"# Failed to load certificate: redis.crt: error:80000002:system library::No such file or directory":  false,
+		"# Missing implement of connection type tls":                                                           true,
+		"# Failed to load certificate: redis.crt: error:80000002:system library::No such file or directory":    false,
 		"# Warning: Could not create server TCP listening socket 127.0.0.1:6380: bind: Address already in use": false,
 	} {
 		if got := tlsUnsupported(out); got != want {
