@@ -492,6 +492,10 @@ func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 		r.CostMicros, r.Priced = p.opt.Catalog.Cost(r.Model, u)
 	}
 	p.opt.Metrics.ObserveRequest(r)
+	// One line per request for operators, without message content.
+	p.log.Debug("chat completion", "session", x.stored, "model", r.Model, "stream", r.Stream, "code", r.Code,
+		"duration", r.Duration, "history_messages", r.HistoryMessages, "history_tokens", r.HistoryTokens,
+		"prompt_tokens", r.PromptTokens, "completion_tokens", r.CompletionTokens, "estimated", r.Estimated)
 }
 
 // codeWriter remembers the status code for the metrics.
