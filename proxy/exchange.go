@@ -50,7 +50,8 @@ type exchange struct {
 	reply                      *reply
 	requestID                  string
 	status                     int
-	degraded                   bool // the store failed; served without it (fail_open)
+	degraded                   bool          // the store failed; served without it (fail_open)
+	usage                      *tokens.Usage // set by Proxy.usage once the reply has ended
 	newMsgs                    []history.Message
 	counted                    chan struct{} // closed when newMsgs are counted
 }
@@ -444,21 +445,32 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 // tokenizing a long reply before [DONE] can be relayed; without usage, or
 // with several choices sharing it, it is counted here.
 func (p *Proxy) replyTokens(x *exchange, a history.Message, u tokens.Usage) int {
-	if !u.Estimated && x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0 {
+	switch {
+	case u.Estimated:
+		return int(u.Completion) // the estimate already counted this reply
+	case x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0:
 		return int(u.Completion-u.Reasoning) + tokens.TokensPerMessage
 	}
 	return p.opt.Counter.Message(x.req.Model, tokenMessage(a))
 }
 
 // usage is the upstream's usage when it sent one, else a local estimate.
+// It is worked out once, when the reply has ended, and shared by the
+// recording and the metrics, so an estimate tokenizes the reply once.
 func (p *Proxy) usage(x *exchange) tokens.Usage {
+	if x.usage != nil {
+		return *x.usage
+	}
+	var u tokens.Usage
 	if x.reply != nil && x.reply.Usage != nil {
-		return x.reply.Usage.usage()
+		u = x.reply.Usage.usage()
+	} else {
+		u = tokens.Usage{Prompt: int64(p.requestTokens(x) + x.historyTokens), Estimated: true}
+		if a, ok := x.assistant(0, true); ok {
+			u.Completion = int64(p.opt.Counter.Message(x.req.Model, tokenMessage(a)))
+		}
 	}
-	u := tokens.Usage{Prompt: int64(p.requestTokens(x) + x.historyTokens), Estimated: true}
-	if a, ok := x.assistant(0, true); ok {
-		u.Completion = int64(p.opt.Counter.Message(x.req.Model, tokenMessage(a)))
-	}
+	x.usage = &u
 	return u
 }
 
