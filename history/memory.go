@@ -183,7 +183,6 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		ss.lastActiveMs = t.NowMs
 	}
 	c := ss.convs[ss.conversation]
-	c.expire(now)
 	for _, m := range t.Messages {
 		m = cloneMessage(m)
 		m.ID = c.nextID(now)
