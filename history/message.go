@@ -74,7 +74,9 @@ type Usage struct {
 	CachedTokens     int64
 	HistoryTokens    int64 // tokens of injected history
 	Requests         int64
-	CostMicros       int64 // micro-USD
+	// CostNanos is the cost in nano-USD (10^-9 USD): fine enough that a
+	// request's cost is a whole number, so totals never round.
+	CostNanos int64
 }
 
 // Add returns u plus o.
@@ -85,7 +87,7 @@ func (u Usage) Add(o Usage) Usage {
 		CachedTokens:     u.CachedTokens + o.CachedTokens,
 		HistoryTokens:    u.HistoryTokens + o.HistoryTokens,
 		Requests:         u.Requests + o.Requests,
-		CostMicros:       u.CostMicros + o.CostMicros,
+		CostNanos:        u.CostNanos + o.CostNanos,
 	}
 }
 

@@ -28,7 +28,7 @@ const DefaultPrefix = "hp"
 //	P:{S}:session     hash: conversation, created_ms, last_active_ms,
 //	                  is_active, messages, conversations, prompt_tokens,
 //	                  completion_tokens, cached_tokens, history_tokens,
-//	                  requests, cost_micros
+//	                  requests, cost_nanos
 //	P:{S}:conv:<id>   stream, one entry per message (ids c1, c2, ...)
 //	P:{S}:convs       sorted set: conversation id -> created ms
 //	P:{S}:idem        sorted set: idempotency key -> ms
@@ -96,9 +96,17 @@ if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
-local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_micros'}
+local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
 for i = 1, 6 do
   if ARGV[6 + i] ~= '0' then redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
+end
+-- A session written before costs were kept in nano-USD has cost_micros:
+-- fold it into cost_nanos, times 1000 by appending three zeros to the
+-- integer (exact, where a Lua number is not beyond 2^53).
+local micros = redis.call('HGET', KEYS[1], 'cost_micros')
+if micros then
+  if micros ~= '0' then redis.call('HINCRBY', KEYS[1], 'cost_nanos', micros .. '000') end
+  redis.call('HDEL', KEYS[1], 'cost_micros')
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
 local n = tonumber(ARGV[13])
@@ -312,7 +320,7 @@ func appendArgs(t Turn, p Policy) []any {
 		t.Usage.CachedTokens,
 		t.Usage.HistoryTokens,
 		t.Usage.Requests,
-		t.Usage.CostMicros,
+		t.Usage.CostNanos,
 		len(t.Messages),
 	}
 	for _, m := range t.Messages {
@@ -493,7 +501,9 @@ func (s *RedisStore) Session(ctx context.Context, session string) (Session, bool
 			CachedTokens:     num("cached_tokens"),
 			HistoryTokens:    num("history_tokens"),
 			Requests:         num("requests"),
-			CostMicros:       num("cost_micros"),
+			// A session not written since costs moved to nano-USD still
+			// has cost_micros; the next append folds it into cost_nanos.
+			CostNanos: num("cost_nanos") + 1000*num("cost_micros"),
 		},
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -93,7 +93,7 @@ func TestRedisLayout(t *testing.T) {
 	ctx := context.Background()
 	c := redistest.Start(t).Client(t)
 	s := NewRedis(c, "")
-	u := Usage{PromptTokens: 10, CompletionTokens: 4, CachedTokens: 2, HistoryTokens: 6, Requests: 1, CostMicros: 37}
+	u := Usage{PromptTokens: 10, CompletionTokens: 4, CachedTokens: 2, HistoryTokens: 6, Requests: 1, CostNanos: 37}
 	_, err := s.Append(ctx, session, Turn{Messages: qa(0), NowMs: t0, IdempotencyKey: "req-1", Usage: u}, Policy{})
 	mustNoErr(t, err)
 
@@ -111,7 +111,7 @@ func TestRedisLayout(t *testing.T) {
 		"conversation": "c1", "created_ms": ms, "last_active_ms": ms, "is_active": "1",
 		"messages": "2", "conversations": "1",
 		"prompt_tokens": "10", "completion_tokens": "4", "cached_tokens": "2",
-		"history_tokens": "6", "requests": "1", "cost_micros": "37",
+		"history_tokens": "6", "requests": "1", "cost_nanos": "37",
 	}
 	if !reflect.DeepEqual(h, wantHash) {
 		t.Errorf("session hash: got %v, want %v", h, wantHash)
@@ -135,6 +135,51 @@ func TestRedisLayout(t *testing.T) {
 		if int64(got) != t0 {
 			t.Errorf("%s %s: got score %v, want %d", z.key, z.member, got, t0)
 		}
+	}
+}
+
+// TestRedisLegacyCostMicros checks how a session hash written before costs
+// were kept in nano-USD is read: its cost_micros counts as 1000 nano-USD
+// each until the next append folds it into cost_nanos, exactly, even past
+// what a Lua number holds.
+func TestRedisLegacyCostMicros(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	key := s.sessionKey(session)
+	for _, tc := range []struct {
+		name, micros string
+		wantNanos    int64
+	}{
+		{"zero", "0", 0},
+		{"small", "37", 37_000},
+		// 2^53 + 1 micro-USD: a Lua number would round it.
+		{"beyond a double", "9007199254740993", 9_007_199_254_740_993_000},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mustNoErr(t, c.Del(ctx, key).Err())
+			mustNoErr(t, c.HSet(ctx, key, "requests", "3", "cost_micros", tc.micros).Err())
+			got, _, err := s.Session(ctx, session)
+			mustNoErr(t, err)
+			if got.Totals.CostNanos != tc.wantNanos {
+				t.Errorf("before an append: got %d nano-USD, want %d", got.Totals.CostNanos, tc.wantNanos)
+			}
+			_, err = s.Append(ctx, session, Turn{NowMs: t0, Usage: Usage{Requests: 1, CostNanos: 500}}, Policy{})
+			mustNoErr(t, err)
+			got, _, err = s.Session(ctx, session)
+			mustNoErr(t, err)
+			if want := tc.wantNanos + 500; got.Totals.CostNanos != want || got.Totals.Requests != 4 {
+				t.Errorf("after an append: got %d nano-USD and %d requests, want %d and 4", got.Totals.CostNanos, got.Totals.Requests, want)
+			}
+			h, err := c.HGetAll(ctx, key).Result()
+			mustNoErr(t, err)
+			if _, ok := h["cost_micros"]; ok {
+				t.Errorf("cost_micros still in the hash after an append: %v", h)
+			}
+			if want := strconv.FormatInt(tc.wantNanos+500, 10); h["cost_nanos"] != want {
+				t.Errorf("cost_nanos: got %q, want %q", h["cost_nanos"], want)
+			}
+		})
 	}
 }
 

@@ -329,8 +329,8 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 
 	t.Run("usage-only turns add to totals only", func(t *testing.T) {
 		s := newFixture(t).store
-		a := Usage{PromptTokens: 100, CompletionTokens: 20, CachedTokens: 64, HistoryTokens: 80, Requests: 1, CostMicros: 1234}
-		b := Usage{PromptTokens: 7, CompletionTokens: 3, CachedTokens: 0, HistoryTokens: 0, Requests: 1, CostMicros: 99}
+		a := Usage{PromptTokens: 100, CompletionTokens: 20, CachedTokens: 64, HistoryTokens: 80, Requests: 1, CostNanos: 1234}
+		b := Usage{PromptTokens: 7, CompletionTokens: 3, CachedTokens: 0, HistoryTokens: 0, Requests: 1, CostNanos: 99}
 		_, err := s.Append(ctx, session, Turn{Messages: qa(0), NowMs: t0, Usage: a}, Policy{IdleTimeout: time.Minute})
 		mustNoErr(t, err)
 		res, err := s.Append(ctx, session, Turn{NowMs: t0 + time.Hour.Milliseconds(), Usage: b}, Policy{IdleTimeout: time.Minute})
@@ -371,7 +371,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		s := newFixture(t).store
 		var want Usage
 		for i := 0; i < 5; i++ {
-			u := Usage{PromptTokens: int64(100 * (i + 1)), CompletionTokens: int64(i), CachedTokens: int64(i * 3), HistoryTokens: int64(50 * i), Requests: 1, CostMicros: int64(1_000_003 * i)}
+			u := Usage{PromptTokens: int64(100 * (i + 1)), CompletionTokens: int64(i), CachedTokens: int64(i * 3), HistoryTokens: int64(50 * i), Requests: 1, CostNanos: int64(1_000_003 * i)}
 			want = want.Add(u)
 			_, err := s.Append(ctx, session, Turn{Messages: qa(i), NowMs: t0 + int64(i), Usage: u}, Policy{})
 			mustNoErr(t, err)

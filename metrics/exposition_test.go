@@ -58,7 +58,7 @@ func exercised(t *testing.T) *prometheus.Registry {
 		Duration: 2 * time.Second, Upstream: 1900 * time.Millisecond, TTFT: 400 * time.Millisecond,
 		PromptTokens: 300, CompletionTokens: 40, CachedTokens: 128, ReasoningTokens: 12,
 		Estimated: true, HistoryMessages: 8, HistoryTokens: 250, HistoryTruncated: true,
-		CostMicros: 4_200, Priced: true,
+		CostNanos: 4_200_000, Priced: true,
 	})
 	// A second session evicts the first (limit 1); an unknown model is unpriced.
 	m.ObserveRequest(Request{
@@ -66,7 +66,7 @@ func exercised(t *testing.T) *prometheus.Registry {
 		Code: 500, Duration: time.Second, Upstream: time.Second, PromptTokens: 10, CompletionTokens: 1,
 	})
 	m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "gpt-4o",
-		Session: "chat:b@example.com:support", Code: 200, PromptTokens: 1, CostMicros: 1, Priced: true})
+		Session: "chat:b@example.com:support", Code: 200, PromptTokens: 1, CostNanos: 1000, Priced: true})
 	m.ObserveStore("window", time.Millisecond, nil)
 	m.ObserveStore("append", time.Millisecond, errors.New("connection refused"))
 	m.SetRetryQueueDepth(3)

@@ -292,12 +292,12 @@ type Request struct {
 	HistoryMessages, HistoryTokens int
 	// HistoryTruncated says the available history was cut by the budget.
 	HistoryTruncated bool
-	// CostMicros is the cost in millionths of a US dollar; it counts only
+	// CostNanos is the cost in billionths of a US dollar; it counts only
 	// when Priced. Priced false means the model has no price: the request is
 	// counted in historyproxy_unpriced_requests_total if it used tokens, so
 	// nobody is silently unbilled.
-	CostMicros int64
-	Priced     bool
+	CostNanos int64
+	Priced    bool
 }
 
 // ObserveRequest records one finished request in every request, token, cost
@@ -319,7 +319,7 @@ func (m *Metrics) ObserveRequest(r Request) {
 		addNonNegative(m.tokens.WithLabelValues(channel, agent, model, typ), float64(counts[i]))
 	}
 	if r.Priced {
-		addNonNegative(m.cost.WithLabelValues(channel, agent, model), float64(r.CostMicros)/1e6)
+		addNonNegative(m.cost.WithLabelValues(channel, agent, model), float64(r.CostNanos)/1e9)
 	} else if r.PromptTokens > 0 || r.CompletionTokens > 0 {
 		// A request that used no tokens (say, the upstream was unreachable)
 		// cost nothing, so it is not an unbilled one.
@@ -379,8 +379,8 @@ func (m *Metrics) observeSession(session string, counts [5]int64, r Request) {
 			m.sessionTokens.WithLabelValues(session, typ).Add(float64(counts[i]))
 		}
 	}
-	if r.Priced && r.CostMicros > 0 {
-		m.sessionCost.WithLabelValues(session).Add(float64(r.CostMicros) / 1e6)
+	if r.Priced && r.CostNanos > 0 {
+		m.sessionCost.WithLabelValues(session).Add(float64(r.CostNanos) / 1e9)
 	}
 }
 

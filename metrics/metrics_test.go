@@ -71,7 +71,7 @@ func TestObserveRequestSessionSeries(t *testing.T) {
 		Duration: time.Second, Upstream: 900 * time.Millisecond,
 		PromptTokens: 120, CompletionTokens: 30, CachedTokens: 64, ReasoningTokens: 8,
 		HistoryMessages: 4, HistoryTokens: 90,
-		CostMicros: 1_250, Priced: true,
+		CostNanos: 1_250_000, Priced: true,
 	})
 
 	got := sessionSeries(t, reg)
@@ -93,7 +93,7 @@ func TestStatelessRequestHasNoSessionSeries(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 0)
 	m.ObserveRequest(Request{Channel: "api", Agent: "default", Model: "gpt-4o", Code: 200,
-		PromptTokens: 10, CompletionTokens: 5, CostMicros: 10, Priced: true})
+		PromptTokens: 10, CompletionTokens: 5, CostNanos: 10_000, Priced: true})
 
 	if got := sessionSeries(t, reg); len(got) != 0 {
 		t.Errorf("per-session series: got %v, want none", got)
@@ -111,7 +111,7 @@ func TestSessionLimitEvictsLeastRecentlyActive(t *testing.T) {
 	m := New(reg, 2)
 	touch := func(s string) {
 		m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "m", Session: s, Code: 200,
-			PromptTokens: 1, CompletionTokens: 1, HistoryTokens: 1, CostMicros: 1, Priced: true})
+			PromptTokens: 1, CompletionTokens: 1, HistoryTokens: 1, CostNanos: 1000, Priced: true})
 	}
 	touch("a")
 	touch("b")
@@ -153,7 +153,7 @@ func TestSessionLimitUnderConcurrency(t *testing.T) {
 		wg.Go(func() {
 			for i := range 200 {
 				m.ObserveRequest(Request{Session: fmt.Sprintf("s%d", (g*7+i)%23), Code: 200,
-					PromptTokens: 1, CostMicros: 1, Priced: true})
+					PromptTokens: 1, CostNanos: 1000, Priced: true})
 			}
 		})
 	}
@@ -173,9 +173,9 @@ func TestRequestCounters(t *testing.T) {
 	m := New(reg, 0)
 	reqs := []Request{
 		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, PromptTokens: 100, CompletionTokens: 20,
-			CachedTokens: 50, ReasoningTokens: 0, HistoryTokens: 70, CostMicros: 123_457, Priced: true},
+			CachedTokens: 50, ReasoningTokens: 0, HistoryTokens: 70, CostNanos: 123_457_000, Priced: true},
 		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, PromptTokens: 10, CompletionTokens: 2,
-			ReasoningTokens: 3, Estimated: true, CostMicros: 987_651, Priced: true},
+			ReasoningTokens: 3, Estimated: true, CostNanos: 987_651_000, Priced: true},
 		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 502},
 		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 200, PromptTokens: 5, CompletionTokens: 5},
 		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 503}, // no tokens: not unbilled
@@ -358,7 +358,7 @@ func TestBadInputDoesNotPanic(t *testing.T) {
 	require.NotPanics(t, func() {
 		m.ObserveRequest(Request{Channel: "\xff", Agent: "\xfe", Model: "\xfd", Session: "s\xff", Code: 200,
 			Duration: -time.Second, PromptTokens: -5, CompletionTokens: -1, HistoryMessages: -1, HistoryTokens: -2,
-			CostMicros: -10, Priced: true})
+			CostNanos: -10, Priced: true})
 		m.ObserveStore("bad\xff", time.Millisecond, errors.New("boom"))
 	})
 	if got := testutil.ToFloat64(m.tokens.WithLabelValues("\uFFFD", "\uFFFD", "\uFFFD", "prompt")); got != 0 {

@@ -132,14 +132,14 @@ func TestBadInputForwardedOrRejected(t *testing.T) {
 				require.True(t, ok)
 				require.EqualValues(t, 1, s.Totals.Requests)
 				require.Positive(t, s.Totals.PromptTokens)
-				if s.Totals.CostMicros != 0 {
-					t.Fatalf("got cost %d micro-USD, want 0 for an unpriced model", s.Totals.CostMicros)
+				if s.Totals.CostNanos != 0 {
+					t.Fatalf("got cost %d nano-USD, want 0 for an unpriced model", s.Totals.CostNanos)
 				}
 				// The same turn on a priced model does cost something.
 				h.do(t, "/v1/chat/completions", chatBody(user("hello there")), map[string]string{"X-Session-User": "priced"})
 				p, _, err := h.store.Session(context.Background(), "api:priced:default")
 				require.NoError(t, err)
-				require.Positive(t, p.Totals.CostMicros)
+				require.Positive(t, p.Totals.CostNanos)
 			},
 		},
 		{
@@ -159,7 +159,7 @@ func TestBadInputForwardedOrRejected(t *testing.T) {
 				if s.Totals.PromptTokens != int64(wantPrompt) {
 					t.Fatalf("got %d prompt tokens, want the local estimate %d", s.Totals.PromptTokens, wantPrompt)
 				}
-				require.Zero(t, s.Totals.CostMicros)
+				require.Zero(t, s.Totals.CostNanos)
 			},
 		},
 		{

@@ -354,7 +354,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
 		HistoryTokens: int64(x.historyTokens), Requests: 1,
 	}}
-	turn.Usage.CostMicros, _ = p.opt.Catalog.Cost(x.req.Model, usage)
+	turn.Usage.CostNanos, _ = p.opt.Catalog.Cost(x.req.Model, usage)
 	reqID := x.requestID
 	if x.record {
 		<-x.counted
@@ -501,7 +501,7 @@ func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 	if x.reply != nil && x.status/100 == 2 {
 		u := p.usage(x)
 		r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Estimated = u.Prompt, u.Completion, u.Cached, u.Reasoning, u.Estimated
-		r.CostMicros, r.Priced = p.opt.Catalog.Cost(r.Model, u)
+		r.CostNanos, r.Priced = p.opt.Catalog.Cost(r.Model, u)
 	}
 	p.opt.Metrics.ObserveRequest(r)
 	// One line per request for operators, without message content.

@@ -165,20 +165,18 @@ type Usage struct {
 	Estimated                             bool
 }
 
-// Cost returns what u cost on model in micro-USD, and whether the model has
-// a price (false: cost 0). The model is found by the longest catalog name
-// that equals it or prefixes it up to a '-' or ':' ("gpt-4o-2024-08-06" is
-// gpt-4o); a fine-tune ("ft:gpt-4o-mini:org::id") takes its fine-tune price
-// when the catalog has one, else its base model's.
+// Cost returns what u cost on model in nano-USD (10^-9 USD), and whether
+// the model has a price (false: cost 0). The model is found as described on
+// Lookup.
 //
 // Uncached prompt tokens are billed at the input price, cached ones at the
 // cached-input price, completion tokens (reasoning included) at the output
-// price. The arithmetic is in integers: prices are converted once to
-// nano-USD per token (USD per 1M × 1000, rounded), and the total is rounded
-// half up to micro-USD, exact for any request (an int64 of nano-USD holds
-// over 10^13 tokens at $600 per 1M). Negative counts count as 0, and Cached
-// above Prompt as Prompt.
-func (c *Catalog) Cost(model string, u Usage) (micros int64, priced bool) {
+// price. The arithmetic is exact, in integers: a price in USD per 1M tokens
+// with at most three decimals is a whole number of nano-USD per token (USD
+// per 1M × 1000), so a request's cost is a whole number of nano-USD and
+// totals added from it never round (an int64 of nano-USD holds 9.2 × 10^9
+// USD). Negative counts count as 0, and Cached above Prompt as Prompt.
+func (c *Catalog) Cost(model string, u Usage) (nanos int64, priced bool) {
 	name, ok := c.resolve(model)
 	if !ok {
 		return 0, false
@@ -187,6 +185,5 @@ func (c *Catalog) Cost(model string, u Usage) (micros int64, priced bool) {
 	prompt := max(u.Prompt, 0)
 	cached := min(max(u.Cached, 0), prompt)
 	completion := max(u.Completion, 0)
-	nanos := (prompt-cached)*p.input + cached*p.cached + completion*p.output
-	return (nanos + 500) / 1000, true
+	return (prompt-cached)*p.input + cached*p.cached + completion*p.output, true
 }

@@ -1,6 +1,7 @@
 package tokens
 
 import (
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -89,121 +90,121 @@ func TestCost(t *testing.T) {
 		name       string
 		model      string
 		usage      Usage
-		wantMicros int64
+		wantNanos  int64
 		wantPriced bool
 	}{
 		{
 			name:       "input and output",
 			model:      "test-model",
 			usage:      Usage{Prompt: 1000, Completion: 500},
-			wantMicros: 1000*2 + 500*8, // USD per 1M = micro-USD per token
+			wantNanos:  (1000*2 + 500*8) * 1000, // USD per 1M = micro-USD per token
 			wantPriced: true,
 		},
 		{
 			name:       "cached tokens are part of the prompt",
 			model:      "test-model",
 			usage:      Usage{Prompt: 1000, Cached: 400, Completion: 10},
-			wantMicros: 600*2 + 400/2 + 10*8,
+			wantNanos:  (600*2 + 400/2 + 10*8) * 1000,
 			wantPriced: true,
 		},
 		{
 			name:       "reasoning tokens are part of the completion",
 			model:      "test-model",
 			usage:      Usage{Prompt: 10, Completion: 100, Reasoning: 80},
-			wantMicros: 10*2 + 100*8,
+			wantNanos:  (10*2 + 100*8) * 1000,
 			wantPriced: true,
 		},
 		{
-			name:       "fraction rounds down below half",
+			name:       "fractions of a micro-USD are kept",
 			model:      "test-cheap",
 			usage:      Usage{Prompt: 3}, // 0.45 micro-USD
-			wantMicros: 0,
+			wantNanos:  450,
 			wantPriced: true,
 		},
 		{
-			name:       "fraction rounds half up",
-			model:      "test-cheap",
-			usage:      Usage{Prompt: 10}, // 1.5 micro-USD
-			wantMicros: 2,
+			name:       "a 10-token gpt-5-nano request costs half a micro-USD",
+			model:      "gpt-5-nano",
+			usage:      Usage{Prompt: 10}, // $0.05 per 1M
+			wantNanos:  500,
 			wantPriced: true,
 		},
 		{
-			name:       "fractions add before rounding",
+			name:       "fractions add exactly",
 			model:      "test-cheap",
-			usage:      Usage{Prompt: 7, Cached: 4, Completion: 1}, // 0.45 + 0.3 + 0.6 = 1.35
-			wantMicros: 1,
+			usage:      Usage{Prompt: 7, Cached: 4, Completion: 1}, // 0.45 + 0.3 + 0.6 = 1.35 micro-USD
+			wantNanos:  1350,
 			wantPriced: true,
 		},
 		{
 			name:       "no cached price bills cached tokens at input",
 			model:      "test-nocache",
 			usage:      Usage{Prompt: 100, Cached: 100},
-			wantMicros: 100 * 10,
+			wantNanos:  100 * 10 * 1000,
 			wantPriced: true,
 		},
 		{
 			name:       "zero usage",
 			model:      "test-model",
 			usage:      Usage{},
-			wantMicros: 0,
+			wantNanos:  0,
 			wantPriced: true,
 		},
 		{
 			name:       "a free model is priced",
 			model:      "test-free",
 			usage:      Usage{Prompt: 100, Completion: 100},
-			wantMicros: 0,
+			wantNanos:  0,
 			wantPriced: true,
 		},
 		{
 			name:       "unknown model",
 			model:      "llama-3-70b",
 			usage:      Usage{Prompt: 1000, Completion: 1000},
-			wantMicros: 0,
+			wantNanos:  0,
 			wantPriced: false,
 		},
 		{
 			name:       "override replaces the built-in price",
 			model:      "gpt-4o-2024-08-06",
 			usage:      Usage{Prompt: 100, Cached: 50, Completion: 100},
-			wantMicros: 100 + 100, // no cached price in the override: input price
+			wantNanos:  (100 + 100) * 1000, // no cached price in the override: input price
 			wantPriced: true,
 		},
 		{
 			name:       "built-ins stay beside the extras",
 			model:      "gpt-4o-mini-2024-07-18",
 			usage:      Usage{Prompt: 1_000_000, Cached: 200_000, Completion: 1_000_000},
-			wantMicros: 800_000*0.15 + 200_000*0.075 + 1_000_000*0.6, // 120,000 + 15,000 + 600,000
+			wantNanos:  (800_000*0.15 + 200_000*0.075 + 1_000_000*0.6) * 1000, // 120,000 + 15,000 + 600,000 micro-USD
 			wantPriced: true,
 		},
 		{
 			name:       "fine-tune of an extra model takes its price",
 			model:      "ft:test-model:my-org::abc",
 			usage:      Usage{Prompt: 1, Completion: 1},
-			wantMicros: 2 + 8,
+			wantNanos:  (2 + 8) * 1000,
 			wantPriced: true,
 		},
 		{
 			name:       "negative counts count as zero",
 			model:      "test-model",
 			usage:      Usage{Prompt: -5, Cached: -1, Completion: -3},
-			wantMicros: 0,
+			wantNanos:  0,
 			wantPriced: true,
 		},
 		{
 			name:       "cached above prompt is capped",
 			model:      "test-model",
 			usage:      Usage{Prompt: 100, Cached: 150},
-			wantMicros: 100 / 2,
+			wantNanos:  100 / 2 * 1000,
 			wantPriced: true,
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			micros, priced := c.Cost(tt.model, tt.usage)
-			if micros != tt.wantMicros || priced != tt.wantPriced {
+			nanos, priced := c.Cost(tt.model, tt.usage)
+			if nanos != tt.wantNanos || priced != tt.wantPriced {
 				t.Errorf("Cost(%s, %+v) = %d, %v; want %d, %v",
-					tt.model, tt.usage, micros, priced, tt.wantMicros, tt.wantPriced)
+					tt.model, tt.usage, nanos, priced, tt.wantNanos, tt.wantPriced)
 			}
 		})
 	}
@@ -211,7 +212,7 @@ func TestCost(t *testing.T) {
 
 // TestCostPublishedPrices prices one million tokens of each kind on a few
 // built-in models; one million tokens cost the list price in USD, that is
-// the price × 10^6 micro-USD.
+// the price × 10^9 nano-USD.
 func TestCostPublishedPrices(t *testing.T) {
 	c := NewCatalog(nil)
 	for _, model := range []string{"gpt-4o", "gpt-4.1-nano", "gpt-5-nano", "o4-mini", "gpt-4"} {
@@ -229,9 +230,9 @@ func TestCostPublishedPrices(t *testing.T) {
 			{"cached", Usage{Prompt: 1_000_000, Cached: 1_000_000}, cached},
 			{"output", Usage{Completion: 1_000_000}, m.Output},
 		} {
-			micros, priced := c.Cost(model, tc.usage)
+			nanos, priced := c.Cost(model, tc.usage)
 			assert.True(t, priced, "%s priced", model)
-			assert.Equal(t, int64(tc.usd*1e6+0.5), micros, "%s: cost of 1M %s tokens", model, tc.kind)
+			assert.Equal(t, int64(math.Round(tc.usd*1e9)), nanos, "%s: cost of 1M %s tokens", model, tc.kind)
 		}
 	}
 }
