@@ -64,13 +64,14 @@ func NewMemory() *MemoryStore {
 }
 
 // expire drops the conversation's messages once its retention has passed,
-// as Redis drops an expired stream.
-func (c *memConv) expire(now time.Time) {
+// as Redis drops an expired stream, and reports whether they are gone.
+func (c *memConv) expire(now time.Time) bool {
 	if !c.expiresAt.IsZero() && !now.Before(c.expiresAt) {
 		c.msgs = nil
 		c.expiresAt = time.Time{}
 		c.gone = true
 	}
+	return c.gone
 }
 
 // expired reports whether retention removed the conversation: its stream
@@ -170,19 +171,26 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	if cur := ss.convs[ss.conversation]; cur != nil {
 		cur.expire(now)
 	}
-	if ss.conversation == "" || !ss.active || (idle > 0 && t.NowMs-ss.lastActiveMs > idle) || ss.convs[ss.conversation].expired() {
+	target := ss.conversation
+	if read := ss.convs[t.ConversationID]; read != nil && !read.expire(now) {
+		// The turn was answered from this conversation: it belongs there,
+		// however long the reply took or the tool ran.
+		target = t.ConversationID
+		r.ConversationID = target
+	} else if ss.conversation == "" || !ss.active || (idle > 0 && t.ArrivedMs-ss.lastActiveMs > idle) || ss.convs[ss.conversation].expired() {
 		ss.conversations++
 		ss.conversation = "c" + strconv.FormatInt(ss.conversations, 10)
 		ss.active = true
 		ss.convs[ss.conversation] = &memConv{}
 		ss.order = append(ss.order, ss.conversation)
-		r.ConversationID = ss.conversation
+		target = ss.conversation
+		r.ConversationID = target
 		r.NewConversation = true
 	}
 	if t.NowMs > ss.lastActiveMs {
 		ss.lastActiveMs = t.NowMs
 	}
-	c := ss.convs[ss.conversation]
+	c := ss.convs[target]
 	for _, m := range t.Messages {
 		m = cloneMessage(m)
 		m.ID = c.nextID(now)

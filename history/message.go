@@ -65,6 +65,11 @@ type Message struct {
 	CreatedMs int64
 	RequestID string
 	Status    string
+	// IdempotencyKey is the key of the turn that wrote the message, set by
+	// the store from Turn.IdempotencyKey. A request that repeats a key
+	// finds where its first attempt was recorded, so it can be given the
+	// context that attempt had.
+	IdempotencyKey string
 }
 
 // Usage is what one request adds to a session's all-time totals.
@@ -111,9 +116,24 @@ type Turn struct {
 	// key was appended to this session within IdempotencyWindow.
 	IdempotencyKey string
 	Usage          Usage
-	// NowMs is the time of the turn in Unix milliseconds; it decides
-	// idleness and is the created time of messages that have none.
+	// NowMs is the time of the write in Unix milliseconds: the session's
+	// last activity from then on, and the created time of messages that
+	// have none.
 	NowMs int64
+	// ArrivedMs is when the request arrived, in Unix milliseconds. It
+	// decides idleness, as the window read at that moment did: a reply
+	// that ends after the idle timeout still belongs to the conversation
+	// its request found. Zero means NowMs.
+	ArrivedMs int64
+	// ConversationID names the conversation the turn's context was read
+	// from. The turn is written to it, whatever the idle timeout says,
+	// while it still exists (retention has not removed it); when it is no
+	// longer the session's active conversation (a reset, or a newer one
+	// started meanwhile) the turn is added to it without making it active
+	// again. Empty, or a conversation that is gone: the turn goes to the
+	// active conversation unless that one was idle at ArrivedMs, in which
+	// case it starts a new one.
+	ConversationID string
 }
 
 // AppendResult says what Append did.

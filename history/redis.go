@@ -82,8 +82,9 @@ return {h[1], redis.call('XREVRANGE', stream, '+', '-', 'COUNT', n)}
 //
 // KEYS: session, convs, idem.
 // ARGV: now ms, idle ms, retention ms, idempotency key, idempotency cutoff
-// ms, idempotency window ms, six usage deltas, message count, then per
-// message its number of field/value strings followed by them.
+// ms, idempotency window ms, six usage deltas, arrival ms, the conversation
+// the turn was read from (or ""), message count, then per message its
+// number of field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
 var appendScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
@@ -109,14 +110,20 @@ if micros then
   redis.call('HDEL', KEYS[1], 'cost_micros')
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
-local n = tonumber(ARGV[13])
+local n = tonumber(ARGV[15])
 if n == 0 then return {conv, 0} end
 local last = tonumber(h[2] or '0')
+local arrived = tonumber(ARGV[13])
+local read = ARGV[14]
 local new = 0
 local prefix = string.sub(KEYS[1], 1, -8) .. 'conv:'
 -- A conversation whose stream is gone expired by retention: a new turn
 -- starts a new conversation instead of refilling its id.
-if conv == '' or h[3] ~= '1' or (idle > 0 and now - last > idle) or redis.call('EXISTS', prefix .. conv) == 0 then
+if read ~= '' and redis.call('ZSCORE', KEYS[2], read) and redis.call('EXISTS', prefix .. read) == 1 then
+  -- The turn was answered from this conversation: it belongs there,
+  -- however long the reply took or the tool ran.
+  conv = read
+elseif conv == '' or h[3] ~= '1' or (idle > 0 and arrived - last > idle) or redis.call('EXISTS', prefix .. conv) == 0 then
   conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
   redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
   redis.call('ZADD', KEYS[2], ARGV[1], conv)
@@ -125,7 +132,7 @@ end
 if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
 local stream = prefix .. conv
 local res = {conv, new}
-local i = 14
+local i = 16
 for m = 1, n do
   local k = tonumber(ARGV[i])
   local fields = {}
@@ -278,9 +285,13 @@ func prepareTurn(t Turn, now time.Time) Turn {
 	if t.NowMs == 0 {
 		t.NowMs = now.UnixMilli()
 	}
+	if t.ArrivedMs == 0 {
+		t.ArrivedMs = t.NowMs
+	}
 	msgs := make([]Message, len(t.Messages))
 	for i, m := range t.Messages {
 		m.ID = ""
+		m.IdempotencyKey = t.IdempotencyKey
 		if m.CreatedMs == 0 {
 			m.CreatedMs = t.NowMs
 		}
@@ -321,6 +332,8 @@ func appendArgs(t Turn, p Policy) []any {
 		t.Usage.HistoryTokens,
 		t.Usage.Requests,
 		t.Usage.CostNanos,
+		t.ArrivedMs,
+		t.ConversationID,
 		len(t.Messages),
 	}
 	for _, m := range t.Messages {
@@ -335,7 +348,7 @@ func appendArgs(t Turn, p Policy) []any {
 
 // encodeMessage gives a message's stream fields, omitting empty ones.
 func encodeMessage(m Message) []string {
-	f := make([]string, 0, 28)
+	f := make([]string, 0, 30)
 	add := func(k, v string) {
 		if v != "" {
 			f = append(f, k, v)
@@ -362,6 +375,7 @@ func encodeMessage(m Message) []string {
 	}
 	add("request_id", m.RequestID)
 	add("status", m.Status)
+	add("idem", m.IdempotencyKey)
 	return f
 }
 
@@ -416,6 +430,8 @@ func decodeEntry(e any) (Message, error) {
 			m.RequestID = v
 		case "status":
 			m.Status = v
+		case "idem":
+			m.IdempotencyKey = v
 		}
 		if err != nil {
 			return Message{}, fmt.Errorf("stream entry %s field %s: %w", id, k, err)

@@ -65,7 +65,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 			{Role: RoleTool, ToolCallID: "call_1", Content: `{"temp":21}`},
 			{Role: RoleAssistant, Refusal: "I can't help with that.", Status: StatusIncomplete, Kind: KindMessage, Model: "gpt-4o", Tokens: 7},
 		}
-		res, err := s.Append(ctx, session, Turn{Messages: in, NowMs: t0}, Policy{})
+		res, err := s.Append(ctx, session, Turn{Messages: in, NowMs: t0, IdempotencyKey: "key-1"}, Policy{})
 		mustNoErr(t, err)
 		if !res.NewConversation || res.ConversationID != "c1" || res.Duplicate {
 			t.Fatalf("got result %+v, want a new conversation c1", res)
@@ -84,6 +84,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		for i := range want {
 			want[i].ID = res.IDs[i]
 			want[i].Kind = kinds[i]
+			want[i].IdempotencyKey = "key-1" // every message names its turn
 			if want[i].Status == "" {
 				want[i].Status = StatusComplete
 			}
@@ -183,6 +184,81 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		mustNoErr(t, err)
 		if !ok || sess.MessageCount != 4 || sess.LastActiveMs != later || sess.CreatedMs != t0 || sess.ConversationID != "c2" || !sess.Active {
 			t.Errorf("got session %+v, want 4 messages, created %d, last active %d, active c2", sess, t0, later)
+		}
+	})
+
+	t.Run("the arrival time decides idleness, not the time of the write", func(t *testing.T) {
+		s := newFixture(t).store
+		p := Policy{IdleTimeout: 2 * time.Second}
+		appendQA(t, s, session, 0, t0, p)
+		// Sent 1.2 s after the last turn, answered 3 s later: the reply
+		// ends after the timeout, but its request found c1 active.
+		res, err := s.Append(ctx, session, Turn{Messages: qa(1), ArrivedMs: t0 + 1200, NowMs: t0 + 4200}, p)
+		mustNoErr(t, err)
+		if res.NewConversation || res.ConversationID != "c1" {
+			t.Errorf("got %+v, want the turn in c1", res)
+		}
+		// The session's activity is the write: 1.5 s later c1 is not idle.
+		w, err := s.Window(ctx, session, 10, t0+5700, p)
+		mustNoErr(t, err)
+		if got, want := contents(w.Messages), []string{"q0", "a0", "q1", "a1"}; !reflect.DeepEqual(got, want) {
+			t.Errorf("got window %q, want %q", got, want)
+		}
+		// A request that arrives after the timeout starts a new one.
+		res, err = s.Append(ctx, session, Turn{Messages: qa(2), ArrivedMs: t0 + 8000, NowMs: t0 + 8100}, p)
+		mustNoErr(t, err)
+		if !res.NewConversation || res.ConversationID != "c2" {
+			t.Errorf("arrived after the timeout: got %+v, want a new conversation c2", res)
+		}
+	})
+
+	t.Run("a turn goes to the conversation it was read from", func(t *testing.T) {
+		s := newFixture(t).store
+		p := Policy{IdleTimeout: 2 * time.Second}
+		appendQA(t, s, session, 0, t0, p)
+		// A tool that ran an hour: the conversation went idle, but the
+		// results answer its call.
+		late := t0 + time.Hour.Milliseconds()
+		res, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: late, ConversationID: "c1"}, p)
+		mustNoErr(t, err)
+		if res.NewConversation || res.ConversationID != "c1" {
+			t.Errorf("got %+v, want the turn in c1", res)
+		}
+		w, err := s.Window(ctx, session, 10, late, p)
+		mustNoErr(t, err)
+		if got, want := contents(w.Messages), []string{"q0", "a0", "q1", "a1"}; !reflect.DeepEqual(got, want) || w.ConversationID != "c1" {
+			t.Errorf("got window %q in %q, want %q in c1", got, w.ConversationID, want)
+		}
+		// A name the session does not have is ignored.
+		res, err = s.Append(ctx, session, Turn{Messages: qa(2), NowMs: late + 1, ConversationID: "c9"}, p)
+		mustNoErr(t, err)
+		if res.NewConversation || res.ConversationID != "c1" {
+			t.Errorf("unknown name: got %+v, want the active c1", res)
+		}
+	})
+
+	t.Run("a turn read before a reset goes to the ended conversation", func(t *testing.T) {
+		s := newFixture(t).store
+		appendQA(t, s, session, 0, t0, Policy{})
+		mustNoErr(t, s.Reset(ctx, session))
+		res, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, ConversationID: "c1"}, Policy{})
+		mustNoErr(t, err)
+		if res.NewConversation || res.ConversationID != "c1" {
+			t.Errorf("got %+v, want the turn in c1", res)
+		}
+		w, err := s.Window(ctx, session, 10, t0+1, Policy{})
+		mustNoErr(t, err)
+		if w.ConversationID != "" || len(w.Messages) != 0 {
+			t.Errorf("got window %+v, want none: c1 stays ended", w)
+		}
+		res = appendQA(t, s, session, 2, t0+2, Policy{})
+		if !res.NewConversation || res.ConversationID != "c2" {
+			t.Errorf("next turn: got %+v, want a new conversation c2", res)
+		}
+		old, err := s.Messages(ctx, session, "c1")
+		mustNoErr(t, err)
+		if got, want := contents(old), []string{"q0", "a0", "q1", "a1"}; !reflect.DeepEqual(got, want) {
+			t.Errorf("c1: got %q, want %q", got, want)
 		}
 	})
 
@@ -501,6 +577,13 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		res = appendQA(t, f.store, session, 1, t0+time.Hour.Milliseconds(), p)
 		if !res.NewConversation || res.ConversationID != "c2" {
 			t.Errorf("after expiry: got %+v, want a new conversation c2", res)
+		}
+		// Nor when a turn names it: it was read before it expired.
+		f.checkRetention(t, session, res.ConversationID, time.Hour)
+		res, err := f.store.Append(ctx, session, Turn{Messages: qa(2), NowMs: t0 + 2*time.Hour.Milliseconds(), ConversationID: "c2"}, p)
+		mustNoErr(t, err)
+		if !res.NewConversation || res.ConversationID != "c3" {
+			t.Errorf("named after expiry: got %+v, want a new conversation c3", res)
 		}
 	})
 
