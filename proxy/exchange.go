@@ -39,6 +39,9 @@ type exchange struct {
 	agent   Agent
 	record  bool
 	idemKey string
+	// conversation is the conversation the history was read from: the
+	// turn is written there, however long the reply takes.
+	conversation string
 
 	historyMessages, historyTokens int
 	truncated                      bool
@@ -201,13 +204,16 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
 	defer cancel()
 	t0 := time.Now()
-	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, p.now().UnixMilli(), a.Policy)
+	// Idleness is judged at the request's arrival, by the read here and
+	// by the append (Turn.ArrivedMs) alike.
+	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, x.start.UnixMilli(), a.Policy)
 	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
 	p.storeUp(err == nil)
 	if err != nil {
 		p.log.Warn("history read failed", "session", x.stored, "err", err)
 		return nil, true
 	}
+	x.conversation = win.ConversationID
 	limits := history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages}
 	answered := x.req.answered()
 	sel := history.Select(win.Messages, limits)
@@ -350,7 +356,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	defer cancel()
 	now := p.now().UnixMilli()
 	usage := p.usage(x)
-	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, Usage: history.Usage{
+	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, Usage: history.Usage{
 		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
 		HistoryTokens: int64(x.historyTokens), Requests: 1,
 	}}

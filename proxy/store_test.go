@@ -55,6 +55,7 @@ var e2eScenarios = []struct {
 	{"concurrent_turns", testE2EConcurrentTurns},
 	{"scale_out", testE2EScaleOut},
 	{"idle_timeout", testE2EIdleTimeout},
+	{"idle_timeout_crossed_mid_reply", testE2EIdleCrossedMidReply},
 }
 
 func TestStoreEndToEnd(t *testing.T) {
@@ -491,4 +492,48 @@ func testE2EIdleTimeout(t *testing.T, b e2eBackend) {
 	require.Equal(t, "c2", s.ConversationID)
 	require.Equal(t, clock.Now().UnixMilli(), s.LastActiveMs, "last activity is the proxy's clock")
 	require.EqualValues(t, 8, s.MessageCount)
+}
+
+// testE2EIdleCrossedMidReply: a request that found the conversation active
+// belongs to it, even when its reply ends after the idle timeout.
+func testE2EIdleCrossedMidReply(t *testing.T, b e2eBackend) {
+	const idle = 2 * time.Second
+	clock := &e2eClock{now: time.UnixMilli(1_700_000_000_000)}
+	h := newE2EHarness(t, b, 1, func(o *Options) {
+		o.Now = clock.Now
+		o.Agent = func(name string) Agent {
+			a := defaultAgent(name)
+			a.Policy.IdleTimeout = idle
+			return a
+		}
+	})
+	const sid = "web:dan:e2e"
+	h.turn(t, 0, sid, chatBody(user("first")))
+
+	// Sent 1.2 s later; the upstream holds the reply until the clock has
+	// passed the timeout.
+	clock.Advance(1200 * time.Millisecond)
+	gate := make(chan struct{})
+	h.up.Enqueue(fakeai.Reply{Content: "slow answer", Gate: gate})
+	req, err := http.NewRequest(http.MethodPost, h.servers[0].URL+"/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[`+user("second")+`]}`))
+	require.NoError(t, err)
+	req.Header.Set("X-Session-ID", sid)
+	resp, err := h.client.Do(req) // the headers: the history was read
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, "2", resp.Header.Get("X-History-Messages"))
+	clock.Advance(3 * time.Second)
+	close(gate)
+	_, err = io.ReadAll(resp.Body)
+	require.NoError(t, err)
+
+	require.Equal(t, []string{"c1"}, h.conversations(t, sid), "the slow turn stays in the conversation it was answered from")
+	clock.Advance(time.Second)
+	h.turn(t, 0, sid, chatBody(user("third")))
+	require.Equal(t, []string{
+		"user: first", "assistant: echo: first [messages=1]",
+		"user: second", "assistant: slow answer",
+		"user: third",
+	}, wireLines(h.up.LastChat().Chat.Messages), "the next request keeps the earlier context")
 }
