@@ -54,6 +54,7 @@ type exchange struct {
 	requestID                  string
 	status                     int
 	degraded                   bool          // the store failed; served without it (fail_open)
+	degradedSent               bool          // X-History: degraded is already among the answer's headers
 	usage                      *tokens.Usage // set by Proxy.usage once the reply has ended
 	newMsgs                    []history.Message
 	counted                    chan struct{} // closed when newMsgs are counted
@@ -151,6 +152,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			cw.Header().Set(headerHistory, "degraded")
+			x.degradedSent = true
 		}
 	}
 	if p.opt.FailClosed && x.stored != "" && !p.storeOK.Load() && !p.storeAnswers(r.Context()) {
@@ -277,6 +279,10 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	x.status = resp.StatusCode
 	x.requestID = resp.Header.Get("X-Request-Id")
+	// X-History is the proxy's to say: the reverse proxy adds the
+	// upstream's headers to those already set, so one from the upstream
+	// would be sent beside the proxy's own.
+	resp.Header.Del(headerHistory)
 	if resp.StatusCode/100 != 2 {
 		x.upstreamEnd = p.now()
 		return nil
@@ -318,7 +324,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		if err := p.recordTurn(resp.Request.Context(), x, true); err != nil {
 			return err
 		}
-		if x.degraded {
+		if x.degraded && !x.degradedSent {
+			// Once: the header set before forwarding is already sent with
+			// these (the reverse proxy adds, it does not replace).
 			resp.Header.Set(headerHistory, "degraded")
 		}
 	} else {

@@ -250,3 +250,20 @@ func TestFailClosedChecksTheStoreBeforeForwarding(t *testing.T) {
 	require.Equal(t, http.StatusOK, post(own), "a ping finds the store back")
 	require.Len(t, up.Requests(), 2)
 }
+
+// TestDegradedHeaderSentOnce: during an outage the read and the write of a
+// whole reply both fail; the answer says so once, not "degraded, degraded".
+func TestDegradedHeaderSentOnce(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	_, srv := redisProxy(t, rs, up, nil)
+	rs.Stop(t)
+	for _, stream := range []bool{false, true} {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+			fmt.Sprintf(`{"model":"gpt-4o","user":"u1","stream":%t,"messages":[{"role":"user","content":"hi"}]}`, stream)))
+		require.NoError(t, err)
+		readAll(t, resp)
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.Equal(t, []string{"degraded"}, resp.Header.Values("X-History"), "stream=%t", stream)
+	}
+}
