@@ -68,6 +68,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
+	// go-redis logs to the process's stderr with its own format; route it
+	// through slog so a JSON log stays JSON. The logger is process-wide.
+	redis.SetLogger(redisLogger{log.With("component", "redis")})
 
 	pl, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -126,7 +129,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: 30 * time.Second, MaxHeaderBytes: 1 << 20,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout), ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 2)
 	go func() { errc <- serve(srv, pl) }()
 	go func() { errc <- serve(admin, al) }()
@@ -170,28 +173,41 @@ func newStore(rc config.Redis, log *slog.Logger) (proxy.Store, func(), error) {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
 		return history.NewMemory(), func() {}, nil
 	}
-	var client redis.UniversalClient
+	client, err := newRedisClient(rc)
+	if err != nil {
+		return nil, nil, err
+	}
+	return history.NewRedis(client, rc.Prefix), func() { _ = client.Close() }, nil
+}
+
+// newRedisClient builds the client of one of the three topologies: a URL,
+// a cluster or a sentinel-watched master.
+func newRedisClient(rc config.Redis) (redis.UniversalClient, error) {
 	if rc.URL != "" {
 		opts, err := redis.ParseURL(rc.URL)
 		if err != nil {
-			return nil, nil, fmt.Errorf("redis url: %w", err)
+			return nil, fmt.Errorf("redis url: %w", err)
 		}
-		client = redis.NewClient(opts)
-	} else {
-		var tlsConfig *tls.Config
-		if rc.TLS {
-			tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-		}
-		client = redis.NewUniversalClient(&redis.UniversalOptions{
-			TLSConfig:     tlsConfig,
-			Addrs:         append(rc.ClusterAddrs, rc.SentinelAddrs...),
-			MasterName:    rc.SentinelMaster,
-			IsClusterMode: len(rc.ClusterAddrs) > 0,
-			Username:      rc.Username,
-			Password:      rc.Password,
-		})
+		// Without this go-redis ignores the context's deadline and waits
+		// its own 5 s read timeout: store.timeout would bound nothing
+		// against a server that accepts but does not answer.
+		opts.ContextTimeoutEnabled = true
+		return redis.NewClient(opts), nil
 	}
-	return history.NewRedis(client, rc.Prefix), func() { _ = client.Close() }, nil
+	var tlsConfig *tls.Config
+	if rc.TLS {
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	return redis.NewUniversalClient(&redis.UniversalOptions{
+		TLSConfig:     tlsConfig,
+		Addrs:         append(rc.ClusterAddrs, rc.SentinelAddrs...),
+		MasterName:    rc.SentinelMaster,
+		IsClusterMode: len(rc.ClusterAddrs) > 0,
+		Username:      rc.Username,
+		Password:      rc.Password,
+		// As for the URL form: store.timeout bounds each operation.
+		ContextTimeoutEnabled: true,
+	}), nil
 }
 
 func storeName(rc config.Redis) string {
@@ -218,13 +234,17 @@ func agent(a config.Agent) proxy.Agent {
 // Readiness fails on a store outage only when failing closed: failing open,
 // the proxy still serves (without history), and pulling every instance out
 // of the load balancer at once would turn a Redis blip into an outage.
-func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool) http.Handler {
+//
+// The readiness ping is bounded by store.timeout: a probe that waits longer
+// than the orchestrator's own timeout (1 s by default in Kubernetes) fails
+// every instance at once.
+func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, storeTimeout time.Duration) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		ctx, cancel := context.WithTimeout(r.Context(), storeTimeout)
 		defer cancel()
 		w.Header().Set("Content-Type", "application/json")
 		if err := s.Ping(ctx); err != nil {
@@ -252,6 +272,14 @@ func newLogger(c config.Log, w io.Writer) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return slog.New(slog.NewTextHandler(w, opts)), nil
+}
+
+// redisLogger hands go-redis's log lines to slog. go-redis logs only what
+// goes wrong (failed dials, bad connections), so they are warnings.
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.log.WarnContext(ctx, strings.TrimPrefix(fmt.Sprintf(format, v...), "redis: "))
 }
 
 // healthcheck asks the admin listener's /healthz; it exits non-zero when

@@ -59,6 +59,7 @@ func buildBinary(t *testing.T) string {
 type binary struct {
 	cmd    *exec.Cmd
 	addr   string        // the proxy's listen address, from the log
+	admin  string        // the admin listener's address, from the log
 	stderr *syncBuffer   // the whole log
 	exited chan struct{} // closed when the process has exited
 	err    error         // the exit status, once exited is closed
@@ -84,11 +85,12 @@ func startBinary(t *testing.T, env []string, args ...string) *binary {
 		<-b.exited
 	})
 
-	listen := regexp.MustCompile(`listen=(127\.0\.0\.1:\d+)`)
+	// The start-up line, in text (listen=...) or JSON ("listen":"...").
+	listen := regexp.MustCompile(`listen"?[=:]"?(127\.0\.0\.1:\d+).*admin"?[=:]"?(127\.0\.0\.1:\d+)`)
 	deadline := time.After(10 * time.Second)
 	for {
 		if m := listen.FindStringSubmatch(b.stderr.String()); m != nil {
-			b.addr = m[1]
+			b.addr, b.admin = m[1], m[2]
 			return b
 		}
 		select {

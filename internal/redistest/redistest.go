@@ -431,6 +431,33 @@ func (s *Server) Stop(t testing.TB) {
 	s.kill()
 }
 
+// Pause stops the process with SIGSTOP: connections are still accepted by
+// the kernel but nothing is answered, as with a server stuck on a long
+// command or a host that froze. Resume, Stop or Cleanup end it.
+func (s *Server) Pause(t testing.TB) {
+	t.Helper()
+	s.signal(t, syscall.SIGSTOP)
+}
+
+// Resume lets a paused server go on with SIGCONT.
+func (s *Server) Resume(t testing.TB) {
+	t.Helper()
+	s.signal(t, syscall.SIGCONT)
+}
+
+func (s *Server) signal(t testing.TB, sig syscall.Signal) {
+	t.Helper()
+	s.mu.Lock()
+	p := s.proc
+	s.mu.Unlock()
+	if p == nil {
+		t.Fatalf("redistest: %v: the server is stopped", sig)
+	}
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("redistest: %v: %v", sig, err)
+	}
+}
+
 // Restart starts the server again on the same port and data directory.
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()

@@ -56,6 +56,28 @@ func TestStopRefusesConnections(t *testing.T) {
 	}
 }
 
+func TestPauseAcceptsButDoesNotAnswer(t *testing.T) {
+	s := Start(t)
+	s.Pause(t)
+	conn, err := net.DialTimeout("tcp", s.Addr, time.Second)
+	if err != nil {
+		t.Fatalf("dial a paused server: %v, want the kernel to accept", err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	var ne net.Error
+	if _, err := conn.Read(make([]byte, 16)); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("got %v reading from a paused server, want a timeout", err)
+	}
+	s.Resume(t)
+	if err := s.Client(t).Ping(context.Background()).Err(); err != nil {
+		t.Fatalf("ping after Resume: %v", err)
+	}
+}
+
 func TestRestart(t *testing.T) {
 	tests := []struct {
 		name string

@@ -1,0 +1,192 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/config"
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+	"github.com/historyproxy/historyproxy/internal/redistest"
+)
+
+// writeConfig writes a YAML configuration file for one test.
+func writeConfig(t *testing.T, yaml string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "historyproxy.yaml")
+	require.NoError(t, os.WriteFile(path, []byte(yaml), 0o600))
+	return path
+}
+
+// timed runs f and returns how long it took.
+func timed(f func()) time.Duration {
+	t0 := time.Now()
+	f()
+	return time.Since(t0)
+}
+
+// TestPausedRedisIsBoundedByStoreTimeout: a redis-server that accepts
+// connections but answers nothing (SIGSTOP) costs a request at most its
+// store.timeout per operation, readiness included. go-redis ignores
+// context deadlines unless told otherwise, and then waits its own 5 s
+// read timeout per command.
+func TestPausedRedisIsBoundedByStoreTimeout(t *testing.T) {
+	const storeTimeout = 200 * time.Millisecond
+	// Generous: two operations of storeTimeout plus a loaded machine's
+	// slack, still well under go-redis's own 5 s read timeout per command.
+	const bound = 3 * time.Second
+	cases := []struct {
+		name      string
+		onError   string
+		wantChat  int
+		wantReady int
+	}{
+		{name: "fail open", onError: "fail_open", wantChat: http.StatusOK, wantReady: http.StatusOK},
+		{name: "fail closed", onError: "fail_closed", wantChat: http.StatusServiceUnavailable, wantReady: http.StatusServiceUnavailable},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := redistest.Start(t)
+			up := fakeai.New(t)
+			cfg := writeConfig(t, "store:\n  timeout: "+storeTimeout.String()+"\n  on_error: "+tc.onError+"\n")
+			p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, "-config", cfg, "-drain-timeout", "1s")
+			hc := &http.Client{Timeout: 30 * time.Second}
+			chat := func() *http.Response {
+				req, _ := http.NewRequest(http.MethodPost, "http://"+p.addrs.Proxy+"/v1/chat/completions",
+					strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`))
+				req.Header.Set("X-Session-ID", "c:paused:a")
+				resp, err := hc.Do(req)
+				require.NoError(t, err)
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				return resp
+			}
+			require.Equal(t, http.StatusOK, chat().StatusCode, "served while Redis answers")
+
+			rs.Pause(t)
+			t.Cleanup(func() { rs.Resume(t) })
+			var resp *http.Response
+			d := timed(func() { resp = chat() })
+			require.Equal(t, tc.wantChat, resp.StatusCode)
+			require.Less(t, d, bound, "a chat request with Redis paused")
+			if tc.onError == "fail_open" {
+				require.Equal(t, "degraded", resp.Header.Get("X-History"))
+			}
+
+			d = timed(func() {
+				r, err := hc.Get("http://" + p.addrs.Admin + "/readyz")
+				require.NoError(t, err)
+				r.Body.Close()
+				resp = r
+			})
+			require.Equal(t, tc.wantReady, resp.StatusCode)
+			require.Less(t, d, bound, "/readyz with Redis paused")
+		})
+	}
+}
+
+// ctxTimeout is a context for a test's client calls.
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestRedisClientsHonourContextDeadlines: every topology's client is built
+// so that a context deadline (store.timeout) bounds a command.
+func TestRedisClientsHonourContextDeadlines(t *testing.T) {
+	cases := []struct {
+		name string
+		rc   config.Redis
+	}{
+		{name: "url", rc: config.Redis{URL: "redis://127.0.0.1:1/0"}},
+		{name: "cluster", rc: config.Redis{ClusterAddrs: []string{"127.0.0.1:1"}}},
+		{name: "sentinel", rc: config.Redis{SentinelMaster: "m", SentinelAddrs: []string{"127.0.0.1:1"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := newRedisClient(tc.rc)
+			require.NoError(t, err)
+			defer c.Close()
+			var enabled bool
+			switch c := c.(type) {
+			case *redis.Client:
+				enabled = c.Options().ContextTimeoutEnabled
+			case *redis.ClusterClient:
+				enabled = c.Options().ContextTimeoutEnabled
+			default:
+				t.Fatalf("got client %T", c)
+			}
+			require.True(t, enabled, "ContextTimeoutEnabled")
+		})
+	}
+}
+
+// TestJSONLogsAreAllJSON: with -log-format json every line the built
+// binary writes to stderr is a JSON object, go-redis's own complaints about
+// an unreachable server included (go-redis writes to the process's stderr,
+// not to the logger run is given, so only the real binary shows them).
+func TestJSONLogsAreAllJSON(t *testing.T) {
+	buildBinary(t)
+	up := fakeai.New(t)
+	// A port nothing listens on: every dial is refused, and go-redis logs.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	cfg := writeConfig(t, "store:\n  timeout: 200ms\n")
+	p := startBinary(t, nil, "-upstream", up.URL, "-redis-url", "redis://"+addr+"/0",
+		"-config", cfg, "-log-format", "json", "-drain-timeout", "500ms")
+	for i := 0; i < 3; i++ {
+		resp, err := http.Post("http://"+p.addr+"/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"gpt-4o-mini","user":"u1","messages":[{"role":"user","content":"hi"}]}`))
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+	}
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the binary did not exit")
+	}
+	lines := strings.Split(strings.TrimSpace(p.stderr.String()), "\n")
+	require.Greater(t, len(lines), 3)
+	redisLines := 0
+	for _, line := range lines {
+		var rec map[string]any
+		require.NoError(t, json.Unmarshal([]byte(line), &rec), "not JSON: %s", line)
+		if rec["component"] == "redis" {
+			redisLines++
+		}
+	}
+	require.Positive(t, redisLines, "go-redis's own lines are among them")
+}
+
+// stopErr stops the program and returns what run returned.
+func (p *program) stopErr(t *testing.T) error {
+	t.Helper()
+	p.stop()
+	select {
+	case err, ok := <-p.done:
+		if !ok {
+			return nil
+		}
+		close(p.done) // the Cleanup's shutdown finds it closed
+		return err
+	case <-time.After(30 * time.Second):
+		t.Fatal("program did not stop")
+		return nil
+	}
+}
