@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,13 +42,27 @@ func main() {
 		}
 		return
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// The first SIGINT or SIGTERM starts the drain; a second one ends it at
+	// once (what is in flight is still recorded).
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stderr, nil); err != nil {
+	hurry := make(chan struct{})
+	go func() { // stops after the second signal, or with the process
+		<-sigs
+		stop()
+		<-sigs
+		close(hurry)
+	}()
+	if err := run(withHurry(ctx, hurry), os.Args[1:], os.Getenv, os.Stderr, nil); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
 		}
-		fmt.Fprintln(os.Stderr, "historyproxy:", err)
+		var logged loggedError
+		if !errors.As(err, &logged) { // else already in the log, in its format
+			fmt.Fprintln(os.Stderr, "historyproxy:", err)
+		}
 		os.Exit(1)
 	}
 }
@@ -127,9 +142,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 
+	// Handlers run under hctx, so that a drain that runs out of time can
+	// cut them: each then records what it has, as a client's disconnect
+	// would.
+	hctx, cutHandlers := context.WithCancel(context.Background())
+	defer cutHandlers()
 	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: 30 * time.Second, MaxHeaderBytes: 1 << 20,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout), ReadHeaderTimeout: 10 * time.Second}
+		ErrorLog:    slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		BaseContext: func(net.Listener) context.Context { return hctx }}
+	var draining atomic.Bool
+	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining), ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 2)
 	go func() { errc <- serve(srv, pl) }()
 	go func() { errc <- serve(admin, al) }()
@@ -144,21 +166,69 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	case err := <-errc:
 		return err
 	}
+	draining.Store(true) // /readyz answers 503 from now on
+	lostBefore := px.LostTurns()
 	log.Info("shutting down: draining in-flight requests", "timeout", cfg.DrainTimeout)
 	drain, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
 	defer cancel()
+	go func() { // stops when the drain ends, or on a second signal
+		select {
+		case <-hurryFrom(ctx):
+			log.Warn("second signal: ending the drain now")
+			cancel()
+		case <-drain.Done():
+		}
+	}()
 	// Shutdown closes the listeners at once and waits for every request,
 	// streams included, to finish.
 	if err := srv.Shutdown(drain); err != nil {
-		log.Warn("drain timeout passed with requests in flight", "err", err)
+		// Out of time: cut what is still in flight. A cut stream records
+		// what was generated as incomplete, within store.timeout, so the
+		// wait for the handlers to end is bounded by that.
+		log.Warn("drain ended with requests in flight: cutting them", "err", err)
+		cutHandlers()
+		final, cancelFinal := context.WithTimeout(context.Background(), 2*cfg.Store.Timeout+time.Second)
+		if err := srv.Shutdown(final); errors.Is(err, context.DeadlineExceeded) {
+			log.Error("requests still running after they were cut; their turns may be lost")
+		}
+		cancelFinal()
 	}
-	// Turns queued while the store was down get the rest of the drain time.
-	if err := px.Close(drain); err != nil {
+	// Turns queued while the store was down are written as long as the
+	// store takes them.
+	if err := px.Close(context.Background()); err != nil {
 		log.Error("shutdown", "err", err)
 	}
-	_ = admin.Shutdown(drain)
+	adminCtx, cancelAdmin := context.WithTimeout(context.Background(), time.Second)
+	defer cancelAdmin()
+	_ = admin.Shutdown(adminCtx)
+	if lost := px.LostTurns() - lostBefore; lost > 0 {
+		err := fmt.Errorf("shutdown: %d turns could not be stored", lost)
+		log.Error("stopped", "err", err)
+		return loggedError{err}
+	}
 	log.Info("stopped")
 	return nil
+}
+
+// loggedError is an error run has already logged: main exits non-zero
+// without writing it again (a JSON log stays JSON).
+type loggedError struct{ error }
+
+func (e loggedError) Unwrap() error { return e.error }
+
+type hurryKey struct{}
+
+// withHurry returns ctx carrying hurry. run drains when ctx is done; when
+// hurry is closed too (a second signal), it ends the drain at once.
+func withHurry(ctx context.Context, hurry <-chan struct{}) context.Context {
+	return context.WithValue(ctx, hurryKey{}, hurry)
+}
+
+// hurryFrom returns the channel withHurry put in ctx; nil (never ready)
+// when there is none.
+func hurryFrom(ctx context.Context) <-chan struct{} {
+	h, _ := ctx.Value(hurryKey{}).(<-chan struct{})
+	return h
 }
 
 func serve(s *http.Server, l net.Listener) error {
@@ -238,15 +308,23 @@ func agent(a config.Agent) proxy.Agent {
 // The readiness ping is bounded by store.timeout: a probe that waits longer
 // than the orchestrator's own timeout (1 s by default in Kubernetes) fails
 // every instance at once.
-func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, storeTimeout time.Duration) http.Handler {
+//
+// While the process drains, readiness fails at once: the load balancer
+// must stop sending before the listener is gone.
+func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, storeTimeout time.Duration, draining *atomic.Bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if draining.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, `{"status":"draining"}`)
+			return
+		}
 		ctx, cancel := context.WithTimeout(r.Context(), storeTimeout)
 		defer cancel()
-		w.Header().Set("Content-Type", "application/json")
 		if err := s.Ping(ctx); err != nil {
 			status, code := "degraded", http.StatusOK
 			if failClosed {

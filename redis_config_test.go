@@ -55,9 +55,11 @@ func TestRedisACLUser(t *testing.T) {
 	require.NotContains(t, p.stderr.String(), "s3cret", "the password is never logged")
 
 	// A wrong password leaves the store unusable: served without history
-	// (fail open); the queued turns are given up at the end of the drain.
+	// (fail open); the queued turns are given up at the end of the drain, and
+	// run says so.
 	cfg := filepath.Join(t.TempDir(), "historyproxy.yaml")
 	require.NoError(t, os.WriteFile(cfg, []byte("redis:\n  url: '"+strings.Replace(rs.URL, "redis://", "redis://historyproxy:wrong@", 1)+"'\n"), 0o600))
 	bad := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-config", cfg, "-drain-timeout", "1s")
 	require.Equal(t, "echo: second [messages=1]", twoTurns(t, bad, "chat:bob:acl"), "served without history (fail open)")
+	require.ErrorContains(t, bad.stopErr(t), "2 turns could not be stored", "the lost turns are reported")
 }

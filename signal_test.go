@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +18,7 @@ import (
 	"github.com/openai/openai-go/option"
 	"github.com/stretchr/testify/require"
 
+	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
@@ -142,4 +146,137 @@ func TestSIGTERMDrainsSlowStream(t *testing.T) {
 	n, err := rs.Client(t).XLen(context.Background(), "hp:{c:sig:a}:conv:c1").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 2, n, "the drained stream was recorded")
+}
+
+// streamsInFlight opens n streams through the binary, one session each
+// (c:drainN:a), and returns once each has relayed its first chunk. The
+// fake upstream holds every stream after that chunk until gate closes.
+func streamsInFlight(t *testing.T, p *binary, up *fakeai.Server, n int, gate chan struct{}) []string {
+	t.Helper()
+	sessions := make([]string, n)
+	var started sync.WaitGroup
+	for i := range n {
+		up.Enqueue(fakeai.Reply{Content: "a reply that is cut short", Gate: gate, GateAfter: 3})
+		sessions[i] = fmt.Sprintf("c:drain%d:a", i)
+		c := openai.NewClient(option.WithBaseURL("http://"+p.addr+"/v1/"), option.WithAPIKey("k"),
+			option.WithHeader("X-Session-ID", sessions[i]), option.WithMaxRetries(0))
+		started.Add(1)
+		go func() { // ends when the stream is cut or done
+			stream := c.Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{
+				Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("tell me")},
+			})
+			ok := stream.Next()
+			started.Done()
+			if ok {
+				for stream.Next() {
+				}
+			}
+		}()
+	}
+	started.Wait()
+	return sessions
+}
+
+// readyz returns the binary's readiness status code.
+func (b *binary) readyz(t *testing.T) int {
+	t.Helper()
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Get("http://" + b.admin + "/readyz")
+	require.NoError(t, err)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// waitExit waits for the process to exit and returns its exit code.
+func (b *binary) waitExit(t *testing.T, within time.Duration) int {
+	t.Helper()
+	select {
+	case <-b.exited:
+	case <-time.After(within):
+		t.Fatalf("the process did not exit within %s:\n%s", within, b.stderr)
+	}
+	var ee *exec.ExitError
+	if errors.As(b.err, &ee) {
+		return ee.ExitCode()
+	}
+	require.NoError(t, b.err)
+	return 0
+}
+
+// requireIncomplete checks that each session holds the user's message and
+// the cut reply, marked incomplete.
+func requireIncomplete(t *testing.T, rs *redistest.Server, sessions []string) {
+	t.Helper()
+	store := history.NewRedis(rs.Client(t), "")
+	for _, s := range sessions {
+		msgs, err := store.Messages(context.Background(), s, "")
+		require.NoError(t, err)
+		require.Len(t, msgs, 2, "session %s", s)
+		require.Equal(t, "tell me", msgs[0].Content)
+		require.Equal(t, history.RoleAssistant, msgs[1].Role)
+		require.NotEmpty(t, msgs[1].Content, "what was generated is kept")
+		require.Equal(t, history.StatusIncomplete, msgs[1].Status, "session %s", s)
+	}
+}
+
+// TestDrainTimeoutRecordsCutStreams: SIGTERM with streams that outlast the
+// drain timeout. Readiness fails from the moment the drain starts; when
+// the drain timeout passes the streams are cut, each is stored as
+// incomplete, and the process exits 0 since nothing was lost.
+func TestDrainTimeoutRecordsCutStreams(t *testing.T) {
+	buildBinary(t)
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	gate := make(chan struct{}) // never opened: the streams outlast the drain
+	defer close(gate)
+	p := startBinary(t, nil, "-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "1s")
+	require.Equal(t, http.StatusOK, p.readyz(t))
+	sessions := streamsInFlight(t, p, up, 8, gate)
+
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Eventually(t, func() bool { return p.readyz(t) == http.StatusServiceUnavailable },
+		900*time.Millisecond, 10*time.Millisecond, "readiness fails while draining")
+	require.Equal(t, 0, p.waitExit(t, 20*time.Second), "nothing was lost:\n%s", p.stderr)
+	requireIncomplete(t, rs, sessions)
+}
+
+// TestSecondSignalEndsTheDrain: a second SIGTERM during a long drain ends
+// it at once, with the same recording of what was cut.
+func TestSecondSignalEndsTheDrain(t *testing.T) {
+	buildBinary(t)
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	gate := make(chan struct{})
+	defer close(gate)
+	p := startBinary(t, nil, "-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "10m")
+	sessions := streamsInFlight(t, p, up, 3, gate)
+
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Eventually(t, func() bool { return p.readyz(t) == http.StatusServiceUnavailable },
+		5*time.Second, 10*time.Millisecond, "the drain has started")
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Equal(t, 0, p.waitExit(t, 30*time.Second), "the second signal ends a 10m drain:\n%s", p.stderr)
+	requireIncomplete(t, rs, sessions)
+}
+
+// TestShutdownThatLosesTurnsExitsNonZero: with Redis down (fail open) the
+// cut streams' turns wait in the retry queue; when it cannot be written
+// the process says which sessions lost a turn and exits non-zero.
+func TestShutdownThatLosesTurnsExitsNonZero(t *testing.T) {
+	buildBinary(t)
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	gate := make(chan struct{})
+	defer close(gate)
+	cfg := filepath.Join(t.TempDir(), "historyproxy.yaml")
+	require.NoError(t, os.WriteFile(cfg, []byte("store:\n  timeout: 200ms\n"), 0o600))
+	p := startBinary(t, nil, "-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "500ms", "-config", cfg)
+	rs.Stop(t)
+	sessions := streamsInFlight(t, p, up, 3, gate)
+
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Equal(t, 1, p.waitExit(t, 30*time.Second), "turns were lost:\n%s", p.stderr)
+	log := p.stderr.String()
+	for _, s := range sessions {
+		require.Regexp(t, `turn not written to the store is lost.*session=`+regexp.QuoteMeta(s), log)
+	}
 }

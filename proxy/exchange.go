@@ -386,7 +386,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		// Earlier turns of this session wait for the store: this one goes
 		// behind them to keep the conversation's order.
 		x.degraded = true
-		p.retry.push(pending)
+		if !p.retry.push(pending) {
+			p.lost.Add(1)
+		}
 		return nil
 	}
 	t0 := time.Now()
@@ -409,6 +411,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		return nil
 	}
 	if p.opt.FailClosed {
+		p.lost.Add(1)
 		p.log.Error("history write failed: answer withheld (fail_closed)", "session", x.stored, "err", err)
 		return fmt.Errorf("%w: %v", errStore, err)
 	}
@@ -417,6 +420,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		p.log.Warn("history write failed: turn queued for retry", "session", x.stored, "err", err)
 		return nil
 	}
+	p.lost.Add(1)
 	p.log.Error("history write failed: turn lost", "session", x.stored, "err", err)
 	return nil
 }

@@ -173,7 +173,7 @@ func TestFailOpenServesWithoutHistoryAndRetries(t *testing.T) {
 	rs.Restart(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	require.Eventually(t, func() bool { return px.retry.drain(ctx) == 0 }, 10*time.Second, 50*time.Millisecond)
+	require.True(t, px.retry.drain(ctx, 10*time.Second), "the queued turn is written once Redis is back")
 	r = post("after")
 	require.Equal(t, http.StatusOK, r.StatusCode)
 	require.Empty(t, r.Header.Get("X-History"))
@@ -198,7 +198,38 @@ func TestRetryQueueBoundDropsAndCounts(t *testing.T) {
 	obs.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	require.Error(t, px.Close(ctx), "Close reports turns it could not write")
+	require.EqualError(t, px.Close(ctx), "2 turns could not be written to the store", "Close reports turns it could not write")
+	obs.mu.Lock()
+	require.Equal(t, 4, obs.drop, "the two left in the queue count as dropped too")
+	obs.mu.Unlock()
+	require.EqualValues(t, 4, px.LostTurns())
+}
+
+// TestCloseGivesUpOnlyWithoutProgress: Close keeps writing past
+// its first attempts as long as turns go through, and gives up only when
+// the store stops taking them.
+func TestCloseGivesUpOnlyWithoutProgress(t *testing.T) {
+	rs := redistest.Start(t, redistest.WithAOF())
+	up := fakeai.New(t)
+	obs := &countingObserver{}
+	px, srv := redisProxy(t, rs, up, func(o *Options) { o.Metrics = obs })
+	rs.Stop(t)
+	for i := 0; i < 5; i++ {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+			fmt.Sprintf(`{"model":"gpt-4o","user":"u%d","messages":[{"role":"user","content":"x"}]}`, i)))
+		require.NoError(t, err)
+		resp.Body.Close()
+	}
+	rs.Restart(t)
+	require.NoError(t, px.Close(context.Background()), "the store is back: every queued turn is written")
+	obs.mu.Lock()
+	require.Zero(t, obs.drop)
+	obs.mu.Unlock()
+	for i := 0; i < 5; i++ {
+		n, err := rs.Client(t).XLen(context.Background(), fmt.Sprintf("hp:{api:u%d:default}:conv:c1", i)).Result()
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n)
+	}
 }
 
 // TestRetryQueueOneBadSessionDoesNotBlockOthers: a turn that keeps failing

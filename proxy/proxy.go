@@ -96,6 +96,7 @@ type Proxy struct {
 	// closed, a request after a failure checks the store before it is
 	// forwarded.
 	storeOK atomic.Bool
+	lost    atomic.Int64 // turns given up, see LostTurns
 	stop    context.CancelFunc
 	done    chan struct{}
 }
@@ -151,22 +152,38 @@ func New(opt Options) (*Proxy, error) {
 	return p, nil
 }
 
-// Close writes the turns still waiting for the store, until ctx is done,
-// then stops the retry worker. Call it after the server has drained.
+// Close writes the turns still waiting for the store, then stops the retry
+// worker. Call it after the server has drained. It keeps writing as long as
+// turns go through, and gives up when ctx is done or twice StoreTimeout
+// passes without one written (the store is still down). Each turn left
+// behind is logged with its session and counted as dropped, and the error
+// says how many there were.
 func (p *Proxy) Close(ctx context.Context) error {
-	defer func() {
-		p.stop()
-		<-p.done
-	}()
+	if p.retry != nil {
+		p.retry.hurry()
+		p.retry.drain(ctx, 2*p.opt.StoreTimeout)
+	}
+	p.stop()
+	<-p.done
 	if p.retry == nil {
 		return nil
 	}
-	if left := p.retry.drain(ctx); left > 0 {
-		p.log.Error("shutdown: turns not written to the store are lost", "turns", left)
-		return fmt.Errorf("%d turns could not be written to the store", left)
+	left := p.retry.take()
+	for _, t := range left {
+		p.opt.Metrics.RetryDropped()
+		p.log.Error("shutdown: turn not written to the store is lost", "session", t.session)
+	}
+	if len(left) > 0 {
+		p.lost.Add(int64(len(left)))
+		return fmt.Errorf("%d turns could not be written to the store", len(left))
 	}
 	return nil
 }
+
+// LostTurns is how many turns were given up since the proxy was built: a
+// full retry queue, a write that failed with nowhere to queue it, or turns
+// still queued when Close gave up.
+func (p *Proxy) LostTurns() int64 { return p.lost.Load() }
 
 // Handler returns the client-facing routes.
 func (p *Proxy) Handler() http.Handler {

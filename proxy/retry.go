@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/historyproxy/historyproxy/history"
@@ -45,6 +46,20 @@ type retryQueue struct {
 	n       int
 	wake    chan struct{}
 	idle    chan struct{} // closed and replaced whenever the queue empties
+	// progress is closed and replaced whenever a turn is written.
+	progress chan struct{}
+	// fast is set on shutdown: retry at once instead of backing off, so
+	// the last attempts fit in what is left of the drain.
+	fast atomic.Bool
+}
+
+// hurry makes the worker retry without backing off from now on.
+func (q *retryQueue) hurry() {
+	q.fast.Store(true)
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
 }
 
 // Backoff between attempts while the store stays down.
@@ -55,7 +70,8 @@ const (
 
 func newRetryQueue(store Store, max int, timeout time.Duration, obs RetryObserver, log *slog.Logger) *retryQueue {
 	return &retryQueue{store: store, max: max, timeout: timeout, obs: obs, log: log,
-		pending: map[string][]pendingTurn{}, wake: make(chan struct{}, 1), idle: make(chan struct{})}
+		pending: map[string][]pendingTurn{}, wake: make(chan struct{}, 1), idle: make(chan struct{}),
+		progress: make(chan struct{})}
 }
 
 // queued reports whether the session has turns waiting: a new turn of that
@@ -116,6 +132,8 @@ func (q *retryQueue) pop() {
 	}
 	q.n--
 	n := q.n
+	close(q.progress)
+	q.progress = make(chan struct{})
 	if n == 0 {
 		close(q.idle)
 		q.idle = make(chan struct{})
@@ -155,9 +173,13 @@ func (q *retryQueue) run(ctx context.Context) {
 			select {
 			case <-ctx.Done():
 				return
+			case <-q.wake: // hurry
 			case <-time.After(backoff):
 			}
 			backoff = min(backoff*2, retryMaxBackoff)
+			if q.fast.Load() {
+				backoff = retryMinBackoff
+			}
 			continue
 		}
 		backoff = retryMinBackoff
@@ -174,23 +196,41 @@ func (q *retryQueue) write(ctx context.Context, p pendingTurn) error {
 	return err
 }
 
-// drain waits until the queue is empty or ctx is done (shutdown), and
-// says how many turns are left behind.
-func (q *retryQueue) drain(ctx context.Context) int {
+// drain waits until the queue is empty, ctx is done, or stall passes
+// without a turn written (the store is still down: waiting longer would
+// only hold the shutdown). It reports whether the queue is empty.
+func (q *retryQueue) drain(ctx context.Context, stall time.Duration) bool {
+	timer := time.NewTimer(stall)
+	defer timer.Stop()
 	for {
 		q.mu.Lock()
-		n, idle := q.n, q.idle
+		n, idle, progress := q.n, q.idle, q.progress
 		q.mu.Unlock()
 		if n == 0 {
-			return 0
+			return true
 		}
 		select {
 		case <-idle:
+		case <-progress:
+			timer.Reset(stall)
 		case <-ctx.Done():
-			q.mu.Lock()
-			n := q.n
-			q.mu.Unlock()
-			return n
+			return false
+		case <-timer.C:
+			return false
 		}
 	}
+}
+
+// take empties the queue and returns what it held, oldest first per
+// session. Call it once the worker has stopped.
+func (q *retryQueue) take() []pendingTurn {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out []pendingTurn
+	for _, s := range q.order {
+		out = append(out, q.pending[s]...)
+	}
+	q.pending, q.order, q.n = map[string][]pendingTurn{}, nil, 0
+	q.obs.SetRetryQueueDepth(0)
+	return out
 }
