@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -113,41 +114,47 @@ func validate(b chatBody) (message, param, code string) {
 	return validateToolOrder(b.Messages)
 }
 
-// validateToolOrder rejects what the API rejects about tool messages: a
-// tool message that answers no call of the assistant message before it,
-// and an assistant message whose calls are not all answered right after
-// it. A proxy that injects history can get both wrong.
+// validateToolOrder rejects what the API rejects about tool messages, with
+// the API's messages: a tool message that answers no call of the assistant
+// message just before its block of tool messages, and an assistant message
+// whose calls are not all answered by the tool messages right after it.
+// Matching is by position, as the API does: an older call with the same id
+// does not count. A proxy that injects history can get both wrong.
 func validateToolOrder(msgs []map[string]any) (message, param, code string) {
-	var open map[string]bool // calls of the last assistant message not yet answered
+	var open []string // calls of the last assistant message not yet answered, in order
+	unanswered := func(i int) (string, string, string) {
+		return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. " +
+				"The following tool_call_ids did not have response messages: " + strings.Join(open, ", "),
+			fmt.Sprintf("messages.[%d].role", i), ""
+	}
 	for i, m := range msgs {
 		role, _ := m["role"].(string)
 		if role == "tool" {
 			id, _ := m["tool_call_id"].(string)
-			if !open[id] {
+			k := slices.Index(open, id)
+			if k < 0 {
 				return "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
 					fmt.Sprintf("messages.[%d].role", i), ""
 			}
-			delete(open, id)
+			open = slices.Delete(open, k, k+1)
 			continue
 		}
 		if len(open) > 0 {
-			return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'.",
-				fmt.Sprintf("messages.[%d].role", i), ""
+			return unanswered(i)
 		}
 		open = nil
 		if calls, ok := m["tool_calls"].([]any); ok && role == "assistant" {
-			open = map[string]bool{}
+			open = []string{}
 			for _, c := range calls {
 				if call, ok := c.(map[string]any); ok {
 					id, _ := call["id"].(string)
-					open[id] = true
+					open = append(open, id)
 				}
 			}
 		}
 	}
 	if len(open) > 0 {
-		return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'.",
-			fmt.Sprintf("messages.[%d].role", len(msgs)-1), ""
+		return unanswered(len(msgs) - 1)
 	}
 	return "", "", ""
 }

@@ -792,15 +792,24 @@ func TestQueueThenDefault(t *testing.T) {
 // queued reply must survive them for the next valid request.
 func TestValidation(t *testing.T) {
 	tests := []struct {
-		name, body string
-		wantParam  any
-		wantCode   any
+		name, body  string
+		wantParam   any
+		wantCode    any
+		wantMessage string // when not empty, the whole message
 	}{
 		{name: "not JSON", body: `{"model":`},
 		{name: "no model", body: `{"messages":[{"role":"user","content":"x"}]}`},
 		{name: "no messages", body: `{"model":"m"}`, wantParam: "messages", wantCode: "missing_required_parameter"},
 		{name: "empty messages", body: `{"model":"m","messages":[]}`, wantParam: "messages", wantCode: "empty_array"},
 		{name: "stream_options without stream", body: `{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}`, wantParam: "stream_options"},
+		{name: "tool message after a plain assistant message",
+			body: `{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},` +
+				`{"role":"tool","tool_call_id":"c1","content":"r"},{"role":"assistant","content":"a"},{"role":"tool","tool_call_id":"c1","content":"r"}]}`,
+			wantParam: "messages.[4].role", wantMessage: "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'."},
+		{name: "call not answered",
+			body: `{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}},{"id":"c2","type":"function","function":{"name":"f","arguments":"{}"}}]},` +
+				`{"role":"tool","tool_call_id":"c2","content":"r"},{"role":"user","content":"y"}]}`,
+			wantParam: "messages.[3].role", wantMessage: "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: c1"},
 	}
 	s := New(t)
 	s.Enqueue(Reply{Content: "kept"})
@@ -816,6 +825,9 @@ func TestValidation(t *testing.T) {
 			require.NoError(t, json.NewDecoder(res.Body).Decode(&e))
 			if e.Error["type"] != "invalid_request_error" || e.Error["message"] == "" {
 				t.Errorf("got error %v, want an invalid_request_error with a message", e.Error)
+			}
+			if tt.wantMessage != "" && e.Error["message"] != tt.wantMessage {
+				t.Errorf("got message %q, want %q", e.Error["message"], tt.wantMessage)
 			}
 			if e.Error["param"] != tt.wantParam || e.Error["code"] != tt.wantCode {
 				t.Errorf("got param %v code %v, want %v and %v", e.Error["param"], e.Error["code"], tt.wantParam, tt.wantCode)
@@ -1053,6 +1065,9 @@ func TestValidateToolOrder(t *testing.T) {
 		{name: "one of two answered at the end", msgs: []map[string]any{u, call("c1", "c2"), tool("c1")}},
 		{name: "result after a plain assistant", msgs: []map[string]any{u, call("c1"), tool("c1"), a, tool("c1")}},
 		{name: "history may start at a tool step", msgs: []map[string]any{call("c1"), tool("c1"), u}, ok: true},
+		{name: "a reused id answers only the call just before", msgs: []map[string]any{u, call("c1"), tool("c1"), a, u, call("c1"), u}},
+		{name: "a result given twice", msgs: []map[string]any{u, call("c1"), tool("c1"), tool("c1")}},
+		{name: "a reused id answered in each step", msgs: []map[string]any{u, call("c1"), tool("c1"), call("c1"), tool("c1"), a}, ok: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
