@@ -246,20 +246,6 @@ func (c *chatRequest) newMessages() []history.Message {
 	return out
 }
 
-// answered is the set of tool_call_ids the request's tool messages answer.
-func (c *chatRequest) answered() map[string]bool {
-	var ids map[string]bool
-	for _, m := range c.Messages {
-		if m.msg.Role == history.RoleTool && m.msg.ToolCallID != "" {
-			if ids == nil {
-				ids = map[string]bool{}
-			}
-			ids[m.msg.ToolCallID] = true
-		}
-	}
-	return ids
-}
-
 // hasParts reports whether any message has a content-part array.
 func (c *chatRequest) hasParts() bool {
 	for _, m := range c.Messages {
@@ -270,10 +256,17 @@ func (c *chatRequest) hasParts() bool {
 	return false
 }
 
-// answersFirst reports whether the request's first message after the
-// leading system messages is a tool result: the app sends back what its
-// tools returned and relies on the history for the call.
-func (c *chatRequest) answersFirst() bool {
-	lead := c.leadingSystem()
-	return lead < len(c.Messages) && c.Messages[lead].msg.Role == history.RoleTool
+// leadingResults returns the tool_call_ids of the tool messages the
+// request opens with, after its leading system messages: the app sends back
+// what its tools returned and relies on the history for the call. nil when
+// the request opens with something else.
+func (c *chatRequest) leadingResults() []string {
+	var ids []string
+	for _, m := range c.Messages[c.leadingSystem():] {
+		if m.msg.Role != history.RoleTool {
+			break
+		}
+		ids = append(ids, m.msg.ToolCallID)
+	}
+	return ids
 }

@@ -215,24 +215,40 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		p.log.Warn("history read failed", "session", x.stored, "err", err)
 		return nil, true
 	}
+	ans := answer{results: x.req.leadingResults(), user: x.session.User, key: x.idemKey}
+	msgs, answered, dropped := arrange(win.Messages, ans)
+	if ans.results != nil && !answered && win.ConversationID == "" && a.Policy.IdleTimeout > 0 {
+		// Tool results after the idle timeout (a tool that ran long): a
+		// request that answers a pending call continues that call's
+		// conversation, idle or not.
+		t0 := time.Now()
+		w, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, x.start.UnixMilli(), history.Policy{})
+		p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
+		p.storeUp(err == nil)
+		if err != nil {
+			p.log.Warn("history read failed", "session", x.stored, "err", err)
+			return nil, true
+		}
+		if m, ok, d := arrange(w.Messages, ans); ok {
+			win, msgs, answered, dropped = w, m, ok, d
+		}
+	}
 	x.conversation = win.ConversationID
 	limits := history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages}
-	answered := x.req.answered()
-	sel := history.Select(win.Messages, limits)
-	msgs = wellFormed(sel.Messages, answered)
-	if x.req.answersFirst() && !callsAnswered(msgs, answered) {
+	sel := history.Select(msgs, limits)
+	if answered && len(sel.Messages) == 0 {
 		// The request continues a tool loop whose user message is beyond
 		// the window or the budget: begin at a whole tool step instead,
 		// or the upstream gets tool results with no call before them.
 		limits.ToolSteps = true
-		sel = history.Select(win.Messages, limits)
-		msgs = wellFormed(sel.Messages, answered)
+		sel = history.Select(msgs, limits)
 	}
+	msgs = sel.Messages
 	for _, m := range msgs {
 		x.historyTokens += m.Tokens
 	}
 	x.historyMessages = len(msgs)
-	x.truncated = sel.Truncated || len(msgs) < len(sel.Messages)
+	x.truncated = sel.Truncated || dropped
 	return msgs, false
 }
 

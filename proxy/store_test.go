@@ -56,6 +56,10 @@ var e2eScenarios = []struct {
 	{"scale_out", testE2EScaleOut},
 	{"idle_timeout", testE2EIdleTimeout},
 	{"idle_timeout_crossed_mid_reply", testE2EIdleCrossedMidReply},
+	{"shared_call_answered_after_others", testE2ESharedCallAnsweredLater},
+	{"reused_tool_call_ids", testE2EReusedToolCallIDs},
+	{"tool_results_after_idle_timeout", testE2EToolResultsAfterIdle},
+	{"retried_request_same_context", testE2ERetriedRequestSameContext},
 }
 
 func TestStoreEndToEnd(t *testing.T) {
@@ -141,12 +145,20 @@ type e2eResponse struct {
 // post sends a chat completion to proxy i. It does not fail the test, so
 // that it may be called from other goroutines.
 func (h *e2eHarness) post(i int, session, body string) (e2eResponse, error) {
+	return h.postWith(i, session, body, nil)
+}
+
+// postWith is post with extra request headers.
+func (h *e2eHarness) postWith(i int, session, body string, hdr map[string]string) (e2eResponse, error) {
 	req, err := http.NewRequest(http.MethodPost, h.servers[i].URL+"/v1/chat/completions", strings.NewReader(body))
 	if err != nil {
 		return e2eResponse{}, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("X-Session-ID", session)
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
 	resp, err := h.client.Do(req)
 	if err != nil {
 		return e2eResponse{}, err
@@ -536,4 +548,159 @@ func testE2EIdleCrossedMidReply(t *testing.T, b e2eBackend) {
 		"user: second", "assistant: slow answer",
 		"user: third",
 	}, wireLines(h.up.LastChat().Chat.Messages), "the next request keeps the earlier context")
+}
+
+// toolResult is a tool message answering id.
+func toolResult(id, content string) string {
+	return `{"role":"tool","tool_call_id":` + jsonString(id) + `,"content":` + jsonString(content) + `}`
+}
+
+// testE2ESharedCallAnsweredLater: in a shared conversation, Bob speaks
+// between Alice's tool call and her tool results. The call (with Alice's
+// question) goes just before her results; a retry of her results with the
+// same key gets the very same context; later requests see every exchange
+// whole.
+func testE2ESharedCallAnsweredLater(t *testing.T, b e2eBackend) {
+	h := newE2EHarness(t, b, 1, func(o *Options) {
+		o.Agent = func(name string) Agent {
+			a := defaultAgent(name)
+			a.Mode = ModeShared
+			return a
+		}
+	})
+	const alice, bob = "team:alice:helper", "team:bob:helper"
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_w", Name: "weather", Arguments: `{"city":"Oslo"}`}}})
+	h.turn(t, 0, alice, chatBody(user("weather in Oslo?")))
+	h.turn(t, 0, bob, chatBody(user("hello everyone")))
+
+	results := chatBody(toolResult("call_w", "-3C"))
+	key := map[string]string{"Idempotency-Key": "alice-results-1"}
+	r, err := h.postWith(0, alice, results, key)
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status, "the upstream accepts the injected history: %s", r.body)
+	want := []string{
+		"user: hello everyone",
+		"assistant: echo: hello everyone [messages=2]",
+		"user: weather in Oslo?",
+		"assistant: <nil>",
+		"tool: -3C",
+	}
+	first := h.up.LastChat().Chat.Messages
+	require.Equal(t, want, wireLines(first), "the answered call and its question come right before the results")
+
+	// The same request again, after the first was recorded: the same
+	// context, nothing stored twice.
+	r, err = h.postWith(0, alice, results, key)
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status, r.body)
+	require.Equal(t, first, h.up.LastChat().Chat.Messages, "a retried request gets the context its first attempt had")
+
+	// Bob again: every exchange whole, each call right before its results.
+	h.turn(t, 0, bob, chatBody(user("and now?")))
+	require.Equal(t, []string{
+		"user: hello everyone",
+		"assistant: echo: hello everyone [messages=2]",
+		"user: weather in Oslo?",
+		"assistant: <nil>",
+		"tool: -3C",
+		"assistant: echo: weather in Oslo? [messages=5]",
+		"user: and now?",
+	}, wireLines(h.up.LastChat().Chat.Messages))
+
+	stored := h.messages(t, "team:*:helper", "")
+	require.Equal(t, []string{
+		"user: weather in Oslo?", "assistant: <nil>",
+		"user: hello everyone", "assistant: echo: hello everyone [messages=2]",
+		"tool: -3C", "assistant: echo: weather in Oslo? [messages=5]",
+		"user: and now?", "assistant: echo: and now? [messages=7]",
+	}, storedLines(stored), "the store keeps the order turns were recorded in, nothing lost or doubled")
+}
+
+// testE2EReusedToolCallIDs: a server that numbers calls call_0 in every
+// reply. An abandoned call must not be injected because an older result
+// carries its id.
+func testE2EReusedToolCallIDs(t *testing.T, b e2eBackend) {
+	h := newE2EHarness(t, b, 1, nil)
+	const sid = "app:reuse:agent"
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_0", Name: "lookup", Arguments: `{"q":"a"}`}}})
+	h.turn(t, 0, sid, chatBody(user("look up a")))
+	h.turn(t, 0, sid, chatBody(toolResult("call_0", "found a")))
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_0", Name: "lookup", Arguments: `{"q":"b"}`}}})
+	h.turn(t, 0, sid, chatBody(user("look up b")))
+	// The app abandons the second call and asks something else.
+	r, err := h.post(0, sid, chatBody(user("never mind, thanks")))
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status, "the abandoned call is not injected: %s", r.body)
+	require.Equal(t, []string{
+		"user: look up a",
+		"assistant: <nil>",
+		"tool: found a",
+		"assistant: echo: look up a [messages=3]",
+		"user: look up b",
+		"user: never mind, thanks",
+	}, wireLines(h.up.LastChat().Chat.Messages))
+}
+
+// testE2EToolResultsAfterIdle: a tool that runs longer than the idle
+// timeout. Its results continue the call's conversation.
+func testE2EToolResultsAfterIdle(t *testing.T, b e2eBackend) {
+	const idle = 2 * time.Second
+	clock := &e2eClock{now: time.UnixMilli(1_700_000_000_000)}
+	h := newE2EHarness(t, b, 1, func(o *Options) {
+		o.Now = clock.Now
+		o.Agent = func(name string) Agent {
+			a := defaultAgent(name)
+			a.Policy.IdleTimeout = idle
+			return a
+		}
+	})
+	const sid = "app:slowtool:agent"
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_r", Name: "render", Arguments: `{}`}}})
+	h.turn(t, 0, sid, chatBody(user("render the report")))
+
+	clock.Advance(time.Minute)
+	r, err := h.post(0, sid, chatBody(toolResult("call_r", "report.pdf")))
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status, "the call is injected before its results: %s", r.body)
+	require.Equal(t, []string{"user: render the report", "assistant: <nil>", "tool: report.pdf"},
+		wireLines(h.up.LastChat().Chat.Messages))
+	require.Equal(t, []string{"c1"}, h.conversations(t, sid), "the results continue the call's conversation")
+
+	// An idle conversation without a pending call still ends.
+	clock.Advance(time.Minute)
+	r = h.turn(t, 0, sid, chatBody(user("something new")))
+	require.Equal(t, "0", r.header.Get("X-History-Messages"))
+	require.Equal(t, []string{"c1", "c2"}, h.conversations(t, sid))
+}
+
+// testE2ERetriedRequestSameContext: an app retries a request with the same
+// Idempotency-Key after its first attempt was recorded (the answer was
+// lost on the way). The retry gets the context the first attempt had.
+func testE2ERetriedRequestSameContext(t *testing.T, b e2eBackend) {
+	h := newE2EHarness(t, b, 1, nil)
+	const sid = "app:retry:agent"
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_f", Name: "fetch", Arguments: `{}`}}})
+	h.turn(t, 0, sid, chatBody(user("fetch it")))
+
+	results := chatBody(toolResult("call_f", "fetched"))
+	key := map[string]string{"Idempotency-Key": "retry-1"}
+	for attempt := 1; attempt <= 2; attempt++ {
+		r, err := h.postWith(0, sid, results, key)
+		require.NoError(t, err)
+		require.Equal(t, http.StatusOK, r.status, "attempt %d: %s", attempt, r.body)
+		require.Equal(t, []string{"user: fetch it", "assistant: <nil>", "tool: fetched"},
+			wireLines(h.up.LastChat().Chat.Messages), "attempt %d", attempt)
+	}
+
+	// A plain question retried: the model does not see its own first answer.
+	q := chatBody(user("and the size?"))
+	key = map[string]string{"Idempotency-Key": "retry-2"}
+	for attempt := 1; attempt <= 2; attempt++ {
+		r, err := h.postWith(0, sid, q, key)
+		require.NoError(t, err)
+		require.Equal(t, http.StatusOK, r.status, "attempt %d: %s", attempt, r.body)
+		require.Equal(t, "4", r.header.Get("X-History-Messages"), "attempt %d", attempt)
+		require.Equal(t, "user: and the size?", wireLines(h.up.LastChat().Chat.Messages)[4], "attempt %d", attempt)
+	}
+	require.Len(t, h.messages(t, sid, ""), 6, "each turn stored once")
 }

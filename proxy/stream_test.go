@@ -473,7 +473,7 @@ func TestReplyAssembly(t *testing.T) {
 // Gateways in front of Claude number streamed tool calls from 1 (after a
 // text block). The reply must hold the calls that came, not an empty call
 // at index 0 that no tool result can ever answer (which later makes
-// wellFormed drop the whole assistant message and its results).
+// arrange drop the whole assistant message and its results).
 func TestToolCallIndexGap(t *testing.T) {
 	r := &reply{}
 	for _, c := range []string{
