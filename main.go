@@ -98,7 +98,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	defer al.Close()
 
-	store, closeStore, err := newStore(cfg.Redis, log)
+	store, closeStore, err := newStore(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -238,10 +238,22 @@ func serve(s *http.Server, l net.Listener) error {
 	return nil
 }
 
-func newStore(rc config.Redis, log *slog.Logger) (proxy.Store, func(), error) {
+// sweepInterval is how often the in-memory store applies the expiries
+// Redis applies on its own (retention, idempotency keys).
+const sweepInterval = time.Minute
+
+func newStore(ctx context.Context, cfg config.Config, log *slog.Logger) (proxy.Store, func(), error) {
+	rc := cfg.Redis
 	if !rc.Enabled() {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
-		return history.NewMemory(), func() {}, nil
+		m := history.NewMemory(history.WithMaxBytes(cfg.Store.MemoryMaxBytes), history.WithLogger(log))
+		ctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { // stops when the store is closed
+			defer close(done)
+			m.Run(ctx, sweepInterval)
+		}()
+		return m, func() { cancel(); <-done }, nil
 	}
 	client, err := newRedisClient(rc)
 	if err != nil {

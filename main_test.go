@@ -121,7 +121,7 @@ func TestEndToEndWithSDK(t *testing.T) {
 
 	// The conversation is in Redis, readable with plain commands.
 	rc := rs.Client(t)
-	n, err := rc.XLen(ctx, "hp:{chat:john@example.com:support}:conv:c1").Result()
+	n, err := rc.XLen(ctx, "hp:{chat:john@example.com:support}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 4, n)
 
@@ -205,7 +205,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("run did not return after the stream ended")
 	}
-	n, err := rs.Client(t).XLen(context.Background(), "hp:{c:slow:a}:conv:c1").Result()
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{c:slow:a}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 2, n, "the drained stream was recorded")
 }

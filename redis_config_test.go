@@ -38,7 +38,7 @@ func TestRedisClusterFromConfigFile(t *testing.T) {
 	require.NoError(t, os.WriteFile(cfg, []byte("redis:\n  cluster_addrs: ['"+strings.Join(cl.Addrs, "', '")+"']\n"), 0o600))
 	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-config", cfg)
 	require.Equal(t, "echo: second [messages=3]", twoTurns(t, p, "chat:ann:cluster"))
-	n, err := cl.Client(t).XLen(context.Background(), "hp:{chat:ann:cluster}:conv:c1").Result()
+	n, err := cl.Client(t).XLen(context.Background(), "hp:{chat:ann:cluster}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 4, n)
 }

@@ -24,7 +24,7 @@ func TestRedisSentinelFromConfigFile(t *testing.T) {
 	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-config", cfg)
 	require.Contains(t, p.stderr.String(), "redis sentinel mymaster", "the start-up log names the store")
 	require.Equal(t, "echo: second [messages=3]", twoTurns(t, p, "chat:ann:sentinel"))
-	n, err := master.Client(t).XLen(context.Background(), "hp:{chat:ann:sentinel}:conv:c1").Result()
+	n, err := master.Client(t).XLen(context.Background(), "hp:{chat:ann:sentinel}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 4, n)
 }
@@ -43,7 +43,7 @@ func TestRedisTLSWithSystemRoots(t *testing.T) {
 	require.Contains(t, b.stderr.String(), "rediss://127.0.0.1:", "the start-up log names the TLS store")
 	// twoTurns needs only the proxy address of a program.
 	require.Equal(t, "echo: second [messages=3]", twoTurns(t, &program{addrs: addrs{Proxy: b.addr}}, "chat:ann:tls"))
-	n, err := rs.Client(t).XLen(context.Background(), "hp:{chat:ann:tls}:conv:c1").Result()
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{chat:ann:tls}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 4, n)
 
@@ -53,7 +53,7 @@ func TestRedisTLSWithSystemRoots(t *testing.T) {
 		"-upstream", up.URL, "-redis-url", rs.URL, "-drain-timeout", "500ms")
 	require.Equal(t, "echo: second [messages=1]", twoTurns(t, &program{addrs: addrs{Proxy: untrusted.addr}}, "chat:bob:tls"))
 	require.Contains(t, untrusted.stderr.String(), "certificate signed by unknown authority")
-	n, err = rs.Client(t).Exists(context.Background(), "hp:{chat:bob:tls}:conv:c1").Result()
+	n, err = rs.Client(t).Exists(context.Background(), "hp:{chat:bob:tls}:messages").Result()
 	require.NoError(t, err)
 	require.Zero(t, n, "nothing was written without a trusted connection")
 }

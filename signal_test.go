@@ -143,7 +143,7 @@ func TestSIGTERMDrainsSlowStream(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("process did not exit after the stream ended")
 	}
-	n, err := rs.Client(t).XLen(context.Background(), "hp:{c:sig:a}:conv:c1").Result()
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{c:sig:a}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 2, n, "the drained stream was recorded")
 }

@@ -78,6 +78,10 @@ type Store struct {
 	OnError    string        `yaml:"on_error"`
 	RetryQueue int           `yaml:"retry_queue"` // turns held while the store is down, default 10000
 	Timeout    time.Duration `yaml:"timeout"`     // per store operation, default 2s
+	// MemoryMaxBytes caps the in-memory store (no Redis configured): past
+	// it, the least recently active sessions are erased. 0: no cap.
+	// Default 256 MiB.
+	MemoryMaxBytes int64 `yaml:"memory_max_bytes"`
 }
 
 // Session is how requests map to sessions.
@@ -144,9 +148,10 @@ func Default() Config {
 		},
 		Redis: Redis{Prefix: "hp"},
 		Store: Store{
-			OnError:    "fail_open",
-			RetryQueue: 10000,
-			Timeout:    2 * time.Second,
+			OnError:        "fail_open",
+			RetryQueue:     10000,
+			Timeout:        2 * time.Second,
+			MemoryMaxBytes: 256 << 20,
 		},
 		Session: Session{
 			DefaultChannel: "api",

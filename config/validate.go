@@ -65,6 +65,12 @@ func (c Config) Validate() error {
 	for i, a := range r.ClusterAddrs {
 		v.hostPort(fmt.Sprintf("redis.cluster_addrs[%d]", i), a)
 	}
+	if strings.ContainsAny(r.Prefix, "{}") {
+		// Every key of a session carries the hash tag {session}; a brace in
+		// the prefix would become the tag instead, and put a session's keys
+		// on different Cluster slots.
+		v.addf("redis.prefix", r.Prefix, "must not contain { or }: the session's hash tag must be the first braces of every key")
+	}
 	for i, a := range r.SentinelAddrs {
 		v.hostPort(fmt.Sprintf("redis.sentinel_addrs[%d]", i), a)
 	}
@@ -72,6 +78,9 @@ func (c Config) Validate() error {
 	v.oneOf("store.on_error", c.Store.OnError, onErrorPolicies)
 	if c.Store.RetryQueue < 0 {
 		v.addf("store.retry_queue", c.Store.RetryQueue, "is negative")
+	}
+	if c.Store.MemoryMaxBytes < 0 {
+		v.addf("store.memory_max_bytes", c.Store.MemoryMaxBytes, "is negative")
 	}
 	v.positive("store.timeout", c.Store.Timeout)
 

@@ -39,9 +39,14 @@ const IdempotencyWindow = 24 * time.Hour
 // Message is one stored chat message.
 type Message struct {
 	// ID is assigned by the store (the Redis stream entry id, or an
-	// equivalent "ms-seq" id in memory); empty before Append.
-	ID   string
-	Role string
+	// equivalent "ms-seq" id in memory); empty before Append. Ids grow
+	// across all of a session's conversations, so one id orders and
+	// resumes a reader of the whole session.
+	ID string
+	// Conversation is the id of the conversation the message belongs to,
+	// set by the store when it reads a message; Append ignores it.
+	Conversation string
+	Role         string
 	// Content is the text content. When the message was sent with an array
 	// of content parts, Parts holds that array exactly as sent and Content
 	// is empty.
@@ -52,7 +57,8 @@ type Message struct {
 	ContentNull bool
 	Name        string
 	// ToolCalls is the JSON array of tool calls as sent or assembled; nil
-	// when there are none.
+	// when there are none. Parts and ToolCalls of length zero are stored
+	// and read back as nil.
 	ToolCalls  json.RawMessage
 	ToolCallID string
 	Refusal    string
@@ -152,11 +158,89 @@ type Window struct {
 
 // Session is a session's metadata.
 type Session struct {
-	ID             string
-	ConversationID string // the active conversation
-	CreatedMs      int64
-	LastActiveMs   int64
-	Active         bool
-	MessageCount   int64 // messages in all of the session's conversations
-	Totals         Usage
+	ID string
+	// ConversationID is the session's latest conversation; Active says
+	// whether it is still going (not reset). Idleness depends on a Policy
+	// and is not applied here.
+	ConversationID string
+	// Title is the latest conversation's title: the one set, else the one
+	// derived from its first user message; empty when it has neither.
+	Title        string
+	CreatedMs    int64
+	LastActiveMs int64
+	Active       bool
+	MessageCount int64 // messages ever written, in all of the session's conversations
+	Totals       Usage
+}
+
+// Conversation is one conversation's metadata.
+type Conversation struct {
+	ID string
+	// Title is the title set by SetTitle, else the one derived from the
+	// conversation's first user message; TitleSet says which.
+	Title    string
+	TitleSet bool
+	// StartID and LastID are the ids of its first and last messages.
+	StartID, LastID string
+	CreatedMs       int64
+	LastMs          int64 // time of its last turn
+	MessageCount    int64 // messages ever written to it
+	// Current: it is the session's latest conversation and was not reset.
+	Current bool
+	// Expired: retention removed its messages; its metadata stays.
+	Expired bool
+}
+
+// MessageQuery selects messages of one conversation.
+type MessageQuery struct {
+	// Conversation is the conversation's id; "" means the session's
+	// current conversation (none after Reset).
+	Conversation string
+	// After and Before, when not empty, are message ids: only messages
+	// after After and before Before are read (both exclusive).
+	After, Before string
+	// Limit is the most messages read; 0 or less reads all of them.
+	Limit int
+	// Newest reads the newest Limit messages of the range instead of the
+	// oldest. Messages are returned oldest first either way.
+	Newest bool
+}
+
+// Erased says what Erase removed.
+type Erased struct {
+	Found         bool  // the session existed
+	Conversations int64 // conversations it had
+	Messages      int64 // messages still stored (retention may have removed others)
+}
+
+// SessionQuery selects sessions for Sessions, most recently active first.
+// The zero value lists every session.
+type SessionQuery struct {
+	// Channel, User and Agent, when not empty, keep only the sessions with
+	// that part (ids are "channel:user:agent"). Each is served by an index,
+	// so none of them reads sessions that do not match.
+	Channel, User, Agent string
+	// SinceMs and UntilMs, when not zero, bound the last activity
+	// (inclusive), in Unix milliseconds.
+	SinceMs, UntilMs int64
+	// Match, when not nil, keeps only the sessions it accepts. It needs
+	// each candidate's metadata, so candidates are read in batches, and
+	// counting Total reads every candidate the other filters leave.
+	Match func(Session) bool
+	// Cursor continues a previous page: its NextCursor.
+	Cursor string
+	// Limit is the page size; 0 or less means no limit.
+	Limit int
+}
+
+// SessionPage is one page of Sessions.
+type SessionPage struct {
+	Sessions []Session
+	// NextCursor continues the listing after this page; empty on the last
+	// page. It names a position in the order (last activity, id), so a
+	// session that moves to the top while a client pages is not listed a
+	// second time.
+	NextCursor string
+	// Total is how many sessions match the query, on every page.
+	Total int64
 }

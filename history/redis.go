@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -25,14 +23,23 @@ const DefaultPrefix = "hp"
 // Layout, for prefix P and session S (every key of a session carries the
 // hash tag {S}, so a session lives on one Cluster slot):
 //
-//	P:{S}:session     hash: conversation, created_ms, last_active_ms,
-//	                  is_active, messages, conversations, prompt_tokens,
-//	                  completion_tokens, cached_tokens, history_tokens,
-//	                  requests, cost_nanos
-//	P:{S}:conv:<id>   stream, one entry per message (ids c1, c2, ...)
-//	P:{S}:convs       sorted set: conversation id -> created ms
-//	P:{S}:idem        sorted set: idempotency key -> ms
-//	P:sessions        sorted set: session id -> last active ms
+//	P:{S}:session        hash: conversation (the latest), is_active,
+//	                     created_ms, last_active_ms, messages, conversations,
+//	                     retained, and the usage totals (cost_nanos)
+//	P:{S}:messages       stream: every message of every conversation, oldest
+//	                     first; each entry's first field is its conversation
+//	P:{S}:conversations  hash: per conversation c, c:start and c:last (first
+//	                     and last entry ids), c:created_ms, c:last_ms,
+//	                     c:messages, c:title (set), c:auto_title (derived)
+//	P:{S}:idem           sorted set: idempotency key -> ms
+//	P:sessions           sorted set: session id -> last active ms
+//	P:sessions:channel:<channel>, P:sessions:user:<user>,
+//	P:sessions:agent:<agent>
+//	                     the same, per part of the session id
+//
+// Every key a script touches is one of a session's fixed keys, passed in
+// KEYS. The indexes are on other Cluster slots, so they are written in the
+// same pipeline as a turn's script, not inside it.
 //
 // It is safe for concurrent use.
 type RedisStore struct {
@@ -49,53 +56,107 @@ func NewRedis(client redis.UniversalClient, prefix string) *RedisStore {
 	return &RedisStore{client: client, prefix: prefix}
 }
 
-func (s *RedisStore) sessionKey(id string) string { return s.prefix + ":{" + id + "}:session" }
-func (s *RedisStore) convKey(id, conv string) string {
-	return s.prefix + ":{" + id + "}:conv:" + conv
+func (s *RedisStore) key(id, name string) string  { return s.prefix + ":{" + id + "}:" + name }
+func (s *RedisStore) sessionKey(id string) string { return s.key(id, "session") }
+func (s *RedisStore) streamKey(id string) string  { return s.key(id, "messages") }
+func (s *RedisStore) convsKey(id string) string   { return s.key(id, "conversations") }
+func (s *RedisStore) idemKey(id string) string    { return s.key(id, "idem") }
+func (s *RedisStore) indexKey() string            { return s.prefix + ":sessions" }
+
+// partIndexKey is the index of the sessions whose id has value as its
+// part ("channel", "user" or "agent").
+func (s *RedisStore) partIndexKey(part, value string) string {
+	return s.prefix + ":sessions:" + part + ":" + value
 }
-func (s *RedisStore) convsKey(id string) string { return s.prefix + ":{" + id + "}:convs" }
-func (s *RedisStore) idemKey(id string) string  { return s.prefix + ":{" + id + "}:idem" }
-func (s *RedisStore) indexKey() string          { return s.prefix + ":sessions" }
 
-// The scripts find a conversation's stream from the session key: they
-// strip "session" from KEYS[1] and add "conv:<id>". The stream is not
-// declared in KEYS because its id is only known inside the script; it
-// shares the session's hash tag, so it is on the same Cluster slot.
+// indexKeys are every index a session is listed in: all sessions, and
+// those of its channel, user and agent when its id has the three parts.
+func (s *RedisStore) indexKeys(session string) []string {
+	keys := []string{s.indexKey()}
+	if ch, u, a, ok := SplitID(session); ok {
+		keys = append(keys, s.partIndexKey("channel", ch), s.partIndexKey("user", u), s.partIndexKey("agent", a))
+	}
+	return keys
+}
 
-// windowScript reads the newest ARGV[1] entries of the active conversation
-// unless it is ended or idle.
+// sessionKeys are the keys every script of a session takes, in this order.
+func (s *RedisStore) sessionKeys(id string) []string {
+	return []string{s.sessionKey(id), s.convsKey(id), s.streamKey(id), s.idemKey(id)}
+}
+
+// luaLib is shared by the scripts that read a conversation. A session's
+// conversations follow each other in its stream; collect still checks each
+// entry's conversation, because a turn that was read from a conversation
+// is written to it even when a newer one began meanwhile.
+const luaLib = `
+-- collect returns up to n (0: all) entries of conversation conv between
+-- ids lo and hi (inclusive, or exclusive with a '(' prefix), oldest first,
+-- or newest first when rev.
+local function collect(stream, conv, lo, hi, n, rev)
+  local out = {}
+  local batch = 256
+  if n > 0 and n < batch then batch = n end
+  while true do
+    local es
+    if rev then es = redis.call('XREVRANGE', stream, hi, lo, 'COUNT', batch)
+    else es = redis.call('XRANGE', stream, lo, hi, 'COUNT', batch) end
+    for _, e in ipairs(es) do
+      if e[2][2] == conv then
+        out[#out + 1] = e
+        if n > 0 and #out >= n then return out end
+      end
+    end
+    if #es < batch then return out end
+    if rev then hi = '(' .. es[#es][1] else lo = '(' .. es[#es][1] end
+  end
+end
+
+-- idlt reports whether stream id a is lower than b.
+local function idlt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then return am < bm end
+  return tonumber(as) < tonumber(bs)
+end
+`
+
+// windowScript reads the newest ARGV[1] messages of the current
+// conversation unless it is ended or idle.
 //
-// KEYS: session. ARGV: n, now ms, idle timeout ms (0: never idle).
-// Returns {} or {conversation id, entries newest first}.
-var windowScript = redis.NewScript(`
+// KEYS: session, conversations, messages. ARGV: n, now ms, idle timeout ms
+// (0: never idle). Returns {} or {conversation id, entries newest first}.
+var windowScript = redis.NewScript(luaLib + `
 local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active')
 if not h[1] or h[3] ~= '1' then return {} end
 local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(h[2] or '0') > idle then return {} end
 local n = tonumber(ARGV[1])
 if n <= 0 then return {h[1], {}} end
-local stream = string.sub(KEYS[1], 1, -8) .. 'conv:' .. h[1]
-return {h[1], redis.call('XREVRANGE', stream, '+', '-', 'COUNT', n)}
+local r = redis.call('HMGET', KEYS[2], h[1] .. ':start', h[1] .. ':last')
+if not r[1] then return {h[1], {}} end
+return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 `)
 
 // appendScript writes one turn.
 //
-// KEYS: session, convs, idem.
+// KEYS: session, conversations, messages, idem.
 // ARGV: now ms, idle ms, retention ms, idempotency key, idempotency cutoff
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
-// the turn was read from (or ""), message count, then per message its
-// number of field/value strings followed by them.
+// the turn was read from (or ""), derived title, message count, then per
+// message its number of field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
 var appendScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
 local idle = tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active')
+local retention = tonumber(ARGV[3])
+local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained')
 local conv = h[1] or ''
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
 if ARGV[4] ~= '' then
-  if redis.call('ZSCORE', KEYS[3], ARGV[4]) then return {conv, 2} end
-  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  if redis.call('ZSCORE', KEYS[4], ARGV[4]) then return {conv, 2} end
+  redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[6])
 end
 local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
 for i = 1, 6 do
@@ -110,77 +171,73 @@ if micros then
   redis.call('HDEL', KEYS[1], 'cost_micros')
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
-local n = tonumber(ARGV[15])
+local n = tonumber(ARGV[16])
 if n == 0 then return {conv, 0} end
 local last = tonumber(h[2] or '0')
 local arrived = tonumber(ARGV[13])
 local read = ARGV[14]
+-- kept reports whether conversation c still has messages: retention
+-- removes them, and one written by an older layout is not in the stream.
+local function kept(c)
+  if c == '' then return false end
+  local r = redis.call('HMGET', KEYS[2], c .. ':start', c .. ':last')
+  return r[1] and #redis.call('XRANGE', KEYS[3], r[1], r[2], 'COUNT', 1) > 0
+end
 local new = 0
-local prefix = string.sub(KEYS[1], 1, -8) .. 'conv:'
--- A conversation whose stream is gone expired by retention: a new turn
--- starts a new conversation instead of refilling its id.
-if read ~= '' and redis.call('ZSCORE', KEYS[2], read) and redis.call('EXISTS', prefix .. read) == 1 then
+if read ~= '' and kept(read) then
   -- The turn was answered from this conversation: it belongs there,
-  -- however long the reply took or the tool ran.
+  -- however long the reply took or the tool ran, and even when a newer
+  -- one began meanwhile (without making it current again).
   conv = read
-elseif conv == '' or h[3] ~= '1' or (idle > 0 and arrived - last > idle) or redis.call('EXISTS', prefix .. conv) == 0 then
+elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) then
+  -- An expired conversation is not refilled: a new turn starts a new one.
   conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
   redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
-  redis.call('ZADD', KEYS[2], ARGV[1], conv)
+  redis.call('HSET', KEYS[2], conv .. ':created_ms', ARGV[1])
   new = 1
 end
 if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
-local stream = prefix .. conv
 local res = {conv, new}
-local i = 16
+local i = 17
 for m = 1, n do
   local k = tonumber(ARGV[i])
-  local fields = {}
-  for j = 1, k do fields[j] = ARGV[i + j] end
-  res[m + 2] = redis.call('XADD', stream, '*', unpack(fields))
+  local fields = {'conversation', conv}
+  for j = 1, k do fields[j + 2] = ARGV[i + j] end
+  res[m + 2] = redis.call('XADD', KEYS[3], '*', unpack(fields))
   i = i + k + 1
 end
+if new == 1 then redis.call('HSET', KEYS[2], conv .. ':start', res[3]) end
+redis.call('HSET', KEYS[2], conv .. ':last', res[n + 2])
+redis.call('HINCRBY', KEYS[2], conv .. ':messages', n)
+if now > tonumber(redis.call('HGET', KEYS[2], conv .. ':last_ms') or '0') then
+  redis.call('HSET', KEYS[2], conv .. ':last_ms', ARGV[1])
+end
+if ARGV[15] ~= '' then redis.call('HSETNX', KEYS[2], conv .. ':auto_title', ARGV[15]) end
 redis.call('HINCRBY', KEYS[1], 'messages', n)
-if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', stream, ARGV[3]) end
+if retention > 0 then
+  -- The stream expires with the session's last activity; before that,
+  -- ended conversations whose last turn is older than the retention are
+  -- trimmed from its start, oldest first.
+  redis.call('PEXPIRE', KEYS[3], retention)
+  local cur = tonumber(string.sub(h[1] or conv, 2))
+  if new == 1 then cur = tonumber(string.sub(conv, 2)) end
+  local k = tonumber(h[4] or '1')
+  local k0 = k
+  while k < cur do
+    local lm = redis.call('HGET', KEYS[2], 'c' .. k .. ':last_ms')
+    if lm and tonumber(lm) >= now - retention then break end
+    k = k + 1
+  end
+  if k > k0 then
+    local s = redis.call('HGET', KEYS[2], 'c' .. k .. ':start')
+    if s then redis.call('XTRIM', KEYS[3], 'MINID', s) end
+    redis.call('HSET', KEYS[1], 'retained', k)
+  end
+end
 return res
 `)
 
-// messagesScript reads a whole conversation; an empty ARGV[1] means the
-// active one.
-//
-// KEYS: session. ARGV: conversation id or "".
-// Returns {} or {conversation id, entries oldest first}.
-var messagesScript = redis.NewScript(`
-local conv = ARGV[1]
-if conv == '' then
-  local h = redis.call('HMGET', KEYS[1], 'conversation', 'is_active')
-  if not h[1] or h[2] ~= '1' then return {} end
-  conv = h[1]
-end
-local stream = string.sub(KEYS[1], 1, -8) .. 'conv:' .. conv
-return {conv, redis.call('XRANGE', stream, '-', '+')}
-`)
-
-// resetScript ends the active conversation of a known session.
-//
-// KEYS: session.
-var resetScript = redis.NewScript(`
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'is_active', '0') end
-return 0
-`)
-
-// eraseScript deletes every key of a session.
-//
-// KEYS: session, convs, idem.
-var eraseScript = redis.NewScript(`
-local base = string.sub(KEYS[1], 1, -8)
-for _, c in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  redis.call('DEL', base .. 'conv:' .. c)
-end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-`)
-
-// Window returns up to n newest messages of the session's active
+// Window returns up to n newest messages of the session's current
 // conversation, oldest first, in one round trip. It returns an empty Window
 // when there is no active conversation or it has been idle for longer than
 // p.IdleTimeout at nowMs. Its cost does not depend on the conversation's
@@ -189,8 +246,8 @@ func (s *RedisStore) Window(ctx context.Context, session string, n int, nowMs in
 	if session == "" {
 		return Window{}, fmt.Errorf("read window: %w", ErrEmptySession)
 	}
-	res, err := windowScript.Run(ctx, s.client, []string{s.sessionKey(session)},
-		n, nowMs, p.IdleTimeout.Milliseconds()).Slice()
+	keys := s.sessionKeys(session)[:3]
+	res, err := windowScript.Run(ctx, s.client, keys, n, nowMs, p.IdleTimeout.Milliseconds()).Slice()
 	if err != nil {
 		return Window{}, fmt.Errorf("read window %s: %w", session, err)
 	}
@@ -214,17 +271,18 @@ func (s *RedisStore) Window(ctx context.Context, session string, n int, nowMs in
 }
 
 // Append writes a turn atomically in one round trip: the session's keys in
-// a Lua script, and the global session index in the same pipeline (outside
-// the script, because the index is on another Cluster slot).
+// a Lua script, and the session indexes in the same pipeline (outside the
+// script, because the indexes are on other Cluster slots).
 //
-// The index is updated even when the turn is a duplicate; it only moves
-// forward (ZADD GT), so a retried turn cannot make a session look older.
+// The indexes are updated even when the turn is a duplicate; they only
+// move forward (ZADD GT), so a retried turn cannot make a session look
+// older.
 func (s *RedisStore) Append(ctx context.Context, session string, t Turn, p Policy) (AppendResult, error) {
 	if session == "" {
 		return AppendResult{}, fmt.Errorf("append turn: %w", ErrEmptySession)
 	}
 	t = prepareTurn(t, time.Now())
-	res, err := s.runPipelined(ctx, appendScript, s.appendKeys(session), appendArgs(t, p), func(pipe redis.Pipeliner) {
+	res, err := s.runPipelined(ctx, appendScript, s.sessionKeys(session), appendArgs(t, p), func(pipe redis.Pipeliner) {
 		s.queueIndex(ctx, pipe, session, t)
 	})
 	if err != nil {
@@ -237,19 +295,17 @@ func (s *RedisStore) Append(ctx context.Context, session string, t Turn, p Polic
 	return r, nil
 }
 
-func (s *RedisStore) appendKeys(session string) []string {
-	return []string{s.sessionKey(session), s.convsKey(session), s.idemKey(session)}
-}
-
-// queueIndex records the session's activity in the global index. A turn
+// queueIndex records the session's activity in its indexes. A turn
 // without messages is not activity, but it still makes the session known.
 func (s *RedisStore) queueIndex(ctx context.Context, pipe redis.Pipeliner, session string, t Turn) {
 	z := redis.Z{Score: float64(t.NowMs), Member: session}
-	if len(t.Messages) == 0 {
-		pipe.ZAddNX(ctx, s.indexKey(), z)
-		return
+	for _, k := range s.indexKeys(session) {
+		if len(t.Messages) == 0 {
+			pipe.ZAddNX(ctx, k, z)
+		} else {
+			pipe.ZAddGT(ctx, k, z)
+		}
 	}
-	pipe.ZAddGT(ctx, s.indexKey(), z)
 }
 
 // runPipelined runs script by EVALSHA together with the commands extra
@@ -290,8 +346,14 @@ func prepareTurn(t Turn, now time.Time) Turn {
 	}
 	msgs := make([]Message, len(t.Messages))
 	for i, m := range t.Messages {
-		m.ID = ""
+		m.ID, m.Conversation = "", ""
 		m.IdempotencyKey = t.IdempotencyKey
+		if len(m.Parts) == 0 {
+			m.Parts = nil
+		}
+		if len(m.ToolCalls) == 0 {
+			m.ToolCalls = nil
+		}
 		if m.CreatedMs == 0 {
 			m.CreatedMs = t.NowMs
 		}
@@ -334,6 +396,7 @@ func appendArgs(t Turn, p Policy) []any {
 		t.Usage.CostNanos,
 		t.ArrivedMs,
 		t.ConversationID,
+		turnTitle(t.Messages),
 		len(t.Messages),
 	}
 	for _, m := range t.Messages {
@@ -346,7 +409,8 @@ func appendArgs(t Turn, p Policy) []any {
 	return args
 }
 
-// encodeMessage gives a message's stream fields, omitting empty ones.
+// encodeMessage gives a message's stream fields, omitting empty ones. The
+// script puts the conversation's id first.
 func encodeMessage(m Message) []string {
 	f := make([]string, 0, 30)
 	add := func(k, v string) {
@@ -400,6 +464,8 @@ func decodeEntry(e any) (Message, error) {
 		v, _ := fields[i+1].(string)
 		var err error
 		switch k {
+		case "conversation":
+			m.Conversation = v
 		case "role":
 			m.Role = v
 		case "content":
@@ -476,157 +542,6 @@ func parseAppend(v any) (AppendResult, error) {
 		r.IDs = append(r.IDs, s)
 	}
 	return r, nil
-}
-
-// Session returns the session's metadata; false when the session is
-// unknown. ConversationID is the latest conversation, which Active says
-// has not been reset (idleness depends on a Policy and is not applied).
-func (s *RedisStore) Session(ctx context.Context, session string) (Session, bool, error) {
-	if session == "" {
-		return Session{}, false, fmt.Errorf("read session: %w", ErrEmptySession)
-	}
-	h, err := s.client.HGetAll(ctx, s.sessionKey(session)).Result()
-	if err != nil {
-		return Session{}, false, fmt.Errorf("read session %s: %w", session, err)
-	}
-	if len(h) == 0 {
-		return Session{}, false, nil
-	}
-	var errs []error
-	num := func(k string) int64 {
-		v, ok := h[k]
-		if !ok {
-			return 0
-		}
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("field %s: %w", k, err))
-		}
-		return n
-	}
-	out := Session{
-		ID:             session,
-		ConversationID: h["conversation"],
-		CreatedMs:      num("created_ms"),
-		LastActiveMs:   num("last_active_ms"),
-		Active:         h["is_active"] == "1",
-		MessageCount:   num("messages"),
-		Totals: Usage{
-			PromptTokens:     num("prompt_tokens"),
-			CompletionTokens: num("completion_tokens"),
-			CachedTokens:     num("cached_tokens"),
-			HistoryTokens:    num("history_tokens"),
-			Requests:         num("requests"),
-			// A session not written since costs moved to nano-USD still
-			// has cost_micros; the next append folds it into cost_nanos.
-			CostNanos: num("cost_nanos") + 1000*num("cost_micros"),
-		},
-	}
-	if err := errors.Join(errs...); err != nil {
-		return Session{}, false, fmt.Errorf("read session %s: %w", session, err)
-	}
-	return out, true, nil
-}
-
-// Messages returns a whole conversation, oldest first. An empty
-// conversationID means the active conversation; there is none (nil) after
-// Reset. Its cost grows with the conversation: it is for audit, not for
-// building prompts.
-func (s *RedisStore) Messages(ctx context.Context, session, conversationID string) ([]Message, error) {
-	if session == "" {
-		return nil, fmt.Errorf("read messages: %w", ErrEmptySession)
-	}
-	res, err := messagesScript.Run(ctx, s.client, []string{s.sessionKey(session)}, conversationID).Slice()
-	if err != nil {
-		return nil, fmt.Errorf("read messages %s: %w", session, err)
-	}
-	_, entries, err := convEntries(res)
-	if err != nil {
-		return nil, fmt.Errorf("read messages %s: %w", session, err)
-	}
-	var msgs []Message
-	for _, e := range entries {
-		m, err := decodeEntry(e)
-		if err != nil {
-			return nil, fmt.Errorf("read messages %s: %w", session, err)
-		}
-		msgs = append(msgs, m)
-	}
-	return msgs, nil
-}
-
-// Conversations returns the ids of the session's conversations, oldest
-// first, including those whose messages have expired.
-func (s *RedisStore) Conversations(ctx context.Context, session string) ([]string, error) {
-	if session == "" {
-		return nil, fmt.Errorf("list conversations: %w", ErrEmptySession)
-	}
-	ids, err := s.client.ZRange(ctx, s.convsKey(session), 0, -1).Result()
-	if err != nil {
-		return nil, fmt.Errorf("list conversations %s: %w", session, err)
-	}
-	sortConversations(ids)
-	if len(ids) == 0 {
-		return nil, nil
-	}
-	return ids, nil
-}
-
-// sortConversations orders ids by their number: c2 before c10, which the
-// sorted set's lexical tie-break gets wrong for equal creation times.
-func sortConversations(ids []string) {
-	num := func(id string) int {
-		n, _ := strconv.Atoi(strings.TrimPrefix(id, "c"))
-		return n
-	}
-	sort.SliceStable(ids, func(i, j int) bool { return num(ids[i]) < num(ids[j]) })
-}
-
-// Sessions returns session ids, most recently active first, skipping
-// offset; limit <= 0 means all of them.
-func (s *RedisStore) Sessions(ctx context.Context, offset, limit int) ([]string, error) {
-	if offset < 0 {
-		offset = 0
-	}
-	stop := int64(-1)
-	if limit > 0 {
-		stop = int64(offset + limit - 1)
-	}
-	ids, err := s.client.ZRevRange(ctx, s.indexKey(), int64(offset), stop).Result()
-	if err != nil {
-		return nil, fmt.Errorf("list sessions: %w", err)
-	}
-	if len(ids) == 0 {
-		return nil, nil
-	}
-	return ids, nil
-}
-
-// Reset ends the session's active conversation; it is kept for audit and
-// the next turn starts a new one. Resetting an unknown session does nothing.
-func (s *RedisStore) Reset(ctx context.Context, session string) error {
-	if session == "" {
-		return fmt.Errorf("reset session: %w", ErrEmptySession)
-	}
-	if err := resetScript.Run(ctx, s.client, []string{s.sessionKey(session)}).Err(); err != nil {
-		return fmt.Errorf("reset session %s: %w", session, err)
-	}
-	return nil
-}
-
-// Erase deletes every key of the session and its index entry, in one
-// round trip.
-func (s *RedisStore) Erase(ctx context.Context, session string) error {
-	if session == "" {
-		return fmt.Errorf("erase session: %w", ErrEmptySession)
-	}
-	_, err := s.runPipelined(ctx, eraseScript, s.appendKeys(session), nil, func(pipe redis.Pipeliner) {
-		pipe.ZRem(ctx, s.indexKey(), session)
-	})
-	if err != nil {
-		return fmt.Errorf("erase session %s: %w", session, err)
-	}
-	return nil
 }
 
 // Ping checks that Redis answers.

@@ -34,9 +34,33 @@ func redisFixture(c redis.UniversalClient) func(t *testing.T) fixture {
 		s := NewRedis(c, prefix)
 		return fixture{
 			store: s,
+			advance: func(t *testing.T, d time.Duration) {
+				// Redis's own clock cannot be moved: delete now what would
+				// expire within d, as Redis will.
+				ctx := context.Background()
+				for _, k := range scanKeys(t, c, prefix+":*") {
+					ttl, err := c.PTTL(ctx, k).Result()
+					mustNoErr(t, err)
+					if ttl > 0 && ttl <= d {
+						mustNoErr(t, c.Del(ctx, k).Err())
+					}
+				}
+			},
+			held: func(t *testing.T) (msgs, idem int) {
+				ctx := context.Background()
+				for _, k := range scanKeys(t, c, prefix+":*") {
+					switch {
+					case strings.HasSuffix(k, ":messages"):
+						msgs += int(c.XLen(ctx, k).Val())
+					case strings.HasSuffix(k, ":idem"):
+						idem += int(c.ZCard(ctx, k).Val())
+					}
+				}
+				return msgs, idem
+			},
 			checkRetention: func(t *testing.T, session, conv string, d time.Duration) {
 				ctx := context.Background()
-				ttl, err := c.PTTL(ctx, s.convKey(session, conv)).Result()
+				ttl, err := c.PTTL(ctx, s.streamKey(session)).Result()
 				mustNoErr(t, err)
 				if ttl <= d-10*time.Second || ttl > d {
 					t.Errorf("conversation stream: got PTTL %s, want about %s", ttl, d)
@@ -47,8 +71,8 @@ func redisFixture(c redis.UniversalClient) func(t *testing.T) fixture {
 					t.Errorf("session hash: got PTTL %s, want none (-1)", ttl)
 				}
 				// Expire it now, as Redis will when the TTL runs out.
-				mustNoErr(t, c.PExpire(ctx, s.convKey(session, conv), time.Millisecond).Err())
-				for c.Exists(ctx, s.convKey(session, conv)).Val() == 1 {
+				mustNoErr(t, c.PExpire(ctx, s.streamKey(session), time.Millisecond).Err())
+				for c.Exists(ctx, s.streamKey(session)).Val() == 1 {
 					time.Sleep(time.Millisecond)
 				}
 			},
@@ -99,7 +123,10 @@ func TestRedisLayout(t *testing.T) {
 
 	const base = "hp:{chat:john@example.com:support}:"
 	keys := scanKeys(t, c, "*")
-	want := []string{"hp:sessions", base + "conv:c1", base + "convs", base + "idem", base + "session"}
+	want := []string{
+		"hp:sessions", "hp:sessions:agent:support", "hp:sessions:channel:chat", "hp:sessions:user:john@example.com",
+		base + "conversations", base + "idem", base + "messages", base + "session",
+	}
 	if !reflect.DeepEqual(keys, want) {
 		t.Fatalf("got keys %q, want %q", keys, want)
 	}
@@ -117,18 +144,29 @@ func TestRedisLayout(t *testing.T) {
 		t.Errorf("session hash: got %v, want %v", h, wantHash)
 	}
 
-	entries, err := c.XRange(ctx, base+"conv:c1", "-", "+").Result()
+	entries, err := c.XRange(ctx, base+"messages", "-", "+").Result()
 	mustNoErr(t, err)
 	if len(entries) != 2 {
 		t.Fatalf("got %d stream entries, want 2", len(entries))
 	}
-	wantEntry := map[string]any{"role": "user", "content": "q0", "kind": "message", "tokens": "5", "created_ms": ms, "status": "complete", "idem": "req-1"}
+	wantEntry := map[string]any{"conversation": "c1", "role": "user", "content": "q0", "kind": "message", "tokens": "5", "created_ms": ms, "status": "complete", "idem": "req-1"}
 	if !reflect.DeepEqual(entries[0].Values, wantEntry) {
 		t.Errorf("stream entry: got %v, want %v", entries[0].Values, wantEntry)
 	}
 
+	convs, err := c.HGetAll(ctx, base+"conversations").Result()
+	mustNoErr(t, err)
+	wantConvs := map[string]string{
+		"c1:start": entries[0].ID, "c1:last": entries[1].ID, "c1:created_ms": ms, "c1:last_ms": ms,
+		"c1:messages": "2", "c1:auto_title": "q0",
+	}
+	if !reflect.DeepEqual(convs, wantConvs) {
+		t.Errorf("conversations hash: got %v, want %v", convs, wantConvs)
+	}
+
 	for _, z := range []struct{ key, member string }{
-		{base + "convs", "c1"}, {base + "idem", "req-1"}, {"hp:sessions", session},
+		{base + "idem", "req-1"}, {"hp:sessions", session}, {"hp:sessions:channel:chat", session},
+		{"hp:sessions:user:john@example.com", session}, {"hp:sessions:agent:support", session},
 	} {
 		got, err := c.ZScore(ctx, z.key, z.member).Result()
 		mustNoErr(t, err)
@@ -202,7 +240,8 @@ func TestRedisScriptCacheFlushed(t *testing.T) {
 		}
 	}
 	mustNoErr(t, c.ScriptFlush(ctx).Err())
-	mustNoErr(t, s.Erase(ctx, session))
+	_, err := s.Erase(ctx, session)
+	mustNoErr(t, err)
 	if _, ok, err := s.Session(ctx, session); err != nil || ok {
 		t.Errorf("after erase: got known=%v, %v, want unknown", ok, err)
 	}
@@ -270,7 +309,7 @@ func fillConversation(b *testing.B, s *RedisStore, session string, n int, p Poli
 				},
 				NowMs: t0 + int64(j),
 			}, time.Now())
-			appendScript.EvalSha(ctx, pipe, s.appendKeys(session), appendArgs(t, p)...)
+			appendScript.EvalSha(ctx, pipe, s.sessionKeys(session), appendArgs(t, p)...)
 			s.queueIndex(ctx, pipe, session, t)
 		}
 		_, err := pipe.Exec(ctx)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strconv"
 	"strings"
@@ -20,10 +21,12 @@ type store interface {
 	Append(ctx context.Context, session string, t Turn, p Policy) (AppendResult, error)
 	Session(ctx context.Context, session string) (Session, bool, error)
 	Messages(ctx context.Context, session, conversationID string) ([]Message, error)
-	Conversations(ctx context.Context, session string) ([]string, error)
-	Sessions(ctx context.Context, offset, limit int) ([]string, error)
-	Reset(ctx context.Context, session string) error
-	Erase(ctx context.Context, session string) error
+	ReadMessages(ctx context.Context, session string, q MessageQuery) (string, []Message, error)
+	Conversations(ctx context.Context, session string) ([]Conversation, error)
+	Sessions(ctx context.Context, q SessionQuery) (SessionPage, error)
+	SetTitle(ctx context.Context, session, conversationID, title string) (string, error)
+	Reset(ctx context.Context, session string) (string, error)
+	Erase(ctx context.Context, session string) (Erased, error)
 	Ping(ctx context.Context) error
 }
 
@@ -43,6 +46,11 @@ type fixture struct {
 	// keys lists the backend keys of a session (nil for memory): Erase
 	// must leave none.
 	keys func(t *testing.T, session string) []string
+	// advance lets d pass for the expiries the store applies on its own
+	// (Redis key TTLs, the memory store's sweep), without sleeping.
+	advance func(t *testing.T, d time.Duration)
+	// held counts the messages and idempotency keys the store holds.
+	held func(t *testing.T) (messages, idemKeys int)
 }
 
 // t0 is the suite's "now"; tests move time by adding to it, never by
@@ -83,6 +91,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		kinds := []string{KindMessage, KindMessage, KindToolCall, KindToolResult, KindMessage}
 		for i := range want {
 			want[i].ID = res.IDs[i]
+			want[i].Conversation = "c1"
 			want[i].Kind = kinds[i]
 			want[i].IdempotencyKey = "key-1" // every message names its turn
 			if want[i].Status == "" {
@@ -167,8 +176,8 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		}
 		convs, err := s.Conversations(ctx, session)
 		mustNoErr(t, err)
-		if want := []string{"c1", "c2"}; !reflect.DeepEqual(convs, want) {
-			t.Errorf("got conversations %q, want %q", convs, want)
+		if want := []string{"c1", "c2"}; !reflect.DeepEqual(convIDs(convs), want) {
+			t.Errorf("got conversations %q, want %q", convIDs(convs), want)
 		}
 		old, err := s.Messages(ctx, session, "c1")
 		mustNoErr(t, err)
@@ -240,7 +249,8 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 	t.Run("a turn read before a reset goes to the ended conversation", func(t *testing.T) {
 		s := newFixture(t).store
 		appendQA(t, s, session, 0, t0, Policy{})
-		mustNoErr(t, s.Reset(ctx, session))
+		_, err := s.Reset(ctx, session)
+		mustNoErr(t, err)
 		res, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, ConversationID: "c1"}, Policy{})
 		mustNoErr(t, err)
 		if res.NewConversation || res.ConversationID != "c1" {
@@ -265,7 +275,14 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 	t.Run("reset ends the conversation and keeps it", func(t *testing.T) {
 		s := newFixture(t).store
 		appendQA(t, s, session, 0, t0, Policy{})
-		mustNoErr(t, s.Reset(ctx, session))
+		ended, err := s.Reset(ctx, session)
+		mustNoErr(t, err)
+		if ended != "c1" {
+			t.Errorf("reset: got ended %q, want c1", ended)
+		}
+		if ended, err := s.Reset(ctx, session); err != nil || ended != "" {
+			t.Errorf("second reset: got %q, %v, want nothing ended", ended, err)
+		}
 
 		w, err := s.Window(ctx, session, 10, t0, Policy{})
 		mustNoErr(t, err)
@@ -293,7 +310,9 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 			t.Errorf("reset conversation: got %q, want %q", got, want)
 		}
 
-		mustNoErr(t, s.Reset(ctx, "unknown"))
+		if ended, err := s.Reset(ctx, "unknown"); err != nil || ended != "" {
+			t.Errorf("reset of an unknown session: got %q, %v, want nothing ended", ended, err)
+		}
 		if _, ok, err := s.Session(ctx, "unknown"); err != nil || ok {
 			t.Errorf("reset of an unknown session: got known=%v, %v, want unknown", ok, err)
 		}
@@ -304,12 +323,20 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		s := f.store
 		other := "chat:jane@example.com:support"
 		appendQA(t, s, session, 0, t0, Policy{})
-		mustNoErr(t, s.Reset(ctx, session))
-		_, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, IdempotencyKey: "k1", Usage: Usage{Requests: 1}}, Policy{})
+		_, err := s.Reset(ctx, session)
+		mustNoErr(t, err)
+		_, err = s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, IdempotencyKey: "k1", Usage: Usage{Requests: 1}}, Policy{})
 		mustNoErr(t, err)
 		appendQA(t, s, other, 0, t0, Policy{})
 
-		mustNoErr(t, s.Erase(ctx, session))
+		erased, err := s.Erase(ctx, session)
+		mustNoErr(t, err)
+		if want := (Erased{Found: true, Conversations: 2, Messages: 4}); erased != want {
+			t.Errorf("erase: got %+v, want %+v", erased, want)
+		}
+		if erased, err := s.Erase(ctx, session); err != nil || erased != (Erased{}) {
+			t.Errorf("second erase: got %+v, %v, want nothing found", erased, err)
+		}
 
 		if _, ok, err := s.Session(ctx, session); err != nil || ok {
 			t.Errorf("got known=%v, %v, want unknown", ok, err)
@@ -317,7 +344,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		convs, err := s.Conversations(ctx, session)
 		mustNoErr(t, err)
 		if len(convs) != 0 {
-			t.Errorf("got conversations %q, want none", convs)
+			t.Errorf("got conversations %q, want none", convIDs(convs))
 		}
 		for _, c := range []string{"c1", "c2"} {
 			msgs, err := s.Messages(ctx, session, c)
@@ -326,8 +353,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 				t.Errorf("%s: got %q, want no messages", c, contents(msgs))
 			}
 		}
-		ids, err := s.Sessions(ctx, 0, 0)
-		mustNoErr(t, err)
+		ids := sessionIDs(t, s, SessionQuery{})
 		if want := []string{other}; !reflect.DeepEqual(ids, want) {
 			t.Errorf("got sessions %q, want %q", ids, want)
 		}
@@ -416,14 +442,14 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		}
 		sess, _, err := s.Session(ctx, session)
 		mustNoErr(t, err)
-		want := Session{ID: session, ConversationID: "c1", CreatedMs: t0, LastActiveMs: t0, Active: true, MessageCount: 2, Totals: a.Add(b)}
+		want := Session{ID: session, ConversationID: "c1", Title: "q0", CreatedMs: t0, LastActiveMs: t0, Active: true, MessageCount: 2, Totals: a.Add(b)}
 		if sess != want {
 			t.Errorf("got %+v, want %+v", sess, want)
 		}
 		convs, err := s.Conversations(ctx, session)
 		mustNoErr(t, err)
-		if !reflect.DeepEqual(convs, []string{"c1"}) {
-			t.Errorf("got conversations %q, want [c1]", convs)
+		if !reflect.DeepEqual(convIDs(convs), []string{"c1"}) {
+			t.Errorf("got conversations %q, want [c1]", convIDs(convs))
 		}
 
 		// A new session that only ever had usage is known, with no
@@ -509,7 +535,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		convs, err := s.Conversations(ctx, session)
 		mustNoErr(t, err)
 		if len(convs) != 1 {
-			t.Errorf("got conversations %q, want one", convs)
+			t.Errorf("got conversations %q, want one", convIDs(convs))
 		}
 	})
 
@@ -517,9 +543,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		s := newFixture(t).store
 		list := func() []string {
 			t.Helper()
-			ids, err := s.Sessions(ctx, 0, 0)
-			mustNoErr(t, err)
-			return ids
+			return sessionIDs(t, s, SessionQuery{})
 		}
 		appendQA(t, s, "a", 0, t0+1, Policy{})
 		appendQA(t, s, "b", 0, t0+3, Policy{})
@@ -540,7 +564,10 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 				_, err := s.Append(ctx, "d", Turn{NowMs: t0, Usage: Usage{Requests: 1}}, Policy{})
 				mustNoErr(t, err)
 			}, want: []string{"a", "b", "c", "d"}},
-			{name: "erase removes it", do: func() { mustNoErr(t, s.Erase(ctx, "b")) }, want: []string{"a", "c", "d"}},
+			{name: "erase removes it", do: func() {
+				_, err := s.Erase(ctx, "b")
+				mustNoErr(t, err)
+			}, want: []string{"a", "c", "d"}},
 		}
 		for _, st := range steps {
 			st.do()
@@ -549,20 +576,20 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 			}
 		}
 		pages := []struct {
-			offset, limit int
-			want          []string
+			limit int
+			want  [][]string
 		}{
-			{offset: 0, limit: 2, want: []string{"a", "c"}},
-			{offset: 1, limit: 1, want: []string{"c"}},
-			{offset: 2, limit: 5, want: []string{"d"}},
-			{offset: 3, limit: 1, want: nil},
-			{offset: 1, limit: 0, want: []string{"c", "d"}},
+			{limit: 2, want: [][]string{{"a", "c"}, {"d"}}},
+			{limit: 1, want: [][]string{{"a"}, {"c"}, {"d"}}},
+			{limit: 3, want: [][]string{{"a", "c", "d"}}},
+			{limit: 0, want: [][]string{{"a", "c", "d"}}},
+			// offset+limit once overflowed on Redis and listed nothing.
+			{limit: math.MaxInt, want: [][]string{{"a", "c", "d"}}},
 		}
 		for _, pg := range pages {
-			got, err := s.Sessions(ctx, pg.offset, pg.limit)
-			mustNoErr(t, err)
+			got := pageIDs(t, s, SessionQuery{Limit: pg.limit})
 			if !reflect.DeepEqual(got, pg.want) {
-				t.Errorf("offset %d limit %d: got %q, want %q", pg.offset, pg.limit, got, pg.want)
+				t.Errorf("limit %d: got pages %q, want %q", pg.limit, got, pg.want)
 			}
 		}
 	})
@@ -602,6 +629,8 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 	t.Run("ping", func(t *testing.T) {
 		mustNoErr(t, newFixture(t).store.Ping(ctx))
 	})
+
+	testAdminConformance(t, newFixture)
 }
 
 func TestMemoryStore(t *testing.T) {
@@ -611,6 +640,14 @@ func TestMemoryStore(t *testing.T) {
 		s.now = clock.Now
 		return fixture{
 			store: s,
+			advance: func(t *testing.T, d time.Duration) {
+				clock.Add(d)
+				s.Sweep()
+			},
+			held: func(t *testing.T) (int, int) {
+				st := s.Stats()
+				return st.Messages, st.IdempotencyKeys
+			},
 			checkRetention: func(t *testing.T, session, conv string, d time.Duration) {
 				ctx := context.Background()
 				clock.Add(d - time.Millisecond)
@@ -669,6 +706,68 @@ func appendQA(t *testing.T, s store, session string, i int, nowMs int64, p Polic
 		t.Fatalf("append turn %d: got %+v, want two new ids", i, res)
 	}
 	return res
+}
+
+// sessionIDs lists the ids of every session q selects, in one page.
+func sessionIDs(t *testing.T, s store, q SessionQuery) []string {
+	t.Helper()
+	q.Limit = 0
+	page, err := s.Sessions(context.Background(), q)
+	mustNoErr(t, err)
+	var ids []string
+	for _, ss := range page.Sessions {
+		ids = append(ids, ss.ID)
+	}
+	if page.NextCursor != "" {
+		t.Errorf("one page of everything: got next cursor %q, want none", page.NextCursor)
+	}
+	if page.Total != int64(len(ids)) {
+		t.Errorf("got total %d, want %d (the sessions listed)", page.Total, len(ids))
+	}
+	return ids
+}
+
+// pageIDs follows the cursor through every page of q and gives each
+// page's ids; every page must report the same total.
+func pageIDs(t *testing.T, s store, q SessionQuery) [][]string {
+	t.Helper()
+	var (
+		pages [][]string
+		n     int
+		total int64 = -1
+	)
+	for {
+		page, err := s.Sessions(context.Background(), q)
+		mustNoErr(t, err)
+		var ids []string
+		for _, ss := range page.Sessions {
+			ids = append(ids, ss.ID)
+		}
+		pages = append(pages, ids)
+		n += len(ids)
+		if total >= 0 && page.Total != total {
+			t.Errorf("page %d: got total %d, want %d as on the first page", len(pages), page.Total, total)
+		}
+		total = page.Total
+		if page.NextCursor == "" {
+			break
+		}
+		if len(pages) > 100 {
+			t.Fatalf("more than 100 pages")
+		}
+		q.Cursor = page.NextCursor
+	}
+	return pages
+}
+
+func strconvI(i int) string { return strconv.Itoa(i) }
+
+func convIDs(cs []Conversation) []string {
+	var out []string
+	for _, c := range cs {
+		out = append(out, c.ID)
+	}
+	return out
 }
 
 func contents(ms []Message) []string {

@@ -34,7 +34,7 @@ type e2eStore interface {
 	Store
 	Session(ctx context.Context, session string) (history.Session, bool, error)
 	Messages(ctx context.Context, session, conversationID string) ([]history.Message, error)
-	Conversations(ctx context.Context, session string) ([]string, error)
+	Conversations(ctx context.Context, session string) ([]history.Conversation, error)
 }
 
 // e2eBackend opens stores on one backend.
@@ -191,7 +191,11 @@ func (h *e2eHarness) conversations(t *testing.T, session string) []string {
 	t.Helper()
 	convs, err := h.store.Conversations(context.Background(), session)
 	require.NoError(t, err)
-	return convs
+	var ids []string
+	for _, c := range convs {
+		ids = append(ids, c.ID)
+	}
+	return ids
 }
 
 // wireLines shows messages as the upstream got them, one "role: content"
