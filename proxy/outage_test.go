@@ -226,7 +226,7 @@ func TestCloseGivesUpOnlyWithoutProgress(t *testing.T) {
 	require.Zero(t, obs.drop)
 	obs.mu.Unlock()
 	for i := 0; i < 5; i++ {
-		n, err := rs.Client(t).XLen(context.Background(), fmt.Sprintf("hp:{api:u%d:default}:conv:c1", i)).Result()
+		n, err := rs.Client(t).XLen(context.Background(), fmt.Sprintf("hp:{api:u%d:default}:messages", i)).Result()
 		require.NoError(t, err)
 		require.EqualValues(t, 2, n)
 	}
