@@ -137,6 +137,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		FailClosed:      failClosed,
 		RetryQueue:      cfg.Store.RetryQueue,
 		Logger:          log,
+
+		ClientWriteTimeout: cfg.Client.WriteTimeout,
 	})
 	if err != nil {
 		return err
@@ -147,7 +149,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// would.
 	hctx, cutHandlers := context.WithCancel(context.Background())
 	defer cutHandlers()
-	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: 30 * time.Second, MaxHeaderBytes: 1 << 20,
+	srv := &http.Server{Handler: px.Handler(), ReadHeaderTimeout: min(30*time.Second, cfg.Client.ReadTimeout), MaxHeaderBytes: 1 << 20,
+		// The whole request must arrive within ReadTimeout; the server
+		// lifts that deadline once the body is read, so a long response
+		// is not cut by it. Writes are bounded per write by the proxy.
+		ReadTimeout: cfg.Client.ReadTimeout, IdleTimeout: cfg.Client.IdleTimeout,
 		ErrorLog:    slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		BaseContext: func(net.Listener) context.Context { return hctx }}
 	var draining atomic.Bool

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
@@ -189,4 +190,42 @@ func (p *program) stopErr(t *testing.T) error {
 		t.Fatal("program did not stop")
 		return nil
 	}
+}
+
+// TestClientPortTimeouts: client.read_timeout and client.idle_timeout from
+// the configuration file reach the client port: a trickled body gets 408,
+// an idle keep-alive connection is closed.
+func TestClientPortTimeouts(t *testing.T) {
+	up := fakeai.New(t)
+	cfg := writeConfig(t, "client:\n  read_timeout: 300ms\n  idle_timeout: 300ms\n  write_timeout: 300ms\n")
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-config", cfg)
+
+	t.Run("idle", func(t *testing.T) {
+		conn, err := net.Dial("tcp", p.addrs.Proxy)
+		require.NoError(t, err)
+		defer conn.Close()
+		_, err = io.WriteString(conn, "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n")
+		require.NoError(t, err)
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, nil)
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+		_, err = br.ReadByte()
+		require.ErrorIs(t, err, io.EOF, "the idle connection is closed by the proxy")
+	})
+	t.Run("trickled body", func(t *testing.T) {
+		conn, err := net.Dial("tcp", p.addrs.Proxy)
+		require.NoError(t, err)
+		defer conn.Close()
+		_, err = io.WriteString(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+		require.NoError(t, err)
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		require.NoError(t, err, "answered before the rest of the body")
+		resp.Body.Close()
+		require.Equal(t, http.StatusRequestTimeout, resp.StatusCode)
+	})
 }

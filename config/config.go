@@ -20,6 +20,7 @@ type Config struct {
 	Redis    Redis    `yaml:"redis"`
 	Store    Store    `yaml:"store"`
 	Session  Session  `yaml:"session"`
+	Client   Client   `yaml:"client"`
 
 	// Defaults are the agent settings used for any agent not listed in
 	// Agents, and the base that listed agents' unset fields fall back to.
@@ -82,6 +83,20 @@ type Store struct {
 	// it, the least recently active sessions are erased. 0: no cap.
 	// Default 256 MiB.
 	MemoryMaxBytes int64 `yaml:"memory_max_bytes"`
+}
+
+// Client bounds what one client connection can hold on the client port.
+type Client struct {
+	// ReadTimeout bounds the reading of a whole request, headers and body
+	// (then 408 or a closed connection). Default 60s.
+	ReadTimeout time.Duration `yaml:"read_timeout"`
+	// WriteTimeout bounds how long one write to the client may wait for a
+	// client that stopped reading; the response is then cut. It is renewed
+	// on every write, so a stream being read is never cut. Default 30s.
+	WriteTimeout time.Duration `yaml:"write_timeout"`
+	// IdleTimeout closes a keep-alive connection left idle that long.
+	// Default 120s.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
 
 // Session is how requests map to sessions.
@@ -156,6 +171,14 @@ func Default() Config {
 		Session: Session{
 			DefaultChannel: "api",
 			DefaultAgent:   "default",
+		},
+		Client: Client{
+			ReadTimeout:  time.Minute,
+			WriteTimeout: 30 * time.Second,
+			// Longer than the 60 s idle timeout of common load balancers,
+			// so that they close an idle connection first and never send
+			// on one the proxy is closing.
+			IdleTimeout: 2 * time.Minute,
 		},
 		Defaults: Agent{
 			Mode:          ModePerUser,

@@ -81,6 +81,9 @@ func TestDefaultValues(t *testing.T) {
 		{"session.require", d.Session.Require, false},
 		{"session.default_channel", d.Session.DefaultChannel, "api"},
 		{"session.default_agent", d.Session.DefaultAgent, "default"},
+		{"client.read_timeout", d.Client.ReadTimeout, time.Minute},
+		{"client.write_timeout", d.Client.WriteTimeout, 30 * time.Second},
+		{"client.idle_timeout", d.Client.IdleTimeout, 2 * time.Minute},
 		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024}},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},
@@ -406,6 +409,9 @@ func TestValidation(t *testing.T) {
 		{"log level", func(c *Config) { c.Log.Level = "trace" }, `log.level: "trace" is not one of debug, info, warn, error`},
 		{"drain_timeout", func(c *Config) { c.DrainTimeout = 0 }, `drain_timeout: 0s must be positive`},
 		{"max_body_bytes", func(c *Config) { c.MaxBodyBytes = 0 }, `max_body_bytes: 0 must be positive`},
+		{"client read_timeout", func(c *Config) { c.Client.ReadTimeout = 0 }, `client.read_timeout: 0s must be positive`},
+		{"client write_timeout", func(c *Config) { c.Client.WriteTimeout = -time.Second }, `client.write_timeout: -1s must be positive`},
+		{"client idle_timeout", func(c *Config) { c.Client.IdleTimeout = 0 }, `client.idle_timeout: 0s must be positive`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

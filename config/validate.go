@@ -84,6 +84,10 @@ func (c Config) Validate() error {
 	}
 	v.positive("store.timeout", c.Store.Timeout)
 
+	v.positive("client.read_timeout", c.Client.ReadTimeout)
+	v.positive("client.write_timeout", c.Client.WriteTimeout)
+	v.positive("client.idle_timeout", c.Client.IdleTimeout)
+
 	v.sessionPart("session.default_channel", c.Session.DefaultChannel)
 	v.sessionPart("session.default_agent", c.Session.DefaultAgent)
 

@@ -83,6 +83,11 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 				Message: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)})
 			return
 		}
+		if isTimeout(err) {
+			writeError(cw, &apiError{Status: http.StatusRequestTimeout, Type: "invalid_request_error", Code: "request_timeout",
+				Message: "the request body did not arrive in time"})
+			return
+		}
 		writeError(cw, badRequest("invalid_request_body", "", "could not read the request body: "+err.Error()))
 		return
 	}

@@ -81,6 +81,12 @@ type Options struct {
 	// is down (fail open only); 0 holds none, so such turns are lost.
 	RetryQueue int
 
+	// ClientWriteTimeout bounds how long one write to the client may wait
+	// for a client that stopped reading (then the response is cut). It is
+	// renewed per write, so a stream being read is never cut. Zero: no
+	// bound.
+	ClientWriteTimeout time.Duration
+
 	Logger *slog.Logger
 	Now    func() time.Time
 }
@@ -194,7 +200,7 @@ func (p *Proxy) Handler() http.Handler {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
 			Message: "historyproxy serves the OpenAI API under /v1/ (or /s/{channel}/{user}/{agent}/v1/); " + r.Method + " " + r.URL.Path + " is not part of it"})
 	})
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return p.stallBound(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ps, rest, err := parsePathSession(r.URL.Path)
 		if err != nil {
 			writeError(w, err)
@@ -214,7 +220,7 @@ func (p *Proxy) Handler() http.Handler {
 			r = r2
 		}
 		mux.ServeHTTP(w, r)
-	})
+	}))
 }
 
 type pathSessionKey struct{}
