@@ -186,3 +186,35 @@ func TestCursorRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+func TestParseID(t *testing.T) {
+	tests := []struct {
+		id      string
+		want    []string
+		wantErr string
+	}{
+		{id: "chat:john@example.com:support", want: []string{"chat", "john@example.com", "support"}},
+		{id: "web:*:team", want: []string{"web", "*", "team"}},
+		{id: "wéb:jürgen:支援", want: []string{"wéb", "jürgen", "支援"}},
+		{id: "*:a:b", wantErr: `session id part "*" may hold only`},
+		{id: "a:b", wantErr: "must be channel:user:agent"},
+		{id: "a:b:c:d", wantErr: "must be channel:user:agent"},
+		{id: "a::c", wantErr: "is empty"},
+		{id: "a:b c:d", wantErr: "may hold only"},
+		{id: "a:{b}:c", wantErr: "may hold only"},
+		{id: "a:" + strings.Repeat("x", 129) + ":c", wantErr: "longer than 128 bytes"},
+		{id: "a:\xff:c", wantErr: "not valid UTF-8"},
+	}
+	for _, tt := range tests {
+		ch, u, a, err := ParseID(tt.id)
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("%q: got %v, want an error with %q", tt.id, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil || !reflect.DeepEqual([]string{ch, u, a}, tt.want) {
+			t.Errorf("%q: got %q, %q, %q, %v, want %q", tt.id, ch, u, a, err, tt.want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/wire"
 )
 
 // body returns the request to send upstream: the injected history after
@@ -86,7 +87,7 @@ func (c *chatRequest) appendMessages(b []byte, inject []history.Message) []byte 
 // and the client's other options kept.
 func withIncludeUsage(raw json.RawMessage) ([]byte, error) {
 	so := map[string]json.RawMessage{}
-	if len(raw) > 0 && !isNull(raw) {
+	if len(raw) > 0 && !wire.IsNull(raw) {
 		if err := json.Unmarshal(raw, &so); err != nil {
 			return nil, fmt.Errorf("decode stream_options: %w", err)
 		}

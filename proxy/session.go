@@ -5,8 +5,8 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"unicode"
-	"unicode/utf8"
+
+	"github.com/historyproxy/historyproxy/history"
 )
 
 // Session headers. They belong to the proxy and are never forwarded.
@@ -17,12 +17,9 @@ const (
 	headerSessionAgent   = "X-Session-Agent"
 )
 
-// maxPartLen is the longest channel, user or agent part, in bytes.
-const maxPartLen = 128
-
 // sharedUser is the user part of a shared agent's conversation. '*' cannot
 // appear in a real part, so it never collides with a user's own id.
-const sharedUser = "*"
+const sharedUser = history.SharedUser
 
 // Session is a resolved session: which conversation a request belongs to.
 type Session struct {
@@ -136,39 +133,13 @@ func (s Session) validate(where string) *apiError {
 	return nil
 }
 
-// validatePart enforces 1 to 128 bytes of letters, digits (Unicode ones
-// included) and "._@+-=": no ':' (the separator), no spaces, control
-// characters or invalid UTF-8, which keeps ids safe in Redis keys,
-// Prometheus labels and logs.
+// validatePart enforces history.CheckPart: the rules of a session id part
+// are the store's, shared with the admin API.
 func validatePart(where, v string) *apiError {
-	if v == "" {
-		return invalidSession(where + ": session id part is empty")
-	}
-	if len(v) > maxPartLen {
-		return invalidSession(where + ": session id part is longer than 128 bytes")
-	}
-	if !utf8.ValidString(v) {
-		return invalidSession(where + ": session id part is not valid UTF-8")
-	}
-	for _, r := range v {
-		if !partRune(r) {
-			return invalidSession(where + ": session id part " + quote(v) + " may hold only letters, digits and ._@+-=")
-		}
+	if err := history.CheckPart(v); err != nil {
+		return invalidSession(where + ": " + err.Error())
 	}
 	return nil
-}
-
-// partRune allows Unicode letters and digits (international user names)
-// and the few punctuation marks that e-mail addresses and ids need.
-func partRune(r rune) bool {
-	if r < utf8.RuneSelf {
-		switch {
-		case 'a' <= r && r <= 'z', 'A' <= r && r <= 'Z', '0' <= r && r <= '9':
-			return true
-		}
-		return strings.IndexRune("._@+-=", r) >= 0
-	}
-	return unicode.IsLetter(r) || unicode.IsDigit(r)
 }
 
 func invalidSession(msg string) *apiError {

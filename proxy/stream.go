@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/historyproxy/historyproxy/tokens"
+	"github.com/historyproxy/historyproxy/wire"
 )
 
 // usageJSON is the usage object of a chat completion or of a stream's
@@ -208,7 +209,7 @@ func parseReply(body []byte) (*reply, bool) {
 		if m.Refusal != nil {
 			r.Refusal.WriteString(*m.Refusal)
 		}
-		if len(m.ToolCalls) > 0 && !isNull(m.ToolCalls) {
+		if len(m.ToolCalls) > 0 && !wire.IsNull(m.ToolCalls) {
 			r.ToolCalls = m.ToolCalls
 		}
 		r.FinishReason = c.FinishReason
