@@ -402,7 +402,13 @@ func TestValidation(t *testing.T) {
 		{"model input", func(c *Config) { c.Models = map[string]Model{"m": {Input: -0.5}} }, `models.m.input: -0.5 is negative`},
 		{"model cached_input", func(c *Config) { c.Models = map[string]Model{"m": {CachedInput: -1}} }, `models.m.cached_input: -1 is negative`},
 		{"model output", func(c *Config) { c.Models = map[string]Model{"m": {Output: -2}} }, `models.m.output: -2 is negative`},
+		{"model price finer than a nano-USD per token", func(c *Config) { c.Models = map[string]Model{"m": {CachedInput: 0.0025}} },
+			`models.m.cached_input: 0.0025 has more than 3 decimals`},
+		{"model price far below a nano-USD per token", func(c *Config) { c.Models = map[string]Model{"m": {Input: 0.0004}} },
+			`models.m.input: 0.0004 has more than 3 decimals`},
+		{"model price too high", func(c *Config) { c.Models = map[string]Model{"m": {Output: 2e6}} }, `models.m.output: 2e+06 is above 1000000 USD per 1M tokens`},
 		{"model free", func(c *Config) { c.Models = map[string]Model{"m": {}} }, ""},
+		{"model prices with three decimals", func(c *Config) { c.Models = map[string]Model{"m": {Input: 0.175, CachedInput: 0.005, Output: 1.875}} }, ""},
 
 		{"session_series_limit", func(c *Config) { c.Metrics.SessionSeriesLimit = 0 }, `metrics.session_series_limit: 0 must be positive`},
 		{"log format", func(c *Config) { c.Log.Format = "xml" }, `log.format: "xml" is not one of text, json`},

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -23,6 +24,24 @@ var (
 
 // maxPartLen is the longest session part, as the proxy accepts them.
 const maxPartLen = 128
+
+// Prices are USD per 1M tokens. The proxy counts costs in whole nano-USD
+// per token (tokens.PriceDecimals), so a price may have at most three
+// decimals; refusing finer ones beats rounding them (0.0004 would become 0).
+// maxPrice keeps a request's cost far inside an int64 of nano-USD.
+const (
+	priceDecimals = 3
+	maxPrice      = 1_000_000
+)
+
+// decimals returns how many decimals the shortest exact form of f has.
+func decimals(f float64) int {
+	s := strconv.FormatFloat(f, 'f', -1, 64)
+	if i := strings.IndexByte(s, '.'); i >= 0 {
+		return len(s) - i - 1
+	}
+	return 0
+}
 
 // Validate reports every problem in c at once, joined with errors.Join.
 // Each error starts with the field's YAML path and quotes the bad value,
@@ -120,8 +139,13 @@ func (c Config) Validate() error {
 			key   string
 			price float64
 		}{{"input", m.Input}, {"cached_input", m.CachedInput}, {"output", m.Output}} {
-			if p.price < 0 {
+			switch {
+			case p.price < 0:
 				v.addf(field+"."+p.key, p.price, "is negative")
+			case p.price > maxPrice:
+				v.addf(field+"."+p.key, p.price, "is above %d USD per 1M tokens", maxPrice)
+			case decimals(p.price) > priceDecimals:
+				v.addf(field+"."+p.key, p.price, "has more than %d decimals: costs are counted in whole nano-USD per token (USD per 1M × 1000), so it cannot be held exactly", priceDecimals)
 			}
 		}
 	}

@@ -541,6 +541,9 @@ func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 		u := p.usage(x)
 		r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Estimated = u.Prompt, u.Completion, u.Cached, u.Reasoning, u.Estimated
 		r.CostNanos, r.Priced = p.opt.Catalog.Cost(r.Model, u)
+		if !r.Priced && (u.Prompt > 0 || u.Completion > 0) {
+			p.unpriced.log(p.log, r.Model)
+		}
 	}
 	p.opt.Metrics.ObserveRequest(r)
 	// One line per request for operators, without message content.

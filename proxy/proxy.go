@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -103,8 +104,10 @@ type Proxy struct {
 	// forwarded.
 	storeOK atomic.Bool
 	lost    atomic.Int64 // turns given up, see LostTurns
-	stop    context.CancelFunc
-	done    chan struct{}
+	// unpriced remembers the models logged as having no price.
+	unpriced unpricedLog
+	stop     context.CancelFunc
+	done     chan struct{}
 }
 
 // New builds the proxy.
@@ -271,6 +274,39 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 		// Accept-Encoding: gzip cannot blind the observer.
 		pr.Out.Header.Set("Accept-Encoding", "identity")
 	}
+}
+
+// maxUnpricedLogged bounds the models remembered as logged: model names
+// come from clients, so they must not grow memory without end.
+const maxUnpricedLogged = 1000
+
+// unpricedLog logs each model without a price once, so that an operator
+// learns which models to name in the config without a line per request.
+// The zero value is ready to use.
+type unpricedLog struct {
+	mu     sync.Mutex
+	logged map[string]struct{}
+}
+
+func (u *unpricedLog) log(log *slog.Logger, model string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if _, ok := u.logged[model]; ok {
+		return
+	}
+	if u.logged == nil {
+		u.logged = make(map[string]struct{})
+	}
+	switch n := len(u.logged); {
+	case n < maxUnpricedLogged:
+		log.Warn("model has no price: its requests cost 0 and are counted in historyproxy_unpriced_requests_total; give it a price under models: in the config",
+			"model", model)
+	case n == maxUnpricedLogged:
+		log.Warn("more models have no price; no longer logging each", "models", n)
+	default:
+		return
+	}
+	u.logged[model] = struct{}{}
 }
 
 // errStore aborts a response whose turn could not be stored (fail_closed).

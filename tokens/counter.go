@@ -3,10 +3,11 @@
 //
 // Counting uses tiktoken's byte-pair encodings, loaded from tables embedded
 // in the binary: the proxy never downloads an encoding. Model names resolve
-// to an encoding and to a price by prefix, so dated snapshots
-// ("gpt-4o-2024-08-06") and fine-tunes ("ft:gpt-4o-mini:org::id") find their
-// base model. The package knows nothing of HTTP or of where conversations are
-// stored.
+// to an encoding by prefix, so any member of a family is counted with its
+// family's encoding, and to a price only by name, a snapshot date stripped
+// ("gpt-4o-2024-08-06" is gpt-4o; see Catalog.Lookup), since a similar name
+// may cost many times more. The package knows nothing of HTTP or of where
+// conversations are stored.
 package tokens
 
 import (

@@ -1,9 +1,7 @@
 package tokens
 
 import (
-	"cmp"
 	"math"
-	"slices"
 	"strings"
 )
 
@@ -20,21 +18,51 @@ type Model struct {
 }
 
 // builtinModels are OpenAI's standard-tier list prices, in USD per 1M
-// tokens, as given by LiteLLM's model_prices_and_context_window.json (which
-// tracks platform.openai.com/docs/pricing) in its 2025-2026 snapshots and
-// agreeing with OpenAI's announced prices; prices change, so operators
-// override them through NewCatalog. Besides the main families, the table lists the variants whose
-// price differs from the family a prefix would give them (o1-mini, o1-pro,
-// gpt-4o-2024-05-13, gpt-4-32k, ...) and the fine-tuned models' inference
-// prices, which are higher than their base models'.
+// tokens. Prices change: operators override them through NewCatalog (the
+// config's models:). The README says when and against what the table was
+// last checked.
+//
+// Besides each family, the table names every snapshot or alias whose price
+// differs from what the fallback rule (see Lookup) would give it
+// (gpt-4o-2024-05-13, gpt-3.5-turbo-1106, ...) and every alias that the rule
+// does not reach (gpt-5-chat-latest, gpt-4-vision-preview, ...), and the
+// fine-tuned models' inference prices, which are higher than their base
+// models'. ContextWindow 0 means the window was not confirmed; then only an
+// agent's max_tokens bounds the history.
+//
+// Requests whose prompt passes a long-context threshold are priced higher
+// by OpenAI on some models (gpt-5.4 and later); the table holds the
+// standard rate only.
 var builtinModels = map[string]Model{
-	"gpt-5":              {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
-	"gpt-5-mini":         {ContextWindow: 400_000, Input: 0.25, CachedInput: 0.025, Output: 2},
-	"gpt-5-nano":         {ContextWindow: 400_000, Input: 0.05, CachedInput: 0.005, Output: 0.40},
-	"gpt-5-pro":          {ContextWindow: 400_000, Input: 15, Output: 120},
-	"gpt-5.1":            {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
-	"gpt-5.1-codex-mini": {ContextWindow: 400_000, Input: 0.25, CachedInput: 0.025, Output: 2},
-	"gpt-5.2":            {ContextWindow: 400_000, Input: 1.75, CachedInput: 0.175, Output: 14},
+	"gpt-5.5":     {ContextWindow: 0, Input: 5, CachedInput: 0.50, Output: 30},
+	"gpt-5.5-pro": {ContextWindow: 0, Input: 30, Output: 180},
+
+	"gpt-5.4":      {ContextWindow: 1_050_000, Input: 2.50, CachedInput: 0.25, Output: 15},
+	"gpt-5.4-mini": {ContextWindow: 0, Input: 0.75, CachedInput: 0.075, Output: 4.50},
+	"gpt-5.4-nano": {ContextWindow: 0, Input: 0.20, CachedInput: 0.02, Output: 1.25},
+	"gpt-5.4-pro":  {ContextWindow: 1_050_000, Input: 30, Output: 180},
+
+	"gpt-5.3-codex": {ContextWindow: 0, Input: 1.75, CachedInput: 0.175, Output: 14},
+
+	"gpt-5.2":             {ContextWindow: 400_000, Input: 1.75, CachedInput: 0.175, Output: 14},
+	"gpt-5.2-chat-latest": {ContextWindow: 128_000, Input: 1.75, CachedInput: 0.175, Output: 14},
+	"gpt-5.2-codex":       {ContextWindow: 400_000, Input: 1.75, CachedInput: 0.175, Output: 14},
+	"gpt-5.2-pro":         {ContextWindow: 400_000, Input: 21, Output: 168},
+
+	"gpt-5.1":             {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5.1-chat-latest": {ContextWindow: 128_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5.1-codex":       {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5.1-codex-max":   {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5.1-codex-mini":  {ContextWindow: 400_000, Input: 0.25, CachedInput: 0.025, Output: 2},
+
+	"gpt-5":             {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5-chat-latest": {ContextWindow: 128_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5-codex":       {ContextWindow: 400_000, Input: 1.25, CachedInput: 0.125, Output: 10},
+	"gpt-5-mini":        {ContextWindow: 400_000, Input: 0.25, CachedInput: 0.025, Output: 2},
+	"gpt-5-nano":        {ContextWindow: 400_000, Input: 0.05, CachedInput: 0.005, Output: 0.40},
+	"gpt-5-pro":         {ContextWindow: 400_000, Input: 15, Output: 120},
+
+	"gpt-4.5-preview": {ContextWindow: 128_000, Input: 75, CachedInput: 37.50, Output: 150},
 
 	"gpt-4.1":      {ContextWindow: 1_047_576, Input: 2, CachedInput: 0.50, Output: 8},
 	"gpt-4.1-mini": {ContextWindow: 1_047_576, Input: 0.40, CachedInput: 0.10, Output: 1.60},
@@ -46,6 +74,7 @@ var builtinModels = map[string]Model{
 	"chatgpt-4o-latest": {ContextWindow: 128_000, Input: 5, Output: 15},
 
 	"o1":                    {ContextWindow: 200_000, Input: 15, CachedInput: 7.50, Output: 60},
+	"o1-preview":            {ContextWindow: 128_000, Input: 15, CachedInput: 7.50, Output: 60},
 	"o1-mini":               {ContextWindow: 128_000, Input: 1.10, CachedInput: 0.55, Output: 4.40},
 	"o1-pro":                {ContextWindow: 200_000, Input: 150, Output: 600},
 	"o3":                    {ContextWindow: 200_000, Input: 2, CachedInput: 0.50, Output: 8},
@@ -54,14 +83,22 @@ var builtinModels = map[string]Model{
 	"o3-deep-research":      {ContextWindow: 200_000, Input: 10, CachedInput: 2.50, Output: 40},
 	"o4-mini":               {ContextWindow: 200_000, Input: 1.10, CachedInput: 0.275, Output: 4.40},
 	"o4-mini-deep-research": {ContextWindow: 200_000, Input: 2, CachedInput: 0.50, Output: 8},
+	"codex-mini-latest":     {ContextWindow: 200_000, Input: 1.50, CachedInput: 0.375, Output: 6},
 
-	"gpt-4-turbo":         {ContextWindow: 128_000, Input: 10, Output: 30},
-	"gpt-4-turbo-preview": {ContextWindow: 128_000, Input: 10, Output: 30},
-	"gpt-4-1106-preview":  {ContextWindow: 128_000, Input: 10, Output: 30},
-	"gpt-4-0125-preview":  {ContextWindow: 128_000, Input: 10, Output: 30},
-	"gpt-4":               {ContextWindow: 8_192, Input: 30, Output: 60},
-	"gpt-4-32k":           {ContextWindow: 32_768, Input: 60, Output: 120},
-	"gpt-3.5-turbo":       {ContextWindow: 16_385, Input: 0.50, Output: 1.50},
+	"gpt-4-turbo":               {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4-turbo-preview":       {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4-1106-preview":        {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4-0125-preview":        {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4-vision-preview":      {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4-1106-vision-preview": {ContextWindow: 128_000, Input: 10, Output: 30},
+	"gpt-4":                     {ContextWindow: 8_192, Input: 30, Output: 60},
+	"gpt-4-32k":                 {ContextWindow: 32_768, Input: 60, Output: 120},
+	"gpt-3.5-turbo":             {ContextWindow: 16_385, Input: 0.50, Output: 1.50},
+	"gpt-3.5-turbo-1106":        {ContextWindow: 16_385, Input: 1, Output: 2},
+	"gpt-3.5-turbo-0613":        {ContextWindow: 4_096, Input: 1.50, Output: 2},
+	"gpt-3.5-turbo-0301":        {ContextWindow: 4_096, Input: 1.50, Output: 2},
+	"gpt-3.5-turbo-16k":         {ContextWindow: 16_385, Input: 3, Output: 4},
+	"gpt-3.5-turbo-instruct":    {ContextWindow: 4_096, Input: 1.50, Output: 2},
 
 	// Fine-tuned models, by base model.
 	"ft:gpt-4.1":       {ContextWindow: 1_047_576, Input: 3, CachedInput: 0.75, Output: 12},
@@ -76,9 +113,6 @@ var builtinModels = map[string]Model{
 // Catalog is a table of models with their prices. It is read-only after
 // NewCatalog and safe for concurrent use. The zero Catalog knows no model.
 type Catalog struct {
-	// names are the table's names, longest first, so that the first
-	// matching name is the longest.
-	names  []string
 	models map[string]Model
 	// nanos holds each model's prices in nano-USD per token, converted once.
 	nanos map[string]nanoPrices
@@ -86,8 +120,16 @@ type Catalog struct {
 
 type nanoPrices struct{ input, cached, output int64 }
 
+// PriceDecimals is how many decimals a price in USD per 1M tokens may have:
+// with three, every price is a whole number of nano-USD per token, so costs
+// are exact. The config refuses finer prices at start-up.
+const PriceDecimals = 3
+
 // NewCatalog returns a catalog of the built-in models, with extra's entries
 // added; an entry of extra whose name is built in replaces that entry whole.
+// An entry prices its model even with every price 0 (a local model that
+// costs nothing). Prices with more than PriceDecimals decimals are rounded
+// to the nearest nano-USD per token; callers validate them first.
 func NewCatalog(extra map[string]Model) *Catalog {
 	c := &Catalog{
 		models: make(map[string]Model, len(builtinModels)+len(extra)),
@@ -100,16 +142,12 @@ func NewCatalog(extra map[string]Model) *Catalog {
 		c.models[name] = m
 	}
 	for name, m := range c.models {
-		c.names = append(c.names, name)
 		p := nanoPrices{input: toNanos(m.Input), cached: toNanos(m.CachedInput), output: toNanos(m.Output)}
 		if m.CachedInput == 0 {
 			p.cached = p.input
 		}
 		c.nanos[name] = p
 	}
-	slices.SortFunc(c.names, func(a, b string) int {
-		return cmp.Or(cmp.Compare(len(b), len(a)), cmp.Compare(a, b))
-	})
 	return c
 }
 
@@ -118,36 +156,67 @@ func toNanos(usdPerMillion float64) int64 {
 	return int64(math.Round(usdPerMillion * 1000))
 }
 
-// resolve returns the catalog name that prices model: the longest name that
-// is model itself or a prefix of it followed by '-' or ':' (so a dated
-// snapshot finds its family, but "gpt-5.2" does not take gpt-5's price),
-// else, for a fine-tune with no fine-tune entry, what its base model
-// resolves to.
+// resolve returns the catalog name that prices model. A model falls back
+// only across what cannot change its price: a date suffix, and the
+// organisation, suffix and id of a fine-tune. Anything else (a "-pro", a
+// "-16k", a newer version, another vendor's name) is not priced until the
+// table or the config names it, since a guess from a similar name can be
+// off many times over (gpt-5.2-pro costs 12 times gpt-5.2).
 func (c *Catalog) resolve(model string) (string, bool) {
-	for _, name := range c.names {
-		if matchesName(model, name) {
-			return name, true
-		}
+	if base, ok := strings.CutPrefix(model, "ft:"); ok {
+		// ft:<base>[:org[:suffix[:id]]]: priced as a fine-tune of base. A
+		// base with no fine-tune price is not priced as the base model,
+		// since fine-tuned inference costs more.
+		base, _, _ = strings.Cut(base, ":")
+		model = "ft:" + base
 	}
-	if base := baseModel(model); base != model {
-		return c.resolve(base)
+	if _, ok := c.models[model]; ok {
+		return model, true
+	}
+	if undated, ok := cutDate(model); ok {
+		if _, ok := c.models[undated]; ok {
+			return undated, true
+		}
 	}
 	return "", false
 }
 
-func matchesName(model, name string) bool {
-	if !strings.HasPrefix(model, name) {
-		return false
+// cutDate strips a snapshot date from the end of model: -YYYY-MM-DD
+// ("gpt-4o-2024-08-06") or -MMDD ("gpt-3.5-turbo-0125"). ok is false when
+// model has none.
+func cutDate(model string) (string, bool) {
+	for _, layout := range []string{"-dddd-dd-dd", "-dddd"} {
+		n := len(model) - len(layout)
+		if n > 0 && matchesLayout(model[n:], layout) {
+			return model[:n], true
+		}
 	}
-	if len(model) == len(name) {
-		return true
-	}
-	next := model[len(name)]
-	return next == '-' || next == ':'
+	return model, false
 }
 
-// Lookup returns the entry for model, found as described on Cost, and
-// whether there is one.
+// matchesLayout reports whether s has layout's shape, 'd' standing for a
+// digit and any other byte for itself.
+func matchesLayout(s, layout string) bool {
+	for i := range len(layout) {
+		if layout[i] == 'd' {
+			if s[i] < '0' || s[i] > '9' {
+				return false
+			}
+		} else if s[i] != layout[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Lookup returns the entry for model and whether there is one. A model is
+// found by its own name; else without a snapshot date at its end
+// ("gpt-4o-2024-08-06" is gpt-4o, "gpt-3.5-turbo-0125" is gpt-3.5-turbo, but
+// a snapshot priced apart, such as gpt-3.5-turbo-1106, is named in the
+// table); a fine-tune ("ft:gpt-4o-mini-2024-07-18:org:name:id") is found as
+// ft: and its base model, the base's date stripped the same way. Nothing
+// else falls back: "gpt-5.2-pro" is not gpt-5.2, and "ft:gpt-5-mini" with no
+// fine-tune price is not gpt-5-mini.
 func (c *Catalog) Lookup(model string) (Model, bool) {
 	name, ok := c.resolve(model)
 	if !ok {

@@ -2,6 +2,8 @@ package tokens
 
 import (
 	"math"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -20,8 +22,9 @@ func TestCatalogLookup(t *testing.T) {
 		{"gpt-4o-mini", "gpt-4o-mini", true},
 		{"gpt-4o-mini-2024-07-18", "gpt-4o-mini", true},
 		{"gpt-4.1-nano-2025-04-14", "gpt-4.1-nano", true},
-		{"gpt-5-chat-latest", "gpt-5", true},
+		{"gpt-5-chat-latest", "gpt-5-chat-latest", true},
 		{"gpt-5-mini-2025-08-07", "gpt-5-mini", true},
+		{"gpt-5.2-2025-12-11", "gpt-5.2", true},
 		{"o1-mini-2024-09-12", "o1-mini", true},
 		{"o3-mini-2025-01-31", "o3-mini", true},
 		{"o3-2025-04-16", "o3", true},
@@ -29,13 +32,29 @@ func TestCatalogLookup(t *testing.T) {
 		{"gpt-4-32k-0613", "gpt-4-32k", true},
 		{"gpt-4-turbo-2024-04-09", "gpt-4-turbo", true},
 		{"gpt-3.5-turbo-0125", "gpt-3.5-turbo", true},
+		{"gpt-3.5-turbo-16k-0613", "gpt-3.5-turbo-16k", true},
+		// Snapshots and variants priced apart from their family.
+		{"gpt-3.5-turbo-1106", "gpt-3.5-turbo-1106", true},
+		{"gpt-3.5-turbo-16k", "gpt-3.5-turbo-16k", true},
+		{"gpt-4-vision-preview", "gpt-4-vision-preview", true},
+		{"gpt-5.2-pro", "gpt-5.2-pro", true},
+		{"gpt-5.2-pro-2025-12-11", "gpt-5.2-pro", true},
 		{"ft:gpt-4o-mini:my-org::abc123", "ft:gpt-4o-mini", true},
 		{"ft:gpt-4o-mini-2024-07-18:my-org:suffix:abc123", "ft:gpt-4o-mini", true},
 		{"ft:gpt-4o-2024-08-06:my-org::abc123", "ft:gpt-4o", true},
-		{"ft:gpt-5-mini:my-org::abc123", "gpt-5-mini", true}, // no fine-tune price: the base model's
-		{"gpt-5.9", "", false},                               // a new version does not take gpt-5's price
+		{"ft:gpt-3.5-turbo-0125:my-org::abc123", "ft:gpt-3.5-turbo", true},
+		// Nothing else falls back to a similar name.
+		{"ft:gpt-5-mini:my-org::abc123", "", false}, // no fine-tune price; the base model's would be too low
+		{"gpt-5.9", "", false},                      // a new version does not take gpt-5's price
+		{"gpt-5.2-mini", "", false},
+		{"gpt-4o-mini-search-preview", "", false},
+		{"gpt-4o-audio-preview", "", false},
+		{"gpt-4-0613-preview", "", false},
 		{"gpt-4ox", "", false},
+		{"gpt-4o-", "", false},
+		{"-0613", "", false},
 		{"llama-3-70b", "", false},
+		{"ft:", "", false},
 		{"", "", false},
 	}
 	for _, tt := range tests {
@@ -46,6 +65,32 @@ func TestCatalogLookup(t *testing.T) {
 			}
 			if want := builtinModels[tt.want]; got != want {
 				t.Errorf("Lookup(%q) = %+v, want %s's %+v", tt.model, got, tt.want, want)
+			}
+		})
+	}
+}
+
+// TestUnpricedVariantsAreNotBilledAsTheirFamily holds the cases that a
+// prefix fallback billed at their family's price, counted as priced.
+func TestUnpricedVariantsAreNotBilledAsTheirFamily(t *testing.T) {
+	c := NewCatalog(nil)
+	u := Usage{Prompt: 1_000_000, Completion: 1_000_000}
+	for _, tc := range []struct {
+		model     string
+		wantNanos int64 // 0 with wantOK false: unpriced
+		wantOK    bool
+	}{
+		{"gpt-5.2-pro", (21 + 168) * 1e9, true},         // not gpt-5.2's 1.75 + 14
+		{"gpt-3.5-turbo-1106", (1 + 2) * 1e9, true},     // not gpt-3.5-turbo's 0.50 + 1.50
+		{"gpt-3.5-turbo-16k", (3 + 4) * 1e9, true},      // not gpt-3.5-turbo's
+		{"gpt-4-vision-preview", (10 + 30) * 1e9, true}, // not gpt-4's 30 + 60
+		{"gpt-5.2-ultra", 0, false},
+		{"gpt-4o-realtime-preview", 0, false},
+	} {
+		t.Run(tc.model, func(t *testing.T) {
+			nanos, ok := c.Cost(tc.model, u)
+			if nanos != tc.wantNanos || ok != tc.wantOK {
+				t.Errorf("Cost(%s, 1M in + 1M out) = %d, %v; want %d, %v", tc.model, nanos, ok, tc.wantNanos, tc.wantOK)
 			}
 		})
 	}
@@ -70,6 +115,13 @@ func TestBuiltinModels(t *testing.T) {
 		if m.CachedInput > m.Input {
 			t.Errorf("%s: cached input %v costs more than input %v", name, m.CachedInput, m.Input)
 		}
+		// Every price must be a whole number of nano-USD per token, or Cost
+		// would round it.
+		for _, p := range []float64{m.Input, m.CachedInput, m.Output} {
+			if s := strconv.FormatFloat(p, 'f', -1, 64); strings.Contains(s, ".") && len(s)-strings.Index(s, ".")-1 > PriceDecimals {
+				t.Errorf("%s: price %s has more than %d decimals", name, s, PriceDecimals)
+			}
+		}
 	}
 }
 
@@ -83,6 +135,8 @@ func TestCost(t *testing.T) {
 		// No cached price: cached tokens are billed at the input price.
 		"test-nocache": {Input: 10, Output: 30},
 		"test-free":    {},
+		// A fine-tune is priced under ft: and its base model.
+		"ft:test-model": {Input: 2, Output: 8},
 		// An override replaces the whole built-in entry.
 		"gpt-4o": {ContextWindow: 1000, Input: 1, Output: 1},
 	})
@@ -178,7 +232,7 @@ func TestCost(t *testing.T) {
 			wantPriced: true,
 		},
 		{
-			name:       "fine-tune of an extra model takes its price",
+			name:       "fine-tune of an extra model takes its fine-tune price",
 			model:      "ft:test-model:my-org::abc",
 			usage:      Usage{Prompt: 1, Completion: 1},
 			wantNanos:  (2 + 8) * 1000,

@@ -1,0 +1,118 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+	"github.com/historyproxy/historyproxy/metrics"
+)
+
+// metricsHarness is a harness whose proxy reports to real metrics on reg.
+func metricsHarness(t *testing.T, mod ...func(*Options)) (*harness, *prometheus.Registry) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg, 0)
+	return newHarness(t, append([]func(*Options){func(o *Options) { o.Metrics = m }}, mod...)...), reg
+}
+
+// gathered returns the value of the series of family whose labels include
+// want: a counter's value, or a histogram's sample sum and count.
+func gathered(t *testing.T, reg prometheus.Gatherer, family string, want map[string]string) (value float64, count uint64) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	require.NoError(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() != family {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			got := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				got[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range want {
+				if got[k] != v {
+					continue series
+				}
+			}
+			if h := m.GetHistogram(); h != nil {
+				return h.GetSampleSum(), h.GetSampleCount()
+			}
+			return m.GetCounter().GetValue(), 1
+		}
+	}
+	return 0, 0
+}
+
+// syncBuffer is a log destination safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestPricesFallBackOnlyAcrossDates: a model the table does not name is
+// not billed at a similar model's price; it costs 0, is counted as
+// unpriced and logged once. A dated snapshot takes its model's price.
+func TestPricesFallBackOnlyAcrossDates(t *testing.T) {
+	var logs syncBuffer
+	h, reg := metricsHarness(t, func(o *Options) {
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	usage := &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 100}
+	post := func(model string) {
+		t.Helper()
+		h.up.Enqueue(fakeai.Reply{Content: "ok", Usage: usage})
+		resp := h.do(t, "/v1/chat/completions", `{"model":"`+model+`","messages":[`+user("hi")+`]}`,
+			map[string]string{"X-Session-ID": "chat:" + strings.ReplaceAll(model, ".", "_") + ":support"})
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		readAll(t, resp)
+	}
+	session := func(model string) history.Session {
+		s, ok, err := h.store.Session(context.Background(), "chat:"+strings.ReplaceAll(model, ".", "_")+":support")
+		require.NoError(t, err)
+		require.True(t, ok)
+		return s
+	}
+
+	for range 3 {
+		post("gpt-5.2-ultra")
+	}
+	require.Zero(t, session("gpt-5.2-ultra").Totals.CostNanos, "not billed as gpt-5.2")
+	n, _ := gathered(t, reg, "historyproxy_unpriced_requests_total", map[string]string{"model": "gpt-5.2-ultra"})
+	require.EqualValues(t, 3, n)
+	cost, _ := gathered(t, reg, "historyproxy_cost_usd_total", map[string]string{"model": "gpt-5.2-ultra"})
+	require.Zero(t, cost)
+	require.Equal(t, 1, strings.Count(logs.String(), "model has no price"), logs.String())
+	require.Contains(t, logs.String(), "model=gpt-5.2-ultra")
+
+	// Named in the table: its own price, 12 times gpt-5.2's.
+	post("gpt-5.2-pro")
+	require.Equal(t, int64(1000*21_000+100*168_000), session("gpt-5.2-pro").Totals.CostNanos)
+	// A dated snapshot: its model's price ($1.75 and $14 per 1M).
+	post("gpt-5.2-2025-12-11")
+	require.Equal(t, int64(1000*1_750+100*14_000), session("gpt-5.2-2025-12-11").Totals.CostNanos)
+	require.Equal(t, 1, strings.Count(logs.String(), "model has no price"), "priced models are not logged")
+}
