@@ -15,6 +15,7 @@ import (
 	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 	"github.com/historyproxy/historyproxy/metrics"
+	"github.com/historyproxy/historyproxy/tokens"
 )
 
 // metricsHarness is a harness whose proxy reports to real metrics on reg.
@@ -53,6 +54,57 @@ func gathered(t *testing.T, reg prometheus.Gatherer, family string, want map[str
 		}
 	}
 	return 0, 0
+}
+
+// noUsageJSON and noUsageSSE are replies of an upstream that reports no
+// usage (some OpenAI-compatible servers), so the proxy estimates it.
+const (
+	noUsageContent = "Hello there, world."
+	noUsageJSON    = `{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, world."},"finish_reason":"stop"}]}`
+	noUsageSSE     = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hello there,\"},\"finish_reason\":null}]}\n\n" +
+		"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world.\"},\"finish_reason\":null}]}\n\n" +
+		"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n" +
+		"data: [DONE]\n\n"
+)
+
+// TestEstimatedCompletionCountsOnlyContent: without the upstream's usage, a
+// reply counts as the API would count it, its content, not as a whole
+// message with framing and role.
+func TestEstimatedCompletionCountsOnlyContent(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		stream bool
+		reply  fakeai.Reply
+	}{
+		{"json", false, fakeai.Reply{Raw: []byte(noUsageJSON)}},
+		{"stream", true, fakeai.Reply{Raw: []byte(noUsageSSE), Header: http.Header{"Content-Type": {"text/event-stream"}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, reg := metricsHarness(t)
+			h.up.Enqueue(tc.reply)
+			const session = "chat:estimate:support"
+			body := `{"model":"gpt-4o-mini","stream":` + map[bool]string{true: "true", false: "false"}[tc.stream] + `,"messages":[` + user("Say hello") + `]}`
+			resp := h.do(t, "/v1/chat/completions", body, map[string]string{"X-Session-ID": session})
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			readAll(t, resp)
+
+			want := int64(sharedCounter.Text("gpt-4o-mini", noUsageContent))
+			got, _ := gathered(t, reg, "historyproxy_tokens_total", map[string]string{"model": "gpt-4o-mini", "type": "completion"})
+			require.EqualValues(t, want, got, "completion tokens in the metrics")
+			n, _ := gathered(t, reg, "historyproxy_estimated_usage_requests_total", map[string]string{"model": "gpt-4o-mini"})
+			require.EqualValues(t, 1, n)
+			s, ok, err := h.store.Session(context.Background(), session)
+			require.NoError(t, err)
+			require.True(t, ok)
+			require.Equal(t, want, s.Totals.CompletionTokens, "completion tokens in the session's totals")
+
+			// The stored reply still counts its framing, as it costs when it
+			// is injected again.
+			stored := h.stored(t, session)
+			require.Len(t, stored, 2)
+			require.Equal(t, sharedCounter.Message("gpt-4o-mini", tokens.Message{Role: "assistant", Content: noUsageContent}), stored[1].Tokens)
+		})
+	}
 }
 
 // syncBuffer is a log destination safe for concurrent writes.

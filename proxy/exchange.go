@@ -486,7 +486,9 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 func (p *Proxy) replyTokens(x *exchange, a history.Message, u tokens.Usage) int {
 	switch {
 	case u.Estimated:
-		return int(u.Completion) // the estimate already counted this reply
+		// The estimate counted what was generated; a stored message also
+		// carries its framing when it is replayed.
+		return int(u.Completion) + tokens.TokensPerMessage + p.opt.Counter.Text(x.req.Model, history.RoleAssistant)
 	case x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0:
 		return int(u.Completion-u.Reasoning) + tokens.TokensPerMessage
 	}
@@ -506,7 +508,9 @@ func (p *Proxy) usage(x *exchange) tokens.Usage {
 	} else {
 		u = tokens.Usage{Prompt: int64(p.requestTokens(x) + x.historyTokens), Estimated: true}
 		if a, ok := x.assistant(0, true); ok {
-			u.Completion = int64(p.opt.Counter.Message(x.req.Model, tokenMessage(a)))
+			// As the API counts completion_tokens: what was generated, not
+			// the message framing.
+			u.Completion = int64(p.opt.Counter.Completion(x.req.Model, tokenMessage(a)))
 		}
 	}
 	x.usage = &u

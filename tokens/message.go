@@ -74,6 +74,16 @@ func (c *Counter) Messages(model string, ms []Message) int {
 	return n
 }
 
+// Completion counts a reply the way the API counts its completion_tokens:
+// what the model generated (content, content parts, refusal and tool
+// calls), without the framing that Message adds for a prompt
+// (TokensPerMessage, the role, a name), which the model does not generate.
+// Tool calls are counted by the approximation documented on Message.
+func (c *Counter) Completion(model string, m Message) int {
+	enc := c.encoder(model)
+	return count(enc, m.Content) + countParts(enc, m.Parts) + countToolCalls(enc, m.ToolCalls) + count(enc, m.Refusal)
+}
+
 func countMessage(enc *tiktoken.Tiktoken, m Message) int {
 	n := TokensPerMessage + count(enc, m.Role) + count(enc, m.Content)
 	if m.Name != "" {

@@ -172,3 +172,26 @@ func TestMessageEncodingMatters(t *testing.T) {
 		t.Errorf("Message: got gpt-4o %d and gpt-4 %d, want gpt-4 one token more", o200k, cl100k)
 	}
 }
+
+func TestCompletionCountsOnlyWhatIsGenerated(t *testing.T) {
+	c := testCounter(t)
+	for _, model := range []string{"gpt-4o", "gpt-4"} {
+		content := Message{Role: "assistant", Content: "The capital of France is Paris."}
+		// The API's completion_tokens for this reply is its content alone:
+		// no role, no per-message framing.
+		if got, want := c.Completion(model, content), c.Text(model, content.Content); got != want {
+			t.Errorf("%s: content reply: got %d, want %d (the content's tokens)", model, got, want)
+		}
+		if got, want := c.Message(model, content)-c.Completion(model, content), TokensPerMessage+c.Text(model, "assistant"); got != want {
+			t.Errorf("%s: Message - Completion: got %d, want the framing %d", model, got, want)
+		}
+		calls := Message{Role: "assistant", ToolCalls: []byte(`[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]`)}
+		if got, want := c.Completion(model, calls), TokensPerToolCall+c.Text(model, "get_weather")+c.Text(model, `{"city":"Paris"}`); got != want {
+			t.Errorf("%s: tool-call reply: got %d, want %d", model, got, want)
+		}
+		refusal := Message{Role: "assistant", Refusal: "I can't help with that."}
+		if got, want := c.Completion(model, refusal), c.Text(model, refusal.Refusal); got != want {
+			t.Errorf("%s: refusal: got %d, want %d", model, got, want)
+		}
+	}
+}
