@@ -112,8 +112,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	for name, m := range cfg.Models {
 		models[name] = tokens.Model{ContextWindow: m.ContextWindow, Input: m.Input, CachedInput: m.CachedInput, Output: m.Output}
 	}
+	sessionLabel, err := metrics.NewSessionLabel(cfg.Metrics.SessionLabel, []byte(cfg.Metrics.SessionLabelKey))
+	if err != nil {
+		return fmt.Errorf("metrics.session_label: %w", err)
+	}
 	reg := metrics.NewRegistry()
-	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit)
+	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit, metrics.WithSessionLabel(sessionLabel))
 
 	failClosed := cfg.Store.OnError == "fail_closed"
 	upstream, err := url.Parse(cfg.Upstream.URL)

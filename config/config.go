@@ -141,6 +141,16 @@ type Model struct {
 // Metrics configures Prometheus export.
 type Metrics struct {
 	SessionSeriesLimit int `yaml:"session_series_limit"` // default 10000
+	// SessionLabel is how per-session series name their session: id (the
+	// default), hash (channel:<keyed hash>:agent) or off (no per-session
+	// series).
+	SessionLabel string `yaml:"session_label"`
+	// SessionLabelKeyEnv names an environment variable holding the key of
+	// the hash (at least 16 bytes); required with session_label hash.
+	SessionLabelKeyEnv string `yaml:"session_label_key_env"`
+	// SessionLabelKey is read from SessionLabelKeyEnv at load time, never
+	// from the file.
+	SessionLabelKey string `yaml:"-"`
 }
 
 // Log configures log/slog.
@@ -187,7 +197,7 @@ func Default() Config {
 			OutputReserve: 1024,
 		},
 		Tokens:       Tokens{DefaultEncoding: "o200k_base"},
-		Metrics:      Metrics{SessionSeriesLimit: 10000},
+		Metrics:      Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
 		Log:          Log{Format: "text", Level: "info"},
 		DrainTimeout: 30 * time.Second,
 		MaxBodyBytes: 20 << 20,
@@ -239,6 +249,9 @@ func (c Config) Redacted() Config {
 	}
 	if c.Redis.Password != "" {
 		c.Redis.Password = redacted
+	}
+	if c.Metrics.SessionLabelKey != "" {
+		c.Metrics.SessionLabelKey = redacted
 	}
 	c.Redis.URL = redactURL(c.Redis.URL)
 	c.Redis.ClusterAddrs = slices.Clone(c.Redis.ClusterAddrs)

@@ -87,6 +87,7 @@ func TestDefaultValues(t *testing.T) {
 		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024}},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},
+		{"metrics.session_label", d.Metrics.SessionLabel, "id"},
 		{"log.format", d.Log.Format, "text"},
 		{"log.level", d.Log.Level, "info"},
 		{"drain_timeout", d.DrainTimeout, 30 * time.Second},
@@ -411,6 +412,13 @@ func TestValidation(t *testing.T) {
 		{"model prices with three decimals", func(c *Config) { c.Models = map[string]Model{"m": {Input: 0.175, CachedInput: 0.005, Output: 1.875}} }, ""},
 
 		{"session_series_limit", func(c *Config) { c.Metrics.SessionSeriesLimit = 0 }, `metrics.session_series_limit: 0 must be positive`},
+		{"session_label", func(c *Config) { c.Metrics.SessionLabel = "md5" }, `metrics.session_label: "md5" is not one of id, hash, off`},
+		{"session_label hash without key", func(c *Config) { c.Metrics.SessionLabel = "hash" }, `metrics.session_label: "hash" needs metrics.session_label_key_env`},
+		{"session_label hash with key", func(c *Config) {
+			c.Metrics.SessionLabel = "hash"
+			c.Metrics.SessionLabelKeyEnv = "HP_LABEL_KEY"
+		}, ""},
+		{"session_label off", func(c *Config) { c.Metrics.SessionLabel = "off" }, ""},
 		{"log format", func(c *Config) { c.Log.Format = "xml" }, `log.format: "xml" is not one of text, json`},
 		{"log level", func(c *Config) { c.Log.Level = "trace" }, `log.level: "trace" is not one of debug, info, warn, error`},
 		{"drain_timeout", func(c *Config) { c.DrainTimeout = 0 }, `drain_timeout: 0s must be positive`},
@@ -649,6 +657,24 @@ func TestSecretsFromEnv(t *testing.T) {
 		cfg := load(t, []string{"-config", path}, map[string]string{"REDIS_PW": "hunter2"})
 		if got, want := cfg.Redis.Password, "hunter2"; got != want {
 			t.Errorf("Password: got %q, want %q", got, want)
+		}
+	})
+	t.Run("session label key", func(t *testing.T) {
+		path := writeConfig(t, "metrics: {session_label: hash, session_label_key_env: LABEL_KEY}")
+		cfg := load(t, []string{"-config", path}, map[string]string{"LABEL_KEY": "0123456789abcdef"})
+		if got, want := cfg.Metrics.SessionLabelKey, "0123456789abcdef"; got != want {
+			t.Errorf("SessionLabelKey: got %q, want %q", got, want)
+		}
+		if got := cfg.Redacted().Metrics.SessionLabelKey; got != "REDACTED" {
+			t.Errorf("redacted SessionLabelKey: got %q, want REDACTED", got)
+		}
+	})
+	t.Run("session label key too short", func(t *testing.T) {
+		path := writeConfig(t, "metrics: {session_label: hash, session_label_key_env: LABEL_KEY}")
+		err := loadErr(t, []string{"-config", path}, map[string]string{"LABEL_KEY": "short"})
+		want := `metrics.session_label_key_env: environment variable "LABEL_KEY" holds 5 bytes, want at least 16`
+		if err.Error() != want {
+			t.Errorf("got %q, want %q", err, want)
 		}
 	})
 	t.Run("redis password env empty", func(t *testing.T) {

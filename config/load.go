@@ -182,8 +182,9 @@ func (f *flagValue) IsBoolFlag() bool { return f.s.arg == "" }
 // variables are read only through getenv, so tests need not touch the
 // process environment; an empty variable counts as unset.
 //
-// After merging, Upstream.APIKey and Redis.Password are read through getenv
-// from the variables named by Upstream.APIKeyEnv and Redis.PasswordEnv.
+// After merging, Upstream.APIKey, Redis.Password and Metrics.SessionLabelKey
+// are read through getenv from the variables named by Upstream.APIKeyEnv,
+// Redis.PasswordEnv and Metrics.SessionLabelKeyEnv.
 //
 // With -h or -help, Load writes the usage of every flag to usage and
 // returns flag.ErrHelp. Otherwise every problem found, in the environment
@@ -245,6 +246,12 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		cfg.Upstream.APIKey = getenv(name)
 		if cfg.Upstream.APIKey == "" {
 			errs = append(errs, fmt.Errorf("upstream.api_key_env: environment variable %q is empty or unset", name))
+		}
+	}
+	if name := cfg.Metrics.SessionLabelKeyEnv; name != "" {
+		cfg.Metrics.SessionLabelKey = getenv(name)
+		if n := len(cfg.Metrics.SessionLabelKey); n < minSessionLabelKey {
+			errs = append(errs, fmt.Errorf("metrics.session_label_key_env: environment variable %q holds %d bytes, want at least %d", name, n, minSessionLabelKey))
 		}
 	}
 	if name := cfg.Redis.PasswordEnv; name != "" {

@@ -20,7 +20,12 @@ var (
 	logFormats      = []string{"text", "json"}
 	logLevels       = []string{"debug", "info", "warn", "error"}
 	redisSchemes    = []string{"redis", "rediss", "unix"}
+	sessionLabels   = []string{"id", "hash", "off"}
 )
+
+// minSessionLabelKey is the shortest key of metrics.session_label hash, as
+// metrics.MinSessionLabelKey.
+const minSessionLabelKey = 16
 
 // maxPartLen is the longest session part, as the proxy accepts them.
 const maxPartLen = 128
@@ -152,6 +157,10 @@ func (c Config) Validate() error {
 
 	if c.Metrics.SessionSeriesLimit <= 0 {
 		v.addf("metrics.session_series_limit", c.Metrics.SessionSeriesLimit, "must be positive")
+	}
+	v.oneOf("metrics.session_label", c.Metrics.SessionLabel, sessionLabels)
+	if c.Metrics.SessionLabel == "hash" && c.Metrics.SessionLabelKeyEnv == "" {
+		v.addf("metrics.session_label", c.Metrics.SessionLabel, "needs metrics.session_label_key_env, naming an environment variable that holds the hash's secret key (at least %d bytes)", minSessionLabelKey)
 	}
 	v.oneOf("log.format", c.Log.Format, logFormats)
 	v.oneOf("log.level", c.Log.Level, logLevels)

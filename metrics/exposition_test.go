@@ -43,6 +43,7 @@ var wantFamilies = []string{
 	"historyproxy_tokens_total",
 	"historyproxy_unpriced_requests_total",
 	"historyproxy_upstream_duration_seconds",
+	"historyproxy_upstream_time_to_first_token_seconds",
 }
 
 // exercised returns the binary's registry with historyproxy's metrics
@@ -54,8 +55,8 @@ func exercised(t *testing.T) *prometheus.Registry {
 	m := New(reg, 1)
 	m.ObserveRequest(Request{
 		Channel: "chat", Agent: "support", Model: "gpt-4o", Session: "chat:a@example.com:support",
-		Code: 200, Stream: true,
-		Duration: 2 * time.Second, Upstream: 1900 * time.Millisecond, TTFT: 400 * time.Millisecond,
+		Code: 200, Stream: true, Reached: true, Billed: true,
+		Duration: 2 * time.Second, Upstream: 1900 * time.Millisecond, TTFT: 400 * time.Millisecond, UpstreamTTFT: 350 * time.Millisecond,
 		PromptTokens: 300, CompletionTokens: 40, CachedTokens: 128, ReasoningTokens: 12,
 		Estimated: true, HistoryMessages: 8, HistoryTokens: 250, HistoryTruncated: true,
 		CostNanos: 4_200_000, Priced: true,
@@ -63,10 +64,10 @@ func exercised(t *testing.T) *prometheus.Registry {
 	// A second session evicts the first (limit 1); an unknown model is unpriced.
 	m.ObserveRequest(Request{
 		Channel: "chat", Agent: "support", Model: "mystery-1", Session: "chat:b@example.com:support",
-		Code: 500, Duration: time.Second, Upstream: time.Second, PromptTokens: 10, CompletionTokens: 1,
+		Code: 200, Reached: true, Billed: true, Duration: time.Second, Upstream: time.Second, PromptTokens: 10, CompletionTokens: 1,
 	})
 	m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "gpt-4o",
-		Session: "chat:b@example.com:support", Code: 200, PromptTokens: 1, CostNanos: 1000, Priced: true})
+		Session: "chat:b@example.com:support", Code: 200, Reached: true, Billed: true, PromptTokens: 1, CostNanos: 1000, Priced: true})
 	m.ObserveStore("window", time.Millisecond, nil)
 	m.ObserveStore("append", time.Millisecond, errors.New("connection refused"))
 	m.SetRetryQueueDepth(3)

@@ -9,8 +9,12 @@
 // Label values that come from clients (model, channel, agent, session) are
 // bounded, because each distinct value is a new time series that Prometheus
 // keeps in memory: models, channels and agents are capped at a fixed number of
-// distinct values, and sessions at the limit given to New, dropping the least
-// recently active session's series when a new one arrives.
+// distinct values, taken only by requests that reached the upstream and given
+// back when unused for a while, and sessions at the limit given to New,
+// dropping the least recently active session's series when a new one arrives.
+//
+// Costs are added up in whole nano-USD, so totals never drift by rounding,
+// and exported in USD.
 package metrics
 
 import (
@@ -37,15 +41,22 @@ const (
 	// (model, channel, agent). Models are free-form strings from request
 	// bodies, and channel and agent come from session ids, so a client, by
 	// mistake or on purpose, could otherwise mint a series per request. Values
-	// first seen after the cap is reached are reported as otherValue. 100 is
-	// far above the handful of models and agents a deployment really uses.
+	// past the cap are reported as otherValue. 100 is far above the handful
+	// of models and agents a deployment really uses.
 	maxLabelValues = 100
 
-	// maxLabelLen truncates absurdly long label values (a session id is a
-	// few dozen bytes; a 1 MB model name is an attack, not a model).
+	// labelIdle is how long a model, channel or agent value must go unseen
+	// before a new value may take its slot (deleting its series) once the
+	// cap is full. Long enough that a value in use never churns, short
+	// enough that junk values cannot hold the cap for long.
+	labelIdle = time.Hour
+
+	// maxLabelLen truncates absurdly long model, channel and agent values (a
+	// 1 MB model name is an attack, not a model). Session labels are never
+	// cut, since two sessions must never share a series; see SessionLabel.
 	maxLabelLen = 256
 
-	// otherValue stands for every value first seen after a label's cap.
+	// otherValue stands for every value past a label's cap.
 	otherValue = "other"
 	// unknownValue stands for an empty value, which Prometheus would treat as
 	// a missing label.
@@ -69,10 +80,14 @@ var tokenTypes = []string{tokenPrompt, tokenCompletion, tokenCached, tokenReason
 // Buckets, in base units. LLM calls are slow and long-tailed, the proxy's own
 // work and Redis are fast, so each histogram gets its own range.
 var (
-	// requestBuckets spans a cached short completion to a long reasoning stream.
-	requestBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300}
-	// ttftBuckets is where users notice: under a second feels live.
-	ttftBuckets = []float64{0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20}
+	// requestBuckets spans a cached short completion to a long reasoning
+	// stream: the upstream may take up to its 10-minute timeout before the
+	// first byte, and a stream may run on after that.
+	requestBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800}
+	// ttftBuckets is where users notice (under a second feels live), up to
+	// reasoning models that think for minutes before the first token, and
+	// the upstream's 10-minute timeout.
+	ttftBuckets = []float64{0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600}
 	// overheadBuckets is what the proxy adds around the upstream call:
 	// reading history, counting tokens, rewriting the body.
 	overheadBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1}
@@ -87,24 +102,31 @@ var (
 // Metrics holds every historyproxy collector. Its methods are safe for
 // concurrent use. Build it with New; the zero value is not usable.
 type Metrics struct {
+	// labelMu is held shared by every request observation and exclusively
+	// while a model, channel or agent value gives its slot back, so that no
+	// observation can recreate a series being deleted (a series nothing
+	// tracks would never be deleted).
+	labelMu                  sync.RWMutex
 	models, channels, agents *valueCap
 
-	requests   *prometheus.CounterVec // channel, agent, model, code
-	tokens     *prometheus.CounterVec // channel, agent, model, type
-	cost       *prometheus.CounterVec // channel, agent, model
-	estimated  *prometheus.CounterVec // channel, agent, model
-	unpriced   *prometheus.CounterVec // model
-	truncated  *prometheus.CounterVec // channel, agent
-	duration   *prometheus.HistogramVec
-	upstream   *prometheus.HistogramVec
-	ttft       *prometheus.HistogramVec
-	overhead   *prometheus.HistogramVec
-	histMsgs   *prometheus.HistogramVec
-	histTokens *prometheus.HistogramVec
+	requests     *prometheus.CounterVec // channel, agent, model, code
+	tokens       *prometheus.CounterVec // channel, agent, model, type
+	cost         *nanoVec               // channel, agent, model
+	estimated    *prometheus.CounterVec // channel, agent, model
+	unpriced     *prometheus.CounterVec // model
+	truncated    *prometheus.CounterVec // channel, agent
+	duration     *prometheus.HistogramVec
+	upstream     *prometheus.HistogramVec
+	ttft         *prometheus.HistogramVec
+	upstreamTTFT *prometheus.HistogramVec
+	overhead     *prometheus.HistogramVec
+	histMsgs     *prometheus.HistogramVec
+	histTokens   *prometheus.HistogramVec
 
+	sessionLabel   SessionLabel
 	sessions       sessionLRU
 	sessionTokens  *prometheus.CounterVec // session, type
-	sessionCost    *prometheus.CounterVec // session
+	sessionCost    *nanoVec               // session
 	evictions      prometheus.Counter
 	sessionsActive prometheus.Gauge
 
@@ -116,42 +138,47 @@ type Metrics struct {
 	retryDropped  prometheus.Counter
 }
 
+// Option changes how New builds the metrics.
+type Option func(*Metrics)
+
+// WithSessionLabel sets how a session id becomes the value of the
+// "session" label (and whether there are per-session series at all). The
+// default is SessionLabel's zero value: the id itself.
+func WithSessionLabel(l SessionLabel) Option {
+	return func(m *Metrics) { m.sessionLabel = l }
+}
+
 // New builds the metrics and registers every collector on reg. It panics if
 // a collector is already registered there, as MustRegister does: that is a
 // programming error (New called twice on one registry).
 //
 // sessionLimit caps how many sessions have per-session series at once; 0 or
 // less means DefaultSessionLimit.
-func New(reg prometheus.Registerer, sessionLimit int) *Metrics {
+func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 	if sessionLimit <= 0 {
 		sessionLimit = DefaultSessionLimit
 	}
 	caa := []string{"channel", "agent"}
 	cam := []string{"channel", "agent", "model"}
 	m := &Metrics{
-		models:   newValueCap(maxLabelValues),
-		channels: newValueCap(maxLabelValues),
-		agents:   newValueCap(maxLabelValues),
-
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "requests_total",
 			Help: "Proxied requests by the HTTP status code returned to the client.",
 		}, append(cam, "code")),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "tokens_total",
-			Help: "Tokens by type: prompt, completion, cached and reasoning as reported upstream (or estimated); history is the part of prompt the proxy injected.",
+			Help: "Tokens of requests the upstream answered with success, by type: prompt, completion, cached and reasoning as the upstream reported them (or estimated); history is the part of prompt the proxy injected.",
 		}, append(cam, "type")),
-		cost: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "cost_usd_total",
-			Help: "Cost of proxied requests in US dollars, from the configured price table.",
-		}, cam),
+		cost: newNanoVec(prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "cost_usd_total"),
+			"Cost of proxied requests in US dollars, from the price table; added up in whole nano-USD, so it never drifts by rounding.",
+			cam, nil)),
 		estimated: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "estimated_usage_requests_total",
 			Help: "Requests whose token counts are local estimates because the upstream reported no usage.",
 		}, cam),
 		unpriced: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "unpriced_requests_total",
-			Help: "Requests that used tokens of a model with no configured price, so their cost is missing from historyproxy_cost_usd_total.",
+			Help: "Requests that used tokens of a model with no price in the table, so their cost is missing from historyproxy_cost_usd_total.",
 		}, []string{"model"}),
 		truncated: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "history_truncated_total",
@@ -169,7 +196,12 @@ func New(reg prometheus.Registerer, sessionLimit int) *Metrics {
 		}, caa),
 		ttft: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "time_to_first_token_seconds",
-			Help:    "Time from receiving a streaming request to relaying its first token.",
+			Help:    "Time from receiving a streaming request to relaying its first token, the proxy's own work (history read, counting) included.",
+			Buckets: ttftBuckets,
+		}, caa),
+		upstreamTTFT: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "upstream_time_to_first_token_seconds",
+			Help:    "Time from forwarding a streaming request to the upstream to its first token: the upstream's own share of historyproxy_time_to_first_token_seconds.",
 			Buckets: ttftBuckets,
 		}, caa),
 		overhead: prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -193,10 +225,9 @@ func New(reg prometheus.Registerer, sessionLimit int) *Metrics {
 			Namespace: namespace, Name: "session_tokens_total",
 			Help: "Tokens by type per session, for the most recently active sessions only (see historyproxy_session_series_evictions_total).",
 		}, []string{"session", "type"}),
-		sessionCost: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "session_cost_usd_total",
-			Help: "Cost in US dollars per session, for the most recently active sessions only.",
-		}, []string{"session"}),
+		sessionCost: newNanoVec(prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "session_cost_usd_total"),
+			"Cost in US dollars per session, for the most recently active sessions only; added up in whole nano-USD.",
+			[]string{"session"}, nil)),
 		evictions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "session_series_evictions_total",
 			Help: "Sessions whose per-session series were deleted to stay under the session limit.",
@@ -232,6 +263,24 @@ func New(reg prometheus.Registerer, sessionLimit int) *Metrics {
 			Help: "Queued turns given up on (queue full or retries exhausted): history lost.",
 		}),
 	}
+	// A value giving its slot back takes every series it labels with it.
+	m.models = newValueCap(maxLabelValues, labelIdle, func(v string) {
+		m.deleteLabel("model", v, m.requests, m.tokens, m.estimated, m.unpriced)
+		m.cost.deleteMatching(2, v)
+	})
+	m.channels = newValueCap(maxLabelValues, labelIdle, func(v string) {
+		m.deleteLabel("channel", v, m.requests, m.tokens, m.estimated, m.truncated, m.duration, m.upstream,
+			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens)
+		m.cost.deleteMatching(0, v)
+	})
+	m.agents = newValueCap(maxLabelValues, labelIdle, func(v string) {
+		m.deleteLabel("agent", v, m.requests, m.tokens, m.estimated, m.truncated, m.duration, m.upstream,
+			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens)
+		m.cost.deleteMatching(1, v)
+	})
+	for _, o := range opts {
+		o(m)
+	}
 	// Both results exist from the start so rate() over them works before the
 	// first retry, and a dashboard shows 0 rather than "no data".
 	m.retries.WithLabelValues("ok")
@@ -239,12 +288,24 @@ func New(reg prometheus.Registerer, sessionLimit int) *Metrics {
 
 	reg.MustRegister(
 		m.requests, m.tokens, m.cost, m.estimated, m.unpriced, m.truncated,
-		m.duration, m.upstream, m.ttft, m.overhead, m.histMsgs, m.histTokens,
+		m.duration, m.upstream, m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens,
 		m.sessionTokens, m.sessionCost, m.evictions, m.sessionsActive,
 		m.storeDuration, m.storeErrors, m.storeUp,
 		m.retryDepth, m.retries, m.retryDropped,
 	)
 	return m
+}
+
+// partialDeleter is a metric vector whose series can be deleted by one label.
+type partialDeleter interface {
+	DeletePartialMatch(prometheus.Labels) int
+}
+
+// deleteLabel deletes every series of vecs whose label name is v.
+func (m *Metrics) deleteLabel(name, v string, vecs ...partialDeleter) {
+	for _, vec := range vecs {
+		vec.DeletePartialMatch(prometheus.Labels{name: v})
+	}
 }
 
 // NewRegistry returns a fresh registry with the Go runtime and process
@@ -274,6 +335,11 @@ type Request struct {
 	// Channel, Agent and Model label the request. "" is allowed and reported
 	// as "unknown"; values beyond the label caps are reported as "other".
 	Channel, Agent, Model string
+	// Reached says the upstream answered the request (any status). Only
+	// such requests may give a new model, channel or agent value a label of
+	// its own: a request rejected before forwarding is reported under values
+	// already known, else "other", so junk cannot fill the caps.
+	Reached bool
 	// Session is the session id; "" means a stateless request, which has no
 	// per-session series and no history histograms.
 	Session string
@@ -281,51 +347,87 @@ type Request struct {
 	Code   int
 	Stream bool
 	// Duration is the whole request; Upstream the upstream call (0: the
-	// request never reached the upstream); TTFT the time to the first token
-	// of a stream (0: not a stream, or no token was sent).
-	Duration, Upstream, TTFT time.Duration
+	// request never reached the upstream). TTFT is the time from the
+	// request's arrival to its first token, UpstreamTTFT from forwarding it
+	// to the first token (0: not a stream, or no token was sent).
+	Duration, Upstream, TTFT, UpstreamTTFT time.Duration
+	// Billed says the upstream answered with success, so the request's
+	// prompt (history included) and reply were billed: the token counts,
+	// HistoryTokens in the token counters, and the cost count only then.
+	Billed bool
 	// Token counts; values of 0 or less add nothing.
 	PromptTokens, CompletionTokens, CachedTokens, ReasoningTokens int64
 	// Estimated says the counts are local estimates, not upstream usage.
 	Estimated bool
-	// HistoryMessages and HistoryTokens were injected from the store.
+	// HistoryMessages and HistoryTokens were injected from the store; the
+	// history histograms observe them for every session request.
 	HistoryMessages, HistoryTokens int
 	// HistoryTruncated says the available history was cut by the budget.
 	HistoryTruncated bool
 	// CostNanos is the cost in billionths of a US dollar; it counts only
-	// when Priced. Priced false means the model has no price: the request is
-	// counted in historyproxy_unpriced_requests_total if it used tokens, so
-	// nobody is silently unbilled.
+	// when Billed and Priced. Priced false means the model has no price: a
+	// billed request that used tokens is then counted in
+	// historyproxy_unpriced_requests_total, so nobody is silently unbilled.
 	CostNanos int64
 	Priced    bool
 }
 
+// labels are a request's label values after the caps.
+type labels struct{ channel, agent, model string }
+
 // ObserveRequest records one finished request in every request, token, cost
 // and latency metric, and in its session's series.
 func (m *Metrics) ObserveRequest(r Request) {
-	channel := m.channels.value(r.Channel)
-	agent := m.agents.value(r.Agent)
-	model := m.models.value(r.Model)
+	m.labelMu.RLock()
+	if l, ok := m.labels(r, false); ok {
+		m.observe(r, l)
+		m.labelMu.RUnlock()
+		return
+	}
+	m.labelMu.RUnlock()
+	// A value takes the slot of one unused for labelIdle, whose series are
+	// deleted: rare, and done with every other observation held off.
+	m.labelMu.Lock()
+	defer m.labelMu.Unlock()
+	l, _ := m.labels(r, true)
+	m.observe(r, l)
+}
 
+// labels returns r's label values; ok is false when a value would take an
+// idle value's slot but evict is false.
+func (m *Metrics) labels(r Request, evict bool) (l labels, ok bool) {
+	var okC, okA, okM bool
+	l.channel, okC = m.channels.value(r.Channel, r.Reached, evict)
+	l.agent, okA = m.agents.value(r.Agent, r.Reached, evict)
+	l.model, okM = m.models.value(r.Model, r.Reached, evict)
+	return l, okC && okA && okM
+}
+
+func (m *Metrics) observe(r Request, l labels) {
+	channel, agent, model := l.channel, l.agent, l.model
 	m.requests.WithLabelValues(channel, agent, model, strconv.Itoa(r.Code)).Inc()
 
-	counts := [...]int64{
-		r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens,
-		int64(r.HistoryTokens),
+	var counts [5]int64
+	if r.Billed {
+		counts = [...]int64{
+			r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens,
+			int64(r.HistoryTokens),
+		}
 	}
 	for i, typ := range tokenTypes {
 		// Adding 0 still creates the series, so every type of a known
 		// channel/agent/model starts at 0 and rate() sees its first increase.
 		addNonNegative(m.tokens.WithLabelValues(channel, agent, model, typ), float64(counts[i]))
 	}
-	if r.Priced {
-		addNonNegative(m.cost.WithLabelValues(channel, agent, model), float64(r.CostNanos)/1e9)
-	} else if r.PromptTokens > 0 || r.CompletionTokens > 0 {
-		// A request that used no tokens (say, the upstream was unreachable)
-		// cost nothing, so it is not an unbilled one.
+	switch {
+	case !r.Billed:
+		// Nothing was billed: no cost, and not an unbilled request either.
+	case r.Priced:
+		m.cost.add(max(r.CostNanos, 0), channel, agent, model)
+	case r.PromptTokens > 0 || r.CompletionTokens > 0:
 		m.unpriced.WithLabelValues(model).Inc()
 	}
-	if r.Estimated {
+	if r.Billed && r.Estimated {
 		m.estimated.WithLabelValues(channel, agent, model).Inc()
 	}
 
@@ -339,6 +441,9 @@ func (m *Metrics) ObserveRequest(r Request) {
 	if r.Stream && r.TTFT > 0 {
 		m.ttft.WithLabelValues(channel, agent).Observe(r.TTFT.Seconds())
 	}
+	if r.Stream && r.UpstreamTTFT > 0 {
+		m.upstreamTTFT.WithLabelValues(channel, agent).Observe(r.UpstreamTTFT.Seconds())
+	}
 
 	if r.Session == "" {
 		return
@@ -350,12 +455,27 @@ func (m *Metrics) ObserveRequest(r Request) {
 	if r.HistoryTruncated {
 		m.truncated.WithLabelValues(channel, agent).Inc()
 	}
-	m.observeSession(sanitize(r.Session), counts, r)
+	var cost int64
+	if r.Billed && r.Priced {
+		cost = r.CostNanos
+	}
+	if session, ok := m.sessionLabel.Label(r.Session); ok {
+		m.observeSession(session, counts, cost)
+	}
 }
 
-// observeSession adds r's tokens and cost to its session's series, making room
-// by evicting the least recently active session when the limit is reached.
-func (m *Metrics) observeSession(session string, counts [5]int64, r Request) {
+// observeSession adds a request's tokens and cost to its session's series,
+// making room by evicting the least recently active session when the limit
+// is reached. A request that adds nothing neither creates series nor takes
+// a slot, so it cannot evict a session that has some.
+func (m *Metrics) observeSession(session string, counts [5]int64, costNanos int64) {
+	adds := costNanos > 0
+	for _, n := range counts {
+		adds = adds || n > 0
+	}
+	if !adds {
+		return
+	}
 	l := &m.sessions
 	l.mu.Lock()
 	// The counters are updated under the lock too: otherwise a concurrent
@@ -367,7 +487,7 @@ func (m *Metrics) observeSession(session string, counts [5]int64, r Request) {
 		for _, typ := range tokenTypes {
 			m.sessionTokens.DeleteLabelValues(evicted, typ)
 		}
-		m.sessionCost.DeleteLabelValues(evicted)
+		m.sessionCost.delete(evicted)
 		m.evictions.Inc()
 	}
 	m.sessionsActive.Set(float64(l.order.Len()))
@@ -379,8 +499,8 @@ func (m *Metrics) observeSession(session string, counts [5]int64, r Request) {
 			m.sessionTokens.WithLabelValues(session, typ).Add(float64(counts[i]))
 		}
 	}
-	if r.Priced && r.CostNanos > 0 {
-		m.sessionCost.WithLabelValues(session).Add(float64(r.CostNanos) / 1e9)
+	if costNanos > 0 {
+		m.sessionCost.add(costNanos, session)
 	}
 }
 
@@ -439,41 +559,68 @@ func sanitize(v string) string {
 	return strings.ToValidUTF8(v, "\uFFFD")
 }
 
-// valueCap bounds the distinct values of one label: the first limit values
-// seen are kept, later new ones become otherValue. Values are never
-// forgotten, so a kept value always keeps its own series.
+// valueCap bounds the distinct values of one label. A value takes a slot
+// only when admitted (its request reached the upstream); once limit values
+// hold slots, a new one takes the slot of the value seen least recently if
+// that one has gone unseen for idle, else it is reported as otherValue.
 type valueCap struct {
-	limit int
-	mu    sync.RWMutex
-	seen  map[string]struct{}
+	limit  int
+	idle   time.Duration
+	now    func() time.Time
+	forget func(v string) // deletes v's series when it gives its slot back
+
+	mu    sync.Mutex
+	order *list.List               // of *capEntry, most recently seen first
+	index map[string]*list.Element // value -> its element in order
 }
 
-func newValueCap(limit int) *valueCap {
-	return &valueCap{limit: limit, seen: make(map[string]struct{}, limit)}
+type capEntry struct {
+	value string
+	seen  time.Time
 }
 
-// value returns the label value to use for v.
-func (c *valueCap) value(v string) string {
+func newValueCap(limit int, idle time.Duration, forget func(string)) *valueCap {
+	return &valueCap{limit: limit, idle: idle, now: time.Now, forget: forget,
+		order: list.New(), index: make(map[string]*list.Element, limit)}
+}
+
+// value returns the label value to use for v. admit says v may take a slot;
+// otherwise only a value that holds one keeps its own label. ok is false
+// when v could take an idle value's slot but evict is false: the caller
+// retries with evict true, holding off every other observation, since the
+// idle value's series are deleted.
+func (c *valueCap) value(v string, admit, evict bool) (label string, ok bool) {
 	if v == "" {
-		return unknownValue
+		return unknownValue, true
 	}
 	v = sanitize(v)
-	c.mu.RLock()
-	_, ok := c.seen[v]
-	c.mu.RUnlock()
-	if ok {
-		return v
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.seen[v]; ok {
-		return v
+	if e, found := c.index[v]; found {
+		if admit {
+			e.Value.(*capEntry).seen = c.now()
+			c.order.MoveToFront(e)
+		}
+		return v, true
 	}
-	if len(c.seen) >= c.limit {
-		return otherValue
+	if !admit {
+		return otherValue, true
 	}
-	c.seen[v] = struct{}{}
-	return v
+	now := c.now()
+	if c.order.Len() >= c.limit {
+		oldest := c.order.Back()
+		if oldest == nil || now.Sub(oldest.Value.(*capEntry).seen) < c.idle {
+			return otherValue, true
+		}
+		if !evict {
+			return "", false
+		}
+		gone := c.order.Remove(oldest).(*capEntry).value
+		delete(c.index, gone)
+		c.forget(gone)
+	}
+	c.index[v] = c.order.PushFront(&capEntry{value: v, seen: now})
+	return v, true
 }
 
 // sessionLRU orders sessions by last activity, most recent at the front, so

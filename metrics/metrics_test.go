@@ -67,7 +67,7 @@ func TestObserveRequestSessionSeries(t *testing.T) {
 	m := New(reg, 0)
 	const session = "chat:john@example.com:support"
 	m.ObserveRequest(Request{
-		Channel: "chat", Agent: "support", Model: "gpt-4o", Session: session, Code: 200,
+		Channel: "chat", Agent: "support", Model: "gpt-4o", Session: session, Code: 200, Reached: true, Billed: true,
 		Duration: time.Second, Upstream: 900 * time.Millisecond,
 		PromptTokens: 120, CompletionTokens: 30, CachedTokens: 64, ReasoningTokens: 8,
 		HistoryMessages: 4, HistoryTokens: 90,
@@ -92,7 +92,7 @@ func TestObserveRequestSessionSeries(t *testing.T) {
 func TestStatelessRequestHasNoSessionSeries(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 0)
-	m.ObserveRequest(Request{Channel: "api", Agent: "default", Model: "gpt-4o", Code: 200,
+	m.ObserveRequest(Request{Channel: "api", Agent: "default", Model: "gpt-4o", Code: 200, Reached: true, Billed: true,
 		PromptTokens: 10, CompletionTokens: 5, CostNanos: 10_000, Priced: true})
 
 	if got := sessionSeries(t, reg); len(got) != 0 {
@@ -110,7 +110,7 @@ func TestSessionLimitEvictsLeastRecentlyActive(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 2)
 	touch := func(s string) {
-		m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "m", Session: s, Code: 200,
+		m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "m", Session: s, Code: 200, Reached: true, Billed: true,
 			PromptTokens: 1, CompletionTokens: 1, HistoryTokens: 1, CostNanos: 1000, Priced: true})
 	}
 	touch("a")
@@ -152,7 +152,7 @@ func TestSessionLimitUnderConcurrency(t *testing.T) {
 	for g := range 4 {
 		wg.Go(func() {
 			for i := range 200 {
-				m.ObserveRequest(Request{Session: fmt.Sprintf("s%d", (g*7+i)%23), Code: 200,
+				m.ObserveRequest(Request{Session: fmt.Sprintf("s%d", (g*7+i)%23), Code: 200, Reached: true, Billed: true,
 					PromptTokens: 1, CostNanos: 1000, Priced: true})
 			}
 		})
@@ -172,13 +172,13 @@ func TestRequestCounters(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 0)
 	reqs := []Request{
-		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, PromptTokens: 100, CompletionTokens: 20,
+		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, Reached: true, Billed: true, PromptTokens: 100, CompletionTokens: 20,
 			CachedTokens: 50, ReasoningTokens: 0, HistoryTokens: 70, CostNanos: 123_457_000, Priced: true},
-		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, PromptTokens: 10, CompletionTokens: 2,
+		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 200, Reached: true, Billed: true, PromptTokens: 10, CompletionTokens: 2,
 			ReasoningTokens: 3, Estimated: true, CostNanos: 987_651_000, Priced: true},
-		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 502},
-		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 200, PromptTokens: 5, CompletionTokens: 5},
-		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 503}, // no tokens: not unbilled
+		{Channel: "chat", Agent: "support", Model: "gpt-4o", Code: 502, Reached: true},
+		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 200, Reached: true, Billed: true, PromptTokens: 5, CompletionTokens: 5},
+		{Channel: "chat", Agent: "support", Model: "mystery-1", Code: 503, Reached: true}, // no tokens: not unbilled
 	}
 	for _, r := range reqs {
 		m.ObserveRequest(r)
@@ -213,10 +213,8 @@ func TestRequestCounters(t *testing.T) {
 	if got := testutil.CollectAndCount(m.unpriced); got != 1 {
 		t.Errorf("unpriced series: got %d, want 1", got)
 	}
-	gotCost := testutil.ToFloat64(m.cost.WithLabelValues("chat", "support", "gpt-4o"))
-	wantCost := (123_457 + 987_651) / 1e6
-	if math.Abs(gotCost-wantCost) > 1e-12 {
-		t.Errorf("cost: got %.12f, want %.12f", gotCost, wantCost)
+	if got, want := m.cost.value("chat", "support", "gpt-4o"), int64(123_457_000+987_651_000); got != want {
+		t.Errorf("cost: got %d nano-USD, want %d", got, want)
 	}
 }
 
@@ -289,8 +287,8 @@ func TestOverheadIsDurationMinusUpstream(t *testing.T) {
 func TestHistoryMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 0)
-	m.ObserveRequest(Request{Channel: "c", Agent: "a", Session: "c:u:a", HistoryMessages: 6, HistoryTokens: 900, HistoryTruncated: true})
-	m.ObserveRequest(Request{Channel: "c", Agent: "a", Session: "c:u:a"})
+	m.ObserveRequest(Request{Channel: "c", Agent: "a", Reached: true, Session: "c:u:a", HistoryMessages: 6, HistoryTokens: 900, HistoryTruncated: true})
+	m.ObserveRequest(Request{Channel: "c", Agent: "a", Reached: true, Session: "c:u:a"})
 	if got := testutil.ToFloat64(m.truncated.WithLabelValues("c", "a")); got != 1 {
 		t.Errorf("truncated: got %v, want 1", got)
 	}
@@ -312,7 +310,7 @@ func TestLabelValues(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg, 0)
 	for i := range maxLabelValues {
-		m.ObserveRequest(Request{Channel: "c", Agent: "a", Model: fmt.Sprintf("model-%d", i), Code: 200})
+		m.ObserveRequest(Request{Channel: "c", Agent: "a", Model: fmt.Sprintf("model-%d", i), Code: 200, Reached: true})
 	}
 	tests := []struct {
 		name, model, want string
@@ -325,7 +323,7 @@ func TestLabelValues(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := testutil.ToFloat64(m.requests.WithLabelValues("c", "a", tc.want, "200"))
-			m.ObserveRequest(Request{Channel: "c", Agent: "a", Model: tc.model, Code: 200})
+			m.ObserveRequest(Request{Channel: "c", Agent: "a", Model: tc.model, Code: 200, Reached: true})
 			if got := testutil.ToFloat64(m.requests.WithLabelValues("c", "a", tc.want, "200")) - before; got != 1 {
 				t.Errorf("requests with model=%q: got +%v, want +1", tc.want, got)
 			}
@@ -356,7 +354,7 @@ func TestSanitize(t *testing.T) {
 func TestBadInputDoesNotPanic(t *testing.T) {
 	m := New(prometheus.NewRegistry(), 0)
 	require.NotPanics(t, func() {
-		m.ObserveRequest(Request{Channel: "\xff", Agent: "\xfe", Model: "\xfd", Session: "s\xff", Code: 200,
+		m.ObserveRequest(Request{Channel: "\xff", Agent: "\xfe", Model: "\xfd", Session: "s\xff", Code: 200, Reached: true, Billed: true,
 			Duration: -time.Second, PromptTokens: -5, CompletionTokens: -1, HistoryMessages: -1, HistoryTokens: -2,
 			CostNanos: -10, Priced: true})
 		m.ObserveStore("bad\xff", time.Millisecond, errors.New("boom"))

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
@@ -54,6 +55,45 @@ func gathered(t *testing.T, reg prometheus.Gatherer, family string, want map[str
 		}
 	}
 	return 0, 0
+}
+
+// slowWindow is a store whose history read takes d on the proxy's clock.
+type slowWindow struct {
+	Store
+	clock *e2eClock
+	d     time.Duration
+}
+
+func (s slowWindow) Window(ctx context.Context, session string, n int, nowMs int64, p history.Policy) (history.Window, error) {
+	s.clock.Advance(s.d)
+	return s.Store.Window(ctx, session, n, nowMs, p)
+}
+
+// TestTimeToFirstTokenFromArrival: a slow history read shows in the time to
+// first token, measured from the request's arrival; the upstream's share is
+// reported apart.
+func TestTimeToFirstTokenFromArrival(t *testing.T) {
+	clock := &e2eClock{now: time.Unix(1_700_000_000, 0)}
+	h, reg := metricsHarness(t, func(o *Options) {
+		o.Now = clock.Now
+		o.Store = slowWindow{Store: o.Store, clock: clock, d: 2 * time.Second}
+	})
+	h.up.SetDefault(func(req fakeai.ChatRequest) fakeai.Reply {
+		clock.Advance(500 * time.Millisecond) // the upstream thinks
+		return fakeai.EchoReply(req)
+	})
+	resp := h.do(t, "/v1/chat/completions", `{"model":"gpt-4o-mini","stream":true,"messages":[`+user("hi")+`]}`,
+		map[string]string{"X-Session-ID": "chat:ttft:support"})
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	readAll(t, resp)
+
+	labels := map[string]string{"channel": "chat", "agent": "support"}
+	sum, n := gathered(t, reg, "historyproxy_time_to_first_token_seconds", labels)
+	require.EqualValues(t, 1, n)
+	require.InDelta(t, 2.5, sum, 1e-9, "from the request's arrival: the history read and the upstream")
+	sum, n = gathered(t, reg, "historyproxy_upstream_time_to_first_token_seconds", labels)
+	require.EqualValues(t, 1, n)
+	require.InDelta(t, 0.5, sum, 1e-9, "from forwarding: the upstream alone")
 }
 
 // noUsageJSON and noUsageSSE are replies of an upstream that reports no

@@ -517,12 +517,21 @@ func (p *Proxy) usage(x *exchange) tokens.Usage {
 	return u
 }
 
+// billed reports whether the upstream billed the request: it answered with
+// success and the reply was read, so its usage (or an estimate) is known.
+// Exactly these requests are counted, history tokens included, both in the
+// session's totals in the store (recordTurn runs only for them) and in the
+// metrics; a 429 or a 500 is billed nothing.
+func (x *exchange) billed() bool {
+	return x.reply != nil && x.status/100 == 2
+}
+
 // observe reports a finished request to the metrics.
 func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 	end := p.now()
 	r := metrics.Request{
 		Channel: x.session.Channel, Agent: x.session.Agent, Session: x.stored,
-		Code: cw.code, Duration: end.Sub(x.start),
+		Code: cw.code, Duration: end.Sub(x.start), Reached: x.status != 0,
 		HistoryMessages: x.historyMessages, HistoryTokens: x.historyTokens, HistoryTruncated: x.truncated,
 	}
 	if r.Code == 0 {
@@ -538,11 +547,15 @@ func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 		}
 		r.Upstream = ue.Sub(x.upstreamStart)
 		if x.reply != nil && !x.reply.FirstToken.IsZero() {
-			r.TTFT = x.reply.FirstToken.Sub(x.upstreamStart)
+			// From the request's arrival, as the client waits: a slow
+			// history read shows here; the upstream's share apart.
+			r.TTFT = x.reply.FirstToken.Sub(x.start)
+			r.UpstreamTTFT = x.reply.FirstToken.Sub(x.upstreamStart)
 		}
 	}
-	if x.reply != nil && x.status/100 == 2 {
+	if x.billed() {
 		u := p.usage(x)
+		r.Billed = true
 		r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Estimated = u.Prompt, u.Completion, u.Cached, u.Reasoning, u.Estimated
 		r.CostNanos, r.Priced = p.opt.Catalog.Cost(r.Model, u)
 		if !r.Priced && (u.Prompt > 0 || u.Completion > 0) {
