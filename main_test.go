@@ -59,8 +59,8 @@ func start(t *testing.T, env map[string]string, args ...string) *program {
 	case p.addrs = <-ready:
 	case err := <-p.done:
 		t.Fatalf("program stopped before serving: %v\n%s", err, p.stderr)
-	case <-time.After(10 * time.Second):
-		t.Fatal("program did not start in 10s")
+	case <-time.After(60 * time.Second):
+		t.Fatal("program did not start in 60s")
 	}
 	t.Cleanup(func() { p.shutdown(t) })
 	return p
