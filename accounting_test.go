@@ -187,7 +187,7 @@ func TestAccountingUnderMixedTraffic(t *testing.T) {
 	}
 
 	// The repeated request stored its turn once.
-	n, err := rc.XLen(ctx, "hp:{"+bob+"}:conv:c1").Result()
+	n, err := rc.XLen(ctx, "hp:{"+bob+"}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 6, n, "Think, Only once (once), Greet me: three turns")
 
