@@ -16,9 +16,9 @@ package benchfix
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -168,11 +168,17 @@ const usageJSON = `{"prompt_tokens":1421,"completion_tokens":118,"total_tokens":
 	`"prompt_tokens_details":{"cached_tokens":1280,"audio_tokens":0},` +
 	`"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}`
 
-// replies are the upstream's fixed answers, built once: a whole chat
-// completion, and the same answer as SSE events (role chunk, StreamChunks
-// content chunks, finish chunk, usage chunk, [DONE]), byte for byte in the
-// real API's wire format.
-var replies = sync.OnceValues(func() (whole []byte, events [][]byte) {
+// Replies are the upstream's fixed answers for a stream of chunks content
+// chunks (StreamChunks when 0), byte for byte in the real API's wire
+// format: a whole chat completion, and the same answer as SSE events (role
+// chunk, content chunks, finish chunk, [DONE]). withUsage is the stream as
+// the API sends it when the request asks for stream_options.include_usage:
+// every chunk carries "usage":null, and a usage-only chunk comes before
+// [DONE].
+func Replies(chunks int) (whole []byte, events, withUsage [][]byte) {
+	if chunks <= 0 {
+		chunks = StreamChunks
+	}
 	content, _ := json.Marshal(ReplyText)
 	whole = []byte(`{"id":"chatcmpl-BenchAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion","created":1741569952,` +
 		`"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":` + string(content) +
@@ -180,33 +186,72 @@ var replies = sync.OnceValues(func() (whole []byte, events [][]byte) {
 		`,"service_tier":"default","system_fingerprint":"fp_06737a9306"}`)
 	head := `data: {"id":"chatcmpl-BenchAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1741569952,` +
 		`"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_06737a9306","choices":`
-	ev := func(choices, tail string) []byte { return []byte(head + choices + tail + "}\n\n") }
-	events = append(events, ev(`[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]`, ""))
+	choices := []string{`[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]`}
 	words := strings.SplitAfter(ReplyText, " ")
-	for i := 0; i < StreamChunks; i++ {
-		p, _ := json.Marshal(strings.Join(words[i*len(words)/StreamChunks:(i+1)*len(words)/StreamChunks], ""))
-		events = append(events, ev(`[{"index":0,"delta":{"content":`+string(p)+`},"logprobs":null,"finish_reason":null}]`, ""))
+	for i := 0; i < chunks; i++ {
+		// With more chunks than words, some chunks are empty strings, as a
+		// model's stream has now and then.
+		p, _ := json.Marshal(strings.Join(words[i*len(words)/chunks:(i+1)*len(words)/chunks], ""))
+		choices = append(choices, `[{"index":0,"delta":{"content":`+string(p)+`},"logprobs":null,"finish_reason":null}]`)
 	}
-	events = append(events,
-		ev(`[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]`, ""),
-		ev(`[]`, `,"usage":`+usageJSON),
-		[]byte("data: [DONE]\n\n"))
-	return whole, events
-})
+	choices = append(choices, `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]`)
+	ev := func(choices, tail string) []byte { return []byte(head + choices + tail + "}\n\n") }
+	done := []byte("data: [DONE]\n\n")
+	for _, c := range choices {
+		events = append(events, ev(c, ""))
+		withUsage = append(withUsage, ev(c, `,"usage":null`))
+	}
+	events = append(events, done)
+	withUsage = append(withUsage, ev(`[]`, `,"usage":`+usageJSON), done)
+	return whole, events, withUsage
+}
 
-// Upstream is the fixed-reply upstream: it answers every request with the
-// same chat completion, or, when the body asks for a stream, with the same
-// answer as SSE events, one flush per event as the API sends them. It
-// keeps no state and records nothing, so that it costs the same behind
-// every proxy compared, and what differs between them is the proxy.
-func Upstream() http.Handler {
-	whole, events := replies()
-	streamTrue := []byte(`"stream":true`)
+// UpstreamOptions shape the fixed-reply upstream. The zero value answers
+// at once, with StreamChunks content chunks.
+type UpstreamOptions struct {
+	// Chunks is the number of content chunks of a streamed reply; 0 means
+	// StreamChunks.
+	Chunks int
+	// Delay is how long the upstream waits before its response headers,
+	// as a model's time to first token.
+	Delay time.Duration
+	// ChunkDelay is how long it waits before each streamed event after
+	// the first.
+	ChunkDelay time.Duration
+}
+
+// PauseHeader, on a streaming request, makes the upstream pause after the
+// first content chunk for the duration it holds (a time.ParseDuration
+// string), or until the request is cancelled, so that a benchmark can hold
+// many streams open at once.
+const PauseHeader = "X-Bench-Pause"
+
+// Upstream is NewUpstream with the zero UpstreamOptions.
+func Upstream() http.Handler { return NewUpstream(UpstreamOptions{}) }
+
+// NewUpstream is the fixed-reply upstream: it answers every request with
+// the same chat completion, or, when the body asks for a stream, with the
+// same answer as SSE events, one flush per event as the API sends them,
+// with the usage chunk when the body asks for include_usage. It keeps no
+// state and records nothing, so that it costs the same behind every proxy
+// compared, and what differs between them is the proxy. It only looks for
+// those two flags in the body's bytes: parsing JSON would make it slower
+// than the proxies it serves.
+func NewUpstream(o UpstreamOptions) http.Handler {
+	whole, plain, withUsage := Replies(o.Chunks)
+	streamTrue, usageTrue := []byte(`"stream":true`), []byte(`"include_usage":true`)
 	wholeLen := strconv.Itoa(len(whole))
+	bufs := sync.Pool{New: func() any { return new(bytes.Buffer) }}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(r.Body)
-		if err != nil {
+		buf := bufs.Get().(*bytes.Buffer)
+		defer bufs.Put(buf)
+		buf.Reset()
+		if _, err := buf.ReadFrom(r.Body); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		body := buf.Bytes()
+		if o.Delay > 0 && !sleep(r.Context(), o.Delay) {
 			return
 		}
 		h := w.Header()
@@ -217,16 +262,52 @@ func Upstream() http.Handler {
 			_, _ = w.Write(whole)
 			return
 		}
+		var pause time.Duration
+		if v := r.Header.Get(PauseHeader); v != "" {
+			var err error
+			if pause, err = time.ParseDuration(v); err != nil {
+				http.Error(w, PauseHeader+": "+err.Error(), http.StatusBadRequest)
+				return
+			}
+		}
+		events := plain
+		if bytes.Contains(body, usageTrue) {
+			events = withUsage
+		}
 		h.Set("Content-Type", "text/event-stream; charset=utf-8")
 		h.Set("Cache-Control", "no-cache")
 		f := w.(http.Flusher)
-		for _, e := range events {
+		send := func(e []byte) bool {
 			if _, err := w.Write(e); err != nil {
-				return
+				return false
 			}
 			f.Flush()
+			return true
+		}
+		for i, e := range events {
+			if i > 0 && o.ChunkDelay > 0 && !sleep(r.Context(), o.ChunkDelay) {
+				return
+			}
+			if !send(e) {
+				return
+			}
+			if i == 1 && pause > 0 && !sleep(r.Context(), pause) {
+				return
+			}
 		}
 	})
+}
+
+// sleep waits for d, and reports false when ctx ends first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // StartUpstream serves Upstream on a loopback server until tb ends and
