@@ -221,13 +221,16 @@ func (h *harness) header(ctx context.Context, root string) {
 	}
 	redisVersion, _ := exec.CommandContext(ctx, "redis-server", "--version").Output()
 	rev, _ := exec.CommandContext(ctx, "git", "-C", root, "describe", "--always", "--dirty").Output()
-	load, _ := os.ReadFile("/proc/loadavg")
+	loadavg := "unknown"
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil && len(strings.Fields(string(b))) >= 3 {
+		loadavg = strings.Join(strings.Fields(string(b))[:3], " ")
+	}
 	u := h.cfg.Upstream
 	fmt.Fprintf(h.cfg.Stdout, "historyproxy %s · %s · %s, %d CPUs · %s · %s\n", strings.TrimSpace(string(rev)),
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), cpu, runtime.NumCPU(), runtime.Version(),
 		strings.Join(strings.Fields(string(redisVersion))[:min(3, len(strings.Fields(string(redisVersion))))], " "))
 	fmt.Fprintf(h.cfg.Stdout, "upstream: delay %s, %d chunks, chunk delay %s · load average before: %s\n",
-		u.Delay, cmp.Or(u.Chunks, benchfix.StreamChunks), u.ChunkDelay, strings.Join(strings.Fields(string(load))[:3], " "))
+		u.Delay, cmp.Or(u.Chunks, benchfix.StreamChunks), u.ChunkDelay, loadavg)
 	if h.cfg.Command != "" {
 		fmt.Fprintf(h.cfg.Stdout, "command: %s\n", h.cfg.Command)
 	}
@@ -402,7 +405,8 @@ func (h *harness) runScenario(ctx context.Context, s scenario) error {
 	fmt.Fprintf(h.cfg.Stderr, "%s: seeding and warming up ...\n", s)
 	for i := range paths {
 		c := runCfg(i)
-		c.Requests = h.cfg.Warmup
+		// At least one request: its rate sizes the first round's seeding.
+		c.Requests = max(1, h.cfg.Warmup)
 		if pl := st[i].pool; pl != nil {
 			if err := pl.ensure(ctx, c.Requests); err != nil {
 				return fmt.Errorf("%s: %w", paths[i].name, err)

@@ -54,6 +54,10 @@ func (h *harness) runHold(ctx context.Context, id int) error {
 		var open int64
 		if err == nil {
 			open, _, err = p.proc.memory()
+			if ended := held.Ended(); err == nil && ended > 0 {
+				err = fmt.Errorf("%d of %d streams ended before they were let go: were they paused (%s)?",
+					ended, n, benchfix.PauseHeader)
+			}
 			held.Close()
 		}
 		cancel()

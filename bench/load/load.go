@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -205,6 +206,7 @@ func NewRequest(ctx context.Context, url string, body []byte, session string, he
 type Held struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	ended  atomic.Int64 // streams that ended before Close
 }
 
 // Hold opens n streaming requests at once (reqs builds the i-th) and
@@ -242,6 +244,9 @@ func Hold(ctx context.Context, client *http.Client, n int, reqs func(ctx context
 			}
 			opened <- nil
 			_, _ = io.Copy(io.Discard, resp.Body)
+			if ctx.Err() == nil {
+				h.ended.Add(1)
+			}
 		}()
 	}
 	for range n {
@@ -258,6 +263,11 @@ func Hold(ctx context.Context, client *http.Client, n int, reqs func(ctx context
 	}
 	return h, nil
 }
+
+// Ended is how many streams have ended by themselves so far: more than
+// none means the upstream did not hold them open, and the streams were
+// never all open at once.
+func (h *Held) Ended() int { return int(h.ended.Load()) }
 
 // Close cancels the held streams and waits for them to end.
 func (h *Held) Close() {
