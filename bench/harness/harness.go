@@ -44,6 +44,7 @@ type Config struct {
 	Stored      []int         // messages stored in each session before a run, per scenario
 	Rounds      int           // rounds per scenario; the tables show their medians
 	Duration    time.Duration // of one path's run in one round
+	Requests    int           // when positive, a run is this many requests per client instead of Duration
 	Warmup      int           // requests per client before a path's first round
 	HoldStreams int           // streams held open at once in ModeHold
 
@@ -79,7 +80,10 @@ func Defaults() Config {
 
 // Short is a smoke test of every part in a few seconds: both reply kinds
 // and the held streams, with every path, but one small scenario each and
-// runs too short for their figures to mean anything.
+// runs too short for their figures to mean anything. Its runs are a fixed
+// number of requests, not a duration, so that it takes little CPU from
+// whatever else the machine runs (go test ./... runs packages in
+// parallel).
 func Short() Config {
 	c := Defaults()
 	c.Concurrency = []int{2}
@@ -87,7 +91,7 @@ func Short() Config {
 	// runs too.
 	c.Stored = []int{3 * benchfix.HistoryLen}
 	c.Rounds = 1
-	c.Duration = 200 * time.Millisecond
+	c.Requests = 20
 	c.Warmup = 3
 	c.HoldStreams = 10
 	return c
@@ -113,7 +117,7 @@ const (
 // asks for and prints its table. The processes' logs are kept in a
 // temporary directory, which is named on failure and removed on success.
 func Run(ctx context.Context, c Config) (err error) {
-	if c.Rounds < 1 || c.Duration <= 0 || len(c.Concurrency) == 0 && hasLoad(c.Modes) || len(c.Stored) == 0 && hasLoad(c.Modes) {
+	if c.Rounds < 1 || c.Duration <= 0 && c.Requests <= 0 || len(c.Concurrency) == 0 && hasLoad(c.Modes) || len(c.Stored) == 0 && hasLoad(c.Modes) {
 		return errors.New("harness: nothing to run: need rounds, a duration, clients and stored counts")
 	}
 	for _, m := range c.Modes {
@@ -428,11 +432,14 @@ func (h *harness) runScenario(ctx context.Context, s scenario) error {
 		for j := range paths {
 			i := (j + r) % len(paths)
 			c := runCfg(i)
-			c.Duration = h.cfg.Duration
+			c.Duration, c.Requests = h.cfg.Duration, h.cfg.Requests
 			if pl := st[i].pool; pl != nil {
 				// Seed for half as many requests again as the last run's
 				// rate promises.
 				more := int(st[i].rate*h.cfg.Duration.Seconds()*1.5)/s.clients + 2
+				if c.Requests > 0 {
+					more = c.Requests
+				}
 				if err := pl.ensure(ctx, more); err != nil {
 					return fmt.Errorf("%s: %w", paths[i].name, err)
 				}
@@ -458,7 +465,11 @@ func (h *harness) runScenario(ctx context.Context, s scenario) error {
 				p.name, pl.reused.Load()))
 		}
 	}
-	title := fmt.Sprintf("%s · medians of %d round(s) of %s", s, h.cfg.Rounds, h.cfg.Duration)
+	run := h.cfg.Duration.String()
+	if h.cfg.Requests > 0 {
+		run = fmt.Sprintf("%d requests per client", h.cfg.Requests)
+	}
+	title := fmt.Sprintf("%s · medians of %d round(s) of %s", s, h.cfg.Rounds, run)
 	fmt.Fprintln(h.cfg.Stdout)
 	writeTable(h.cfg.Stdout, title, loadTable(rows, s.stream), h.cfg.Markdown)
 	for _, n := range notes {

@@ -65,7 +65,6 @@ func built(t *testing.T) string {
 func TestShort(t *testing.T) {
 	c := Short()
 	c.binDir = built(t)
-	c.Duration = 100 * time.Millisecond
 	var out, progress bytes.Buffer
 	c.Stdout, c.Stderr = &out, &progress
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)

@@ -48,6 +48,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	stored := fs.String("stored", ints(d.Stored), "messages stored per session before a run, one scenario each")
 	rounds := fs.Int("rounds", d.Rounds, "rounds per scenario (the tables show medians)")
 	duration := fs.Duration("d", d.Duration, "duration of one path's run in a round")
+	requests := fs.Int("n", d.Requests, "requests per client in one path's run in a round, instead of -d")
 	warmup := fs.Int("warmup", d.Warmup, "requests per client before a path's first round")
 	hold := fs.Int("hold", d.HoldStreams, "streams held open at once in mode hold")
 	delay := fs.Duration("delay", d.Upstream.Delay, "the fake upstream's wait before its response headers")
@@ -79,7 +80,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		case "rounds":
 			c.Rounds = *rounds
 		case "d":
-			c.Duration = *duration
+			c.Duration, c.Requests = *duration, 0
+		case "n":
+			c.Requests = *requests
 		case "warmup":
 			c.Warmup = *warmup
 		case "hold":
