@@ -28,8 +28,9 @@ import (
 // forwarding) and one to write (the turn, before the end of the reply is
 // relayed), the floor's two. That is what the code does today: the read
 // is one EVALSHA of the window script, the write one pipeline of the
-// append script's EVALSHA and the ZADD of the session index. This test
-// holds it there: a change that adds a round trip per request fails here.
+// append script's EVALSHA and the ZADDs of the global session indexes
+// (outside the script: they are on other Cluster slots). This test holds
+// it there: a change that adds a round trip per request fails here.
 func TestRedisRoundTrips(t *testing.T) {
 	bins := built(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
