@@ -14,7 +14,7 @@ import (
 // Default or Load.
 type Config struct {
 	Listen      string `yaml:"listen"`       // client-facing address, default ":8080"
-	AdminListen string `yaml:"admin_listen"` // health, readiness, metrics, admin; default "127.0.0.1:9090"
+	AdminListen string `yaml:"admin_listen"` // health, readiness and metrics; default "127.0.0.1:9090"
 
 	Upstream Upstream `yaml:"upstream"`
 	Redis    Redis    `yaml:"redis"`
@@ -83,6 +83,10 @@ type Store struct {
 	// it, the least recently active sessions are erased. 0: no cap.
 	// Default 256 MiB.
 	MemoryMaxBytes int64 `yaml:"memory_max_bytes"`
+	// RequireAtStart refuses to start when the configured Redis does not
+	// answer at start-up. False (default): start anyway, log the problem
+	// as an error, and serve as on_error says until Redis answers.
+	RequireAtStart bool `yaml:"require_at_start"`
 }
 
 // Client bounds what one client connection can hold on the client port.

@@ -1,16 +1,12 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"time"
-
-	"gopkg.in/yaml.v3"
 )
 
 // EnvPrefix starts the name of every environment variable Load reads for a
@@ -23,6 +19,7 @@ const EnvPrefix = "HISTORYPROXY_"
 type setting struct {
 	flag  string // flag name without the dash
 	env   string // variable name after EnvPrefix
+	key   string // the YAML path of the field it sets, "" for -config
 	arg   string // placeholder for the value in usage, "" for a boolean
 	usage string
 	// set parses v into c; its error says what was wrong with v and is
@@ -39,43 +36,43 @@ const configSetting = "config"
 // settings lists every flag in the order usage shows them.
 var settings = []setting{
 	{
-		flag: "listen", env: "LISTEN", arg: "host:port",
+		flag: "listen", env: "LISTEN", key: "listen", arg: "host:port",
 		usage: "client-facing address (YAML listen)",
 		set:   func(c *Config, v string) error { c.Listen = v; return nil },
 		get:   func(c Config) string { return c.Listen },
 	},
 	{
-		flag: "admin-listen", env: "ADMIN_LISTEN", arg: "host:port",
-		usage: "address for health, readiness, metrics and admin endpoints (YAML admin_listen)",
+		flag: "admin-listen", env: "ADMIN_LISTEN", key: "admin_listen", arg: "host:port",
+		usage: "address for health, readiness and metrics, kept off the client port (YAML admin_listen)",
 		set:   func(c *Config, v string) error { c.AdminListen = v; return nil },
 		get:   func(c Config) string { return c.AdminListen },
 	},
 	{
-		flag: "upstream", env: "UPSTREAM", arg: "url",
+		flag: "upstream", env: "UPSTREAM", key: "upstream.url", arg: "url",
 		usage: "base URL of the OpenAI-compatible upstream, including /v1 (YAML upstream.url)",
 		set:   func(c *Config, v string) error { c.Upstream.URL = v; return nil },
 		get:   func(c Config) string { return c.Upstream.URL },
 	},
 	{
-		flag: "upstream-key-env", env: "UPSTREAM_KEY_ENV", arg: "name",
+		flag: "upstream-key-env", env: "UPSTREAM_KEY_ENV", key: "upstream.api_key_env", arg: "name",
 		usage: "name of the environment variable holding the upstream API key; when set, the client's Authorization header is replaced (YAML upstream.api_key_env)",
 		set:   func(c *Config, v string) error { c.Upstream.APIKeyEnv = v; return nil },
 		get:   func(c Config) string { return c.Upstream.APIKeyEnv },
 	},
 	{
-		flag: "upstream-timeout", env: "UPSTREAM_TIMEOUT", arg: "duration",
+		flag: "upstream-timeout", env: "UPSTREAM_TIMEOUT", key: "upstream.timeout", arg: "duration",
 		usage: "longest wait for the upstream's response headers (YAML upstream.timeout)",
 		set:   func(c *Config, v string) error { return parseDuration(&c.Upstream.Timeout, v) },
 		get:   func(c Config) string { return c.Upstream.Timeout.String() },
 	},
 	{
-		flag: "redis-url", env: "REDIS_URL", arg: "url",
+		flag: "redis-url", env: "REDIS_URL", key: "redis.url", arg: "url",
 		usage: "Redis URL (redis://, rediss:// or unix://); empty keeps history in memory (YAML redis.url)",
 		set:   func(c *Config, v string) error { c.Redis.URL = v; return nil },
 		get:   func(c Config) string { return c.Redis.URL },
 	},
 	{
-		flag: "redis-prefix", env: "REDIS_PREFIX", arg: "prefix",
+		flag: "redis-prefix", env: "REDIS_PREFIX", key: "redis.prefix", arg: "prefix",
 		usage: "prefix of every Redis key (YAML redis.prefix)",
 		set:   func(c *Config, v string) error { c.Redis.Prefix = v; return nil },
 		get:   func(c Config) string { return c.Redis.Prefix },
@@ -86,42 +83,43 @@ var settings = []setting{
 	},
 	{
 		flag: "session-require", env: "SESSION_REQUIRE",
+		key:   "session.require",
 		usage: "reject with 400 a request whose user cannot be found (YAML session.require)",
 		set:   func(c *Config, v string) error { return parseBool(&c.Session.Require, v) },
 		get:   func(c Config) string { return strconv.FormatBool(c.Session.Require) },
 	},
 	{
-		flag: "default-channel", env: "DEFAULT_CHANNEL", arg: "name",
+		flag: "default-channel", env: "DEFAULT_CHANNEL", key: "session.default_channel", arg: "name",
 		usage: "channel of a session that names none (YAML session.default_channel)",
 		set:   func(c *Config, v string) error { c.Session.DefaultChannel = v; return nil },
 		get:   func(c Config) string { return c.Session.DefaultChannel },
 	},
 	{
-		flag: "default-agent", env: "DEFAULT_AGENT", arg: "name",
+		flag: "default-agent", env: "DEFAULT_AGENT", key: "session.default_agent", arg: "name",
 		usage: "agent of a session that names none (YAML session.default_agent)",
 		set:   func(c *Config, v string) error { c.Session.DefaultAgent = v; return nil },
 		get:   func(c Config) string { return c.Session.DefaultAgent },
 	},
 	{
-		flag: "store-on-error", env: "STORE_ON_ERROR", arg: "policy",
+		flag: "store-on-error", env: "STORE_ON_ERROR", key: "store.on_error", arg: "policy",
 		usage: "fail_open (serve without history) or fail_closed (503) when the store fails (YAML store.on_error)",
 		set:   func(c *Config, v string) error { c.Store.OnError = v; return nil },
 		get:   func(c Config) string { return c.Store.OnError },
 	},
 	{
-		flag: "log-format", env: "LOG_FORMAT", arg: "format",
+		flag: "log-format", env: "LOG_FORMAT", key: "log.format", arg: "format",
 		usage: "log format, text or json (YAML log.format)",
 		set:   func(c *Config, v string) error { c.Log.Format = v; return nil },
 		get:   func(c Config) string { return c.Log.Format },
 	},
 	{
-		flag: "log-level", env: "LOG_LEVEL", arg: "level",
+		flag: "log-level", env: "LOG_LEVEL", key: "log.level", arg: "level",
 		usage: "log level: debug, info, warn or error (YAML log.level)",
 		set:   func(c *Config, v string) error { c.Log.Level = v; return nil },
 		get:   func(c Config) string { return c.Log.Level },
 	},
 	{
-		flag: "drain-timeout", env: "DRAIN_TIMEOUT", arg: "duration",
+		flag: "drain-timeout", env: "DRAIN_TIMEOUT", key: "drain_timeout", arg: "duration",
 		usage: "on shutdown, longest wait for work in flight to finish (YAML drain_timeout)",
 		set:   func(c *Config, v string) error { return parseDuration(&c.DrainTimeout, v) },
 		get:   func(c Config) string { return c.DrainTimeout.String() },
@@ -147,8 +145,9 @@ func parseBool(dst *bool, v string) error {
 }
 
 // flagValue holds a flag's text until Load has applied the file and the
-// environment, which the flag must override. Set still parses the text at
-// once so that the flag package reports a bad value with its usage.
+// environment, which the flag must override. Set never fails: the text is
+// parsed when it is applied, so that a bad flag value is reported together
+// with the file's and the environment's problems instead of hiding them.
 type flagValue struct {
 	s   *setting
 	raw string
@@ -162,12 +161,6 @@ func (f *flagValue) String() string {
 }
 
 func (f *flagValue) Set(v string) error {
-	if f.s.set != nil {
-		var scratch Config
-		if err := f.s.set(&scratch, v); err != nil {
-			return err
-		}
-	}
 	f.raw = v
 	return nil
 }
@@ -187,65 +180,87 @@ func (f *flagValue) IsBoolFlag() bool { return f.s.arg == "" }
 // Redis.PasswordEnv and Metrics.SessionLabelKeyEnv.
 //
 // With -h or -help, Load writes the usage of every flag to usage and
-// returns flag.ErrHelp. Otherwise every problem found, in the environment
-// and in the merged values, is returned at once, joined with errors.Join.
-// Load has no side effects besides reading the file and writing to usage.
+// returns flag.ErrHelp. Otherwise every problem found, in the flags, the
+// file, the environment and the merged values, is returned at once, joined
+// with errors.Join; each names the setting the way the user wrote it (the
+// flag, the variable, or the YAML path with its line). Load has no side
+// effects besides reading the file and writing to usage.
 func Load(args []string, getenv func(string) string, usage io.Writer) (Config, error) {
 	fs := flag.NewFlagSet("historyproxy", flag.ContinueOnError)
-	fs.SetOutput(usage)
-	fs.Usage = func() { printUsage(usage) }
+	// The flag package would print the usage after each bad flag; Load
+	// reports them all in its error instead, and prints usage for -h.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	values := make(map[string]*flagValue, len(settings))
 	for i := range settings {
 		v := &flagValue{s: &settings[i]}
 		values[settings[i].flag] = v
 		fs.Var(v, settings[i].flag, settings[i].usage)
 	}
-	if err := fs.Parse(args); err != nil {
-		return Config{}, err
-	}
-	if fs.NArg() > 0 {
-		return Config{}, fmt.Errorf("unexpected argument %q: historyproxy takes only flags", fs.Arg(0))
+	var errs []error
+	for rest := args; ; {
+		err := fs.Parse(rest)
+		if errors.Is(err, flag.ErrHelp) {
+			printUsage(usage)
+			return Config{}, err
+		}
+		if err == nil {
+			if fs.NArg() > 0 {
+				errs = append(errs, fmt.Errorf("unexpected argument %q: historyproxy takes only flags (historyproxy -h lists them)", fs.Arg(0)))
+			}
+			break
+		}
+		// Parse stops at the first bad flag; go on after it, so that every
+		// bad flag is reported.
+		errs = append(errs, fmt.Errorf("%w (historyproxy -h lists the flags)", err))
+		if rest = fs.Args(); len(rest) == 0 {
+			break
+		}
 	}
 	set := make(map[string]bool)
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
 	cfg := Default()
+	// source maps a YAML path to the flag or variable that set it last, so
+	// that a problem with its value is reported under that name.
+	source := map[string]string{}
 
 	path := getenv(EnvPrefix + "CONFIG")
 	if set[configSetting] {
 		path = values[configSetting].raw
 	}
 	if path != "" {
-		if err := loadFile(&cfg, path); err != nil {
-			return Config{}, err
-		}
+		errs = append(errs, loadFile(&cfg, path)...)
 	}
 
-	var errs []error
 	for _, s := range settings {
 		if s.set == nil {
 			continue
 		}
 		name := EnvPrefix + s.env
 		if v := getenv(name); v != "" {
+			source[s.key] = name
 			if err := s.set(&cfg, v); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", name, err))
+				errs = append(errs, &FieldError{Field: name, Msg: err.Error()})
 			}
 		}
 	}
 	for _, s := range settings {
 		if s.set != nil && set[s.flag] {
-			// Set has already parsed this text once, so it cannot fail.
+			source[s.key] = "-" + s.flag
 			if err := s.set(&cfg, values[s.flag].raw); err != nil {
-				errs = append(errs, fmt.Errorf("-%s: %w", s.flag, err))
+				errs = append(errs, &FieldError{Field: "-" + s.flag, Msg: err.Error()})
 			}
 		}
 	}
 
+	// Problems of the merged values are named after the source of the
+	// value: the file's own problems already were.
+	var merged []error
 	if name := cfg.Upstream.APIKeyEnv; name != "" {
 		cfg.Upstream.APIKey = getenv(name)
 		if cfg.Upstream.APIKey == "" {
-			errs = append(errs, fmt.Errorf("upstream.api_key_env: environment variable %q is empty or unset", name))
+			merged = append(merged, &FieldError{Field: "upstream.api_key_env", Msg: fmt.Sprintf("environment variable %q is empty or unset", name)})
 		}
 	}
 	if name := cfg.Metrics.SessionLabelKeyEnv; name != "" {
@@ -257,33 +272,34 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	if name := cfg.Redis.PasswordEnv; name != "" {
 		cfg.Redis.Password = getenv(name)
 		if cfg.Redis.Password == "" {
-			errs = append(errs, fmt.Errorf("redis.password_env: environment variable %q is empty or unset", name))
+			merged = append(merged, &FieldError{Field: "redis.password_env", Msg: fmt.Sprintf("environment variable %q is empty or unset", name)})
 		}
 	}
 
 	if err := cfg.Validate(); err != nil {
-		errs = append(errs, err)
+		merged = append(merged, unjoin(err)...)
 	}
+	for _, err := range merged {
+		var fe *FieldError
+		if errors.As(err, &fe) {
+			if src, ok := source[fe.Field]; ok {
+				fe.Field = src
+			}
+		}
+	}
+	errs = append(errs, merged...)
 	if err := errors.Join(errs...); err != nil {
 		return Config{}, err
 	}
 	return cfg, nil
 }
 
-// loadFile decodes the YAML file at path over cfg. Keys the file leaves out
-// keep their current value; a key Config does not know is an error, since
-// a misspelt key would otherwise be ignored without a word.
-func loadFile(cfg *Config, path string) error {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read config file: %w", err)
+// unjoin returns the errors inside an errors.Join result.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
 	}
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("config file %s: %w", path, err)
-	}
-	return nil
+	return []error{err}
 }
 
 // printUsage writes every flag with its variable and default.

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Accepted values of the enumerated settings.
@@ -76,6 +78,29 @@ func (c Config) Validate() error {
 		if len(r.ClusterAddrs) > 0 || len(r.SentinelAddrs) > 0 || r.SentinelMaster != "" {
 			v.addf("redis.url", redactURL(r.URL), "cannot be used with redis.cluster_addrs or redis.sentinel_addrs/sentinel_master; choose one")
 		}
+		// A URL carries its own user, password and scheme; these settings
+		// would be ignored, and a tls: true ignored means plain text.
+		if r.TLS {
+			v.addf("redis.tls", r.TLS, "cannot be used with redis.url: a URL asks for TLS with rediss://")
+		}
+		if r.Username != "" {
+			v.addf("redis.username", r.Username, "cannot be used with redis.url: put the user in the URL (redis://user:password@host:6379/0)")
+		}
+		if r.PasswordEnv != "" {
+			v.addf("redis.password_env", r.PasswordEnv, "cannot be used with redis.url: put the password in the URL (redis://user:password@host:6379/0), for example through HISTORYPROXY_REDIS_URL")
+		}
+	} else if !r.Enabled() {
+		for _, s := range []struct {
+			key string
+			set bool
+		}{{"redis.tls", r.TLS}, {"redis.username", r.Username != ""}, {"redis.password_env", r.PasswordEnv != ""}} {
+			if s.set {
+				v.errs = append(v.errs, &FieldError{Field: s.key, Msg: "is set but no Redis is configured (redis.url, redis.cluster_addrs or redis.sentinel_addrs)"})
+			}
+		}
+		if c.Store.RequireAtStart {
+			v.errs = append(v.errs, &FieldError{Field: "store.require_at_start", Msg: "is true but no Redis is configured: the in-memory store is always there"})
+		}
 	}
 	if r.SentinelMaster != "" && len(r.SentinelAddrs) == 0 {
 		v.addf("redis.sentinel_master", r.SentinelMaster, "needs redis.sentinel_addrs")
@@ -121,7 +146,7 @@ func (c Config) Validate() error {
 		a := c.Agents[name]
 		field := "agents." + name
 		if !validSessionPart(name) {
-			v.addf("agents", name, "is not a valid agent name (1 to %d bytes of ASCII letters, digits and ._@+-=)", maxPartLen)
+			v.addf("agents", name, "is not a valid agent name (1 to %d bytes of letters, digits and ._@+-=)", maxPartLen)
 		}
 		if a.Mode != "" { // empty inherits defaults.mode
 			v.oneOf(field+".mode", a.Mode, agentModes)
@@ -172,6 +197,23 @@ func (c Config) Validate() error {
 	return errors.Join(v.errs...)
 }
 
+// FieldError is one problem with one setting. Field is the setting's YAML
+// path (store.timeout); Load replaces it with the environment variable or
+// flag that set the value, so the message names what the user wrote.
+type FieldError struct {
+	Field string
+	Msg   string // what is wrong and what would be valid
+	// Where, when set, is the file and line the value came from.
+	Where string
+}
+
+func (e *FieldError) Error() string {
+	if e.Where != "" {
+		return e.Where + ": " + e.Field + ": " + e.Msg
+	}
+	return e.Field + ": " + e.Msg
+}
+
 // validator collects problems so that all of them are reported together.
 type validator struct{ errs []error }
 
@@ -182,7 +224,7 @@ func (v *validator) addf(field string, value any, format string, args ...any) {
 	if s, ok := value.(string); ok {
 		shown = fmt.Sprintf("%q", s)
 	}
-	v.errs = append(v.errs, fmt.Errorf("%s: %s %s", field, shown, fmt.Sprintf(format, args...)))
+	v.errs = append(v.errs, &FieldError{Field: field, Msg: shown + " " + fmt.Sprintf(format, args...)})
 }
 
 func (v *validator) oneOf(field, value string, allowed []string) {
@@ -211,7 +253,7 @@ func (v *validator) hostPort(field, value string) {
 
 func (v *validator) sessionPart(field, value string) {
 	if !validSessionPart(value) {
-		v.addf(field, value, "is not a valid session part (1 to %d bytes of ASCII letters, digits and ._@+-=)", maxPartLen)
+		v.addf(field, value, "is not a valid session part (1 to %d bytes of letters, digits and ._@+-=)", maxPartLen)
 	}
 }
 
@@ -235,18 +277,24 @@ func (v *validator) agent(field string, a Agent) {
 }
 
 // validSessionPart reports whether s can be one part of a session id: 1 to
-// 128 bytes of ASCII letters, digits and ._@+-=. Agent names and the
-// default channel and agent end up in session ids and Redis keys, so a
-// value the proxy would reject from a client is rejected here at start-up.
+// 128 bytes of valid UTF-8, each character a letter or digit (non-ASCII
+// ones included) or one of ._@+-=. It is the rule the proxy applies to the
+// parts a client sends; agent names and the default channel and agent end
+// up in the same session ids and Redis keys, so what a client may send is
+// allowed here too, and what the proxy would reject is rejected at
+// start-up.
 func validSessionPart(s string) bool {
-	if len(s) == 0 || len(s) > maxPartLen {
+	if len(s) == 0 || len(s) > maxPartLen || !utf8.ValidString(s) {
 		return false
 	}
-	for i := 0; i < len(s); i++ {
-		b := s[i]
+	for _, r := range s {
 		switch {
-		case 'a' <= b && b <= 'z', 'A' <= b && b <= 'Z', '0' <= b && b <= '9':
-		case strings.IndexByte("._@+-=", b) >= 0:
+		case r >= utf8.RuneSelf:
+			if !unicode.IsLetter(r) && !unicode.IsDigit(r) {
+				return false
+			}
+		case 'a' <= r && r <= 'z', 'A' <= r && r <= 'Z', '0' <= r && r <= '9':
+		case strings.ContainsRune("._@+-=", r):
 		default:
 			return false
 		}
