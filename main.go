@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -34,14 +35,6 @@ import (
 var version = "dev"
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "healthcheck" {
-		// The container image has no curl: HEALTHCHECK runs the binary.
-		if err := healthcheck(os.Args[2:], os.Getenv); err != nil {
-			fmt.Fprintln(os.Stderr, "historyproxy healthcheck:", err)
-			os.Exit(1)
-		}
-		return
-	}
 	// The first SIGINT or SIGTERM starts the drain; a second one ends it at
 	// once (what is in flight is still recorded).
 	sigs := make(chan os.Signal, 2)
@@ -55,7 +48,7 @@ func main() {
 		<-sigs
 		close(hurry)
 	}()
-	if err := run(withHurry(ctx, hurry), os.Args[1:], os.Getenv, os.Stderr, nil); err != nil {
+	if err := cli(withHurry(ctx, hurry), os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
 		}
@@ -65,6 +58,72 @@ func main() {
 		}
 		os.Exit(1)
 	}
+}
+
+// command is a subcommand: historyproxy NAME [args].
+type command struct {
+	name, args, summary string
+	run                 func(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error
+}
+
+// commands lists the subcommands in the order -h shows them. Without one,
+// historyproxy runs the proxy.
+var commands = []command{
+	{
+		name: "healthcheck", args: "[flags]",
+		summary: "ask the admin listener's /healthz (of the address the flags, environment and file configure) and exit 1 unless it answers 200; the container's HEALTHCHECK, since the image has no curl",
+		run: func(_ context.Context, args []string, getenv func(string) string, _ io.Writer) error {
+			if err := healthcheck(args, getenv); err != nil {
+				return fmt.Errorf("healthcheck: %w", err)
+			}
+			return nil
+		},
+	},
+	{
+		name: "version", summary: "print the version and exit (also -version)",
+		run: func(_ context.Context, _ []string, _ func(string) string, stdout io.Writer) error {
+			_, err := fmt.Fprintln(stdout, versionLine())
+			return err
+		},
+	},
+}
+
+// cli dispatches a command line: a subcommand, -version, or else the proxy
+// itself (run). With -h it adds the subcommands to the flags' usage.
+func cli(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) > 0 {
+		name := args[0]
+		if name == "-version" || name == "--version" {
+			name = "version"
+		}
+		for _, c := range commands {
+			if c.name == name {
+				return c.run(ctx, args[1:], getenv, stdout)
+			}
+		}
+	}
+	err := run(ctx, args, getenv, stderr, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		printCommands(stderr)
+	}
+	return err
+}
+
+// printCommands ends -h's usage with the subcommands.
+func printCommands(w io.Writer) {
+	fmt.Fprintf(w, "\nCommands:\n")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  historyproxy %s", c.name)
+		if c.args != "" {
+			fmt.Fprintf(w, " %s", c.args)
+		}
+		fmt.Fprintf(w, "\n    \t%s\n", c.summary)
+	}
+}
+
+// versionLine says which build this is.
+func versionLine() string {
+	return fmt.Sprintf("historyproxy %s (%s, %s/%s)", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
 // addrs are the addresses the program listens on, once it serves.
@@ -103,6 +162,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer closeStore()
+	if err := checkStore(ctx, store, cfg, log); err != nil {
+		return err
+	}
 
 	counter, err := tokens.New(cfg.Tokens.DefaultEncoding)
 	if err != nil {
@@ -302,6 +364,37 @@ func newRedisClient(rc config.Redis) (redis.UniversalClient, error) {
 	}), nil
 }
 
+// checkStore asks the configured Redis to answer once, within
+// store.timeout, so that a wrong address, password or database shows at
+// start-up rather than only in /readyz. With store.require_at_start it
+// refuses to start; otherwise it logs the problem as an error and the proxy
+// serves as store.on_error says until Redis answers.
+func checkStore(ctx context.Context, s proxy.Store, cfg config.Config, log *slog.Logger) error {
+	if !cfg.Redis.Enabled() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Store.Timeout)
+	defer cancel()
+	err := s.Ping(ctx)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		// go-redis retries a refused dial until the deadline, then reports
+		// only the deadline.
+		err = fmt.Errorf("no answer within %s (store.timeout): %w", cfg.Store.Timeout, err)
+	}
+	if cfg.Store.RequireAtStart {
+		return fmt.Errorf("store %s does not answer and store.require_at_start is true: %w", storeName(cfg.Redis), err)
+	}
+	what := "serving without history until it answers (store.on_error: fail_open)"
+	if cfg.Store.OnError == "fail_closed" {
+		what = "answering 503 to requests with a session until it answers (store.on_error: fail_closed)"
+	}
+	log.Error("store does not answer at start-up: "+what, "store", storeName(cfg.Redis), "err", err)
+	return nil
+}
+
 func storeName(rc config.Redis) string {
 	switch {
 	case rc.URL != "":
@@ -369,6 +462,15 @@ func newLogger(c config.Log, w io.Writer) (*slog.Logger, error) {
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "json" {
+		// slog writes a time.Duration to JSON as integer nanoseconds; a Go
+		// duration string ("1.5s") is what the text format and the
+		// configuration show, and what a reader expects.
+		opts.ReplaceAttr = func(_ []string, a slog.Attr) slog.Attr {
+			if a.Value.Kind() == slog.KindDuration {
+				a.Value = slog.StringValue(a.Value.Duration().String())
+			}
+			return a
+		}
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return slog.New(slog.NewTextHandler(w, opts)), nil

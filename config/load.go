@@ -305,7 +305,8 @@ func unjoin(err error) []error {
 // printUsage writes every flag with its variable and default.
 func printUsage(w io.Writer) {
 	def := Default()
-	fmt.Fprintf(w, "Usage: historyproxy [flags]\n\n")
+	fmt.Fprintf(w, "Usage: historyproxy [flags]          run the proxy\n")
+	fmt.Fprintf(w, "       historyproxy COMMAND [args]   a command listed after the flags\n\n")
 	fmt.Fprintf(w, "Settings come from defaults, then the YAML file named by -config, then\n")
 	fmt.Fprintf(w, "%s* environment variables, then flags; each overrides the ones before.\n\n", EnvPrefix)
 	fmt.Fprintf(w, "Flags:\n")
