@@ -20,7 +20,6 @@ import (
 // TestHelpListsCommands: -h shows the flags and the subcommands, so that
 // healthcheck and version can be found without reading the Dockerfile.
 
-
 // TestStartupStoreCheck: a Redis that cannot serve (wrong database, or
 // down) is logged as an error naming the problem at start-up, and with
 // store.require_at_start the program refuses to start.
