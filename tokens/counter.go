@@ -11,6 +11,7 @@
 package tokens
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -119,9 +120,17 @@ func (c *Counter) Encoding(model string) string {
 
 // Text returns the number of tokens in s for model. Special-token text such
 // as "<|endoftext|>" counts as ordinary text, as it does when sent to the
-// API.
+// API. Runs of more than 256 bytes without a space (or of spaces only) are
+// counted in pieces of 256 bytes, which bounds the cost of the encoder's
+// merge (quadratic in a word's length) and may add a token per piece; use
+// a Meter to bound the cost of counting a whole request.
 func (c *Counter) Text(model, s string) int {
-	return count(c.encoder(model), s)
+	return c.unbounded(model).Text(s)
+}
+
+// unbounded is a meter with no limit, for the Counter's own methods.
+func (c *Counter) unbounded(model string) *Meter {
+	return c.Meter(context.Background(), model, -1)
 }
 
 // encoder returns the encoder for model. Should a non-default encoding fail
@@ -134,14 +143,6 @@ func (c *Counter) encoder(model string) *tiktoken.Tiktoken {
 	}
 	enc, _ := c.encoders[c.defaultEncoding]()
 	return enc
-}
-
-// count returns the number of tokens of s under enc.
-func count(enc *tiktoken.Tiktoken, s string) int {
-	if s == "" {
-		return 0
-	}
-	return len(enc.EncodeOrdinary(s))
 }
 
 // baseModel returns the model a fine-tune was trained from

@@ -3,8 +3,6 @@ package tokens
 import (
 	"bytes"
 	"encoding/json"
-
-	"github.com/pkoukk/tiktoken-go"
 )
 
 // Framing tokens of OpenAI's published counting rule (the cookbook's
@@ -60,17 +58,26 @@ type Message struct {
 // TokensPerName when there is one. Content parts, tool calls and the tool
 // call id are counted by the approximations documented on Message.
 func (c *Counter) Message(model string, m Message) int {
-	return countMessage(c.encoder(model), m)
+	return c.unbounded(model).Message(m)
 }
 
 // Messages counts a whole prompt: the sum of Message over ms plus
 // ReplyPriming.
 func (c *Counter) Messages(model string, ms []Message) int {
-	enc := c.encoder(model)
-	n := ReplyPriming
-	for _, m := range ms {
-		n += countMessage(enc, m)
+	return c.unbounded(model).Messages(ms)
+}
+
+// Message counts one message as Counter.Message does, within the meter's
+// bounds.
+func (mt *Meter) Message(m Message) int {
+	n := TokensPerMessage + mt.Text(m.Role) + mt.Text(m.Content)
+	if m.Name != "" {
+		n += mt.Text(m.Name) + TokensPerName
 	}
+	n += countParts(mt, m.Parts)
+	n += countToolCalls(mt, m.ToolCalls)
+	n += mt.Text(m.ToolCallID)
+	n += mt.Text(m.Refusal)
 	return n
 }
 
@@ -80,19 +87,22 @@ func (c *Counter) Messages(model string, ms []Message) int {
 // (TokensPerMessage, the role, a name), which the model does not generate.
 // Tool calls are counted by the approximation documented on Message.
 func (c *Counter) Completion(model string, m Message) int {
-	enc := c.encoder(model)
-	return count(enc, m.Content) + countParts(enc, m.Parts) + countToolCalls(enc, m.ToolCalls) + count(enc, m.Refusal)
+	return c.unbounded(model).Completion(m)
 }
 
-func countMessage(enc *tiktoken.Tiktoken, m Message) int {
-	n := TokensPerMessage + count(enc, m.Role) + count(enc, m.Content)
-	if m.Name != "" {
-		n += count(enc, m.Name) + TokensPerName
+// Completion counts a reply as Counter.Completion does, within the meter's
+// bounds.
+func (mt *Meter) Completion(m Message) int {
+	return mt.Text(m.Content) + countParts(mt, m.Parts) + countToolCalls(mt, m.ToolCalls) + mt.Text(m.Refusal)
+}
+
+// Messages counts a whole prompt as Counter.Messages does, within the
+// meter's bounds.
+func (mt *Meter) Messages(ms []Message) int {
+	n := ReplyPriming
+	for _, m := range ms {
+		n += mt.Message(m)
 	}
-	n += countParts(enc, m.Parts)
-	n += countToolCalls(enc, m.ToolCalls)
-	n += count(enc, m.ToolCallID)
-	n += count(enc, m.Refusal)
 	return n
 }
 
@@ -106,21 +116,21 @@ type contentPart struct {
 	} `json:"image_url"`
 }
 
-func countParts(enc *tiktoken.Tiktoken, raw []byte) int {
+func countParts(mt *Meter, raw []byte) int {
 	if isEmptyJSON(raw) {
 		return 0
 	}
 	var parts []contentPart
 	if err := json.Unmarshal(raw, &parts); err != nil {
-		return count(enc, string(raw))
+		return mt.Text(string(raw))
 	}
 	n := 0
 	for _, p := range parts {
 		switch p.Type {
 		case "text":
-			n += count(enc, p.Text)
+			n += mt.Text(p.Text)
 		case "refusal":
-			n += count(enc, p.Refusal)
+			n += mt.Text(p.Refusal)
 		case "image_url":
 			if p.ImageURL.Detail == "low" {
 				n += ImageTokensLow
@@ -145,19 +155,19 @@ type toolCall struct {
 	} `json:"custom"`
 }
 
-func countToolCalls(enc *tiktoken.Tiktoken, raw []byte) int {
+func countToolCalls(mt *Meter, raw []byte) int {
 	if isEmptyJSON(raw) {
 		return 0
 	}
 	var calls []toolCall
 	if err := json.Unmarshal(raw, &calls); err != nil {
-		return count(enc, string(raw))
+		return mt.Text(string(raw))
 	}
 	n := 0
 	for _, tc := range calls {
 		n += TokensPerToolCall +
-			count(enc, tc.Function.Name) + count(enc, tc.Function.Arguments) +
-			count(enc, tc.Custom.Name) + count(enc, tc.Custom.Input)
+			mt.Text(tc.Function.Name) + mt.Text(tc.Function.Arguments) +
+			mt.Text(tc.Custom.Name) + mt.Text(tc.Custom.Input)
 	}
 	return n
 }

@@ -3,8 +3,6 @@ package tokens
 import (
 	"encoding/json"
 	"strings"
-
-	"github.com/pkoukk/tiktoken-go"
 )
 
 // toolFraming holds the fixed costs of the OpenAI cookbook's tool-counting
@@ -52,35 +50,40 @@ type toolProperty struct {
 // JSON text; so does an array that does not parse. nil, "null" and "[]"
 // count 0.
 func (c *Counter) Tools(model string, tools []byte) int {
+	return c.unbounded(model).Tools(tools)
+}
+
+// Tools counts a request's tools as Counter.Tools does, within the meter's
+// bounds.
+func (mt *Meter) Tools(tools []byte) int {
 	if isEmptyJSON(tools) {
 		return 0
 	}
-	enc := c.encoder(model)
 	var entries []json.RawMessage
 	if err := json.Unmarshal(tools, &entries); err != nil {
-		return count(enc, string(tools))
+		return mt.Text(string(tools))
 	}
 	if len(entries) == 0 {
 		return 0
 	}
-	f, ok := toolFramings[c.Encoding(model)]
+	f, ok := toolFramings[mt.framing]
 	if !ok {
 		f = toolFramings[Cl100kBase]
 	}
 	n := f.funcEnd
 	for _, raw := range entries {
-		n += countTool(enc, f, raw)
+		n += countTool(mt, f, raw)
 	}
 	return n
 }
 
-func countTool(enc *tiktoken.Tiktoken, f toolFraming, raw json.RawMessage) int {
+func countTool(mt *Meter, f toolFraming, raw json.RawMessage) int {
 	var t toolDef
 	if err := json.Unmarshal(raw, &t); err != nil || t.Function == nil {
-		return count(enc, string(raw))
+		return mt.Text(string(raw))
 	}
 	fn := t.Function
-	n := f.funcInit + count(enc, fn.Name+":"+strings.TrimSuffix(fn.Description, "."))
+	n := f.funcInit + mt.Text(fn.Name+":"+strings.TrimSuffix(fn.Description, "."))
 	props := fn.Parameters.Properties
 	if len(props) == 0 {
 		return n
@@ -91,10 +94,10 @@ func countTool(enc *tiktoken.Tiktoken, f toolFraming, raw json.RawMessage) int {
 		if len(p.Enum) > 0 {
 			n += f.enumInit
 			for _, item := range p.Enum {
-				n += f.enumItem + count(enc, jsonText(item))
+				n += f.enumItem + mt.Text(jsonText(item))
 			}
 		}
-		n += count(enc, name+":"+jsonText(p.Type)+":"+strings.TrimSuffix(p.Description, "."))
+		n += mt.Text(name + ":" + jsonText(p.Type) + ":" + strings.TrimSuffix(p.Description, "."))
 	}
 	return n
 }
