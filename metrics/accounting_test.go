@@ -291,3 +291,30 @@ func seriesLabelValues(t *testing.T, reg prometheus.Gatherer, family, label stri
 	}
 	return out
 }
+
+func TestForgetSession(t *testing.T) {
+	key := []byte("0123456789abcdef")
+	hash, err := NewSessionLabel(SessionLabelHash, key)
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name  string
+		label SessionLabel
+	}{{"id", SessionLabel{}}, {"hash", hash}} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			m := New(reg, 2, WithSessionLabel(tc.label))
+			for _, s := range []string{"c:a:x", "c:b:x"} {
+				m.ObserveRequest(Request{Session: s, Code: 200, Reached: true, Billed: true, PromptTokens: 3, CostNanos: 10, Priced: true})
+			}
+			m.ForgetSession("c:a:x")
+			keep, _ := tc.label.Label("c:b:x")
+			require.Equal(t, []string{keep}, sessionsWithSeries(t, reg))
+			require.Equal(t, 1.0, testutil.ToFloat64(m.sessionsActive))
+			// Its place is free: a new session evicts nobody.
+			m.ObserveRequest(Request{Session: "c:c:x", Code: 200, Reached: true, Billed: true, PromptTokens: 1})
+			require.Equal(t, 0.0, testutil.ToFloat64(m.evictions))
+			m.ForgetSession("c:unknown:x")
+			require.Equal(t, 2.0, testutil.ToFloat64(m.sessionsActive))
+		})
+	}
+}

@@ -504,6 +504,29 @@ func (m *Metrics) observeSession(session string, counts [5]int64, costNanos int6
 	}
 }
 
+// ForgetSession deletes the per-session series of session id and frees its
+// place under the session limit, as erasing a session must leave none of
+// its data behind. It is not counted as an eviction. Forgetting a session
+// without series does nothing.
+func (m *Metrics) ForgetSession(id string) {
+	label, ok := m.sessionLabel.Label(id)
+	if !ok {
+		return
+	}
+	l := &m.sessions
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e, found := l.index[label]; found {
+		l.order.Remove(e)
+		delete(l.index, label)
+	}
+	for _, typ := range tokenTypes {
+		m.sessionTokens.DeleteLabelValues(label, typ)
+	}
+	m.sessionCost.delete(label)
+	m.sessionsActive.Set(float64(l.order.Len()))
+}
+
 // ObserveStore records one store operation ("window", "append", ...), its
 // duration, and its error if err is not nil.
 func (m *Metrics) ObserveStore(op string, d time.Duration, err error) {
