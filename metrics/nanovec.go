@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,7 +16,7 @@ type nanoVec struct {
 	desc *prometheus.Desc
 
 	mu     sync.Mutex
-	series map[string]*nanoSeries // by labelKey of its label values
+	series map[nanoKey]*nanoSeries
 }
 
 type nanoSeries struct {
@@ -26,16 +25,29 @@ type nanoSeries struct {
 }
 
 func newNanoVec(desc *prometheus.Desc) *nanoVec {
-	return &nanoVec{desc: desc, series: make(map[string]*nanoSeries)}
+	return &nanoVec{desc: desc, series: make(map[nanoKey]*nanoSeries)}
 }
 
-// labelKey joins label values with a byte that valid UTF-8 never holds.
-func labelKey(values []string) string { return strings.Join(values, "\xff") }
+// maxNanoLabels is the most labels a nanoVec has (channel, agent, model).
+const maxNanoLabels = 3
+
+// nanoKey is a series' label values as a map key; a fixed array, so that
+// looking a series up allocates nothing.
+type nanoKey [maxNanoLabels]string
+
+func keyOf(values []string) nanoKey {
+	if len(values) > maxNanoLabels {
+		panic("metrics: a nanoVec has at most 3 labels") // a programming error
+	}
+	var k nanoKey
+	copy(k[:], values)
+	return k
+}
 
 // add adds nanos (ignored when negative: a counter never goes down) to the
 // series of values, creating it at 0 first.
 func (v *nanoVec) add(nanos int64, values ...string) {
-	k := labelKey(values)
+	k := keyOf(values)
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	s, ok := v.series[k]
@@ -52,7 +64,7 @@ func (v *nanoVec) add(nanos int64, values ...string) {
 func (v *nanoVec) value(values ...string) int64 {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if s, ok := v.series[labelKey(values)]; ok {
+	if s, ok := v.series[keyOf(values)]; ok {
 		return s.nanos
 	}
 	return 0
@@ -61,7 +73,7 @@ func (v *nanoVec) value(values ...string) int64 {
 // delete removes the series of exactly values.
 func (v *nanoVec) delete(values ...string) {
 	v.mu.Lock()
-	delete(v.series, labelKey(values))
+	delete(v.series, keyOf(values))
 	v.mu.Unlock()
 }
 
