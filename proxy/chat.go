@@ -46,7 +46,7 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	}
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(body, &fields); err != nil {
-		return nil, badRequest("invalid_json", "", "request body is not a JSON object: "+err.Error())
+		return nil, badRequest("invalid_json", "", "The request body must be a JSON object: "+wire.TypeMismatch(err)+".")
 	}
 	c := &chatRequest{fields: fields}
 	if err := wire.Field(fields, "model", &c.Model); err != nil {
@@ -86,7 +86,7 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	}
 	var msgs []json.RawMessage
 	if err := json.Unmarshal(raw, &msgs); err != nil {
-		return nil, badRequest("invalid_type", "messages", "messages must be an array of message objects")
+		return nil, wire.InvalidType("messages", err)
 	}
 	if len(msgs) == 0 {
 		return nil, badRequest("empty_array", "messages", "messages must contain at least one message")

@@ -22,10 +22,36 @@ import (
 
 // Request headers the proxy reads.
 const (
-	headerHistory     = "X-History"    // off | read-only | on
+	headerHistory     = "X-History"    // on | off | read-only, any case
 	headerMessageID   = "X-Message-ID" // idempotency key, the proxy's own
 	headerIdempotency = "Idempotency-Key"
 )
+
+// headerHistorySession answers which session id holds the conversation a
+// request read or recorded: the resolved id, or channel:*:agent for a
+// shared agent.
+const headerHistorySession = "X-History-Session"
+
+// Values of X-History.
+const (
+	historyOn       = "on"
+	historyOff      = "off"
+	historyReadOnly = "read-only"
+)
+
+// historyMode reads X-History, case-insensitively; absent is on.
+func historyMode(h http.Header) (string, *apiError) {
+	v := h.Values(headerHistory)
+	if len(v) == 0 {
+		return historyOn, nil
+	}
+	mode := strings.ToLower(strings.TrimSpace(strings.Join(v, ",")))
+	switch mode {
+	case historyOn, historyOff, historyReadOnly:
+		return mode, nil
+	}
+	return "", badRequest("invalid_value", headerHistory, "X-History must be on, off or read-only (in any case), got "+quote(strings.Join(v, ",")))
+}
 
 // maxReplyBytes bounds a non-stream reply the proxy reads to record.
 const maxReplyBytes = 64 << 20
@@ -75,6 +101,21 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	cw := &codeWriter{ResponseWriter: w}
 	defer p.observe(x, cw)
 
+	// The session the headers and path name is known before the body is
+	// read, so that an answer about a bad body still says which session it
+	// concerned. Only the body's user field can add to it.
+	if s, ok, aerr := resolveSession(r.Header, pathSessionFrom(r.Context()), "", p.opt.DefaultChannel, p.opt.DefaultAgent); aerr != nil {
+		writeError(cw, aerr)
+		return
+	} else if ok {
+		cw.Header().Set(headerSessionID, s.ID())
+	}
+	hist, aerr := historyMode(r.Header)
+	if aerr != nil {
+		writeError(cw, aerr)
+		return
+	}
+
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.opt.MaxBodyBytes))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -110,23 +151,19 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	if ok {
 		cw.Header().Set(headerSessionID, sess.ID())
 	}
-	hist := r.Header.Get(headerHistory)
-	switch hist {
-	case "", "on", "off", "read-only":
-	default:
-		writeError(cw, badRequest("invalid_value", headerHistory, "X-History must be on, off or read-only, got "+quote(hist)))
-		return
-	}
 	x.agent = p.opt.Agent(sess.Agent)
 	if ok {
-		if x.agent.Mode != ModeOff && hist != "off" {
+		if x.agent.Mode != ModeOff && hist != historyOff {
 			x.stored = sess.ID()
 			if x.agent.Mode == ModeShared {
 				x.stored = Session{sess.Channel, sharedUser, sess.Agent}.ID()
 			}
+			// The id whose keys hold the conversation: in a shared agent
+			// it is not the user's own, and redis-cli needs it.
+			cw.Header().Set(headerHistorySession, x.stored)
 		}
 	}
-	x.record = x.stored != "" && hist != "read-only"
+	x.record = x.stored != "" && hist != historyReadOnly
 	x.idemKey = r.Header.Get(headerIdempotency)
 	if x.idemKey == "" {
 		x.idemKey = r.Header.Get(headerMessageID)
@@ -213,7 +250,9 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	t0 := time.Now()
 	// Idleness is judged at the request's arrival, by the read here and
 	// by the append (Turn.ArrivedMs) alike.
-	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, x.start.UnixMilli(), a.Policy)
+	// One message more than can be injected: when it is there, the
+	// history was cut by max_messages, and the metric counts it.
+	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages+1, x.start.UnixMilli(), a.Policy)
 	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
 	p.storeUp(err == nil)
 	if err != nil {
@@ -227,7 +266,7 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		// request that answers a pending call continues that call's
 		// conversation, idle or not.
 		t0 := time.Now()
-		w, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages, x.start.UnixMilli(), history.Policy{})
+		w, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages+1, x.start.UnixMilli(), history.Policy{})
 		p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
 		p.storeUp(err == nil)
 		if err != nil {
@@ -304,6 +343,8 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	// upstream's headers to those already set, so one from the upstream
 	// would be sent beside the proxy's own.
 	resp.Header.Del(headerHistory)
+	resp.Header.Del(headerHistorySession)
+	resp.Header.Del(headerSessionID)
 	if resp.StatusCode/100 != 2 {
 		x.upstreamEnd = p.now()
 		return nil
@@ -403,9 +444,13 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		}
 	}
 	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy}
-	if p.retry != nil && p.retry.queued(x.stored) {
+	if p.retry != nil && (p.retry.queued(x.stored) || (x.degraded && !p.storeOK.Load())) {
 		// Earlier turns of this session wait for the store: this one goes
-		// behind them to keep the conversation's order.
+		// behind them to keep the conversation's order. Or the history
+		// read of this very request failed and nothing has succeeded
+		// since: a second wait of store.timeout on the same outage would
+		// only delay the answer, so the queue writes it once the store is
+		// back.
 		x.degraded = true
 		if !p.retry.push(pending) {
 			p.lost.Add(1)

@@ -96,6 +96,9 @@ func FuzzResolveSession(f *testing.F) {
 			if rest != want {
 				t.Fatalf("path %q: got rest %q, want %q", path, rest, want)
 			}
+			if rest != "/v1" && !strings.HasPrefix(rest, "/v1/") {
+				t.Fatalf("path %q: got rest %q, want the /v1 API after the three parts", path, rest)
+			}
 			fzCheckPart(t, "path channel", ps.Channel)
 			fzCheckPart(t, "path user", ps.User)
 			fzCheckPart(t, "path agent", ps.Agent)
@@ -142,7 +145,8 @@ func FuzzResolveSession(f *testing.F) {
 		if parts := strings.Split(id, ":"); len(parts) != 3 {
 			t.Fatalf("got id %q with %d parts, want 3", id, len(parts))
 		}
-		// Where the id came from.
+		// Where the id came from: X-Session-ID names all three parts;
+		// otherwise each part comes from the first source that names it.
 		switch {
 		case set&3 == 1:
 			if id != sid {
@@ -150,17 +154,26 @@ func FuzzResolveSession(f *testing.F) {
 			}
 		case set&3 == 3:
 			t.Fatalf("got id %q from a repeated X-Session-ID, want an error", id)
-		case set&8 != 0:
-			if s.User != us {
-				t.Fatalf("got user %q, want X-Session-User %q", s.User, us)
-			}
-		case set&(4|16) == 0 && ps.ok:
-			if s.Channel != ps.Channel || s.User != ps.User || s.Agent != ps.Agent {
-				t.Fatalf("got %q, want the path's session %q", id, ps.Channel+":"+ps.User+":"+ps.Agent)
-			}
 		default:
-			if s.User != bodyUser {
-				t.Fatalf("got user %q, want the body's user %q", s.User, bodyUser)
+			for _, c := range []struct {
+				name, got   string
+				header      bool
+				hv, pv, def string
+			}{
+				{"channel", s.Channel, set&4 != 0, ch, ps.Channel, "api"},
+				{"user", s.User, set&8 != 0, us, ps.User, bodyUser},
+				{"agent", s.Agent, set&16 != 0, ag, ps.Agent, "default"},
+			} {
+				want := c.def
+				switch {
+				case c.header:
+					want = c.hv
+				case ps.ok:
+					want = c.pv
+				}
+				if c.got != want {
+					t.Fatalf("got %s %q, want %q (header %v, path %v)", c.name, c.got, want, c.header, ps.ok)
+				}
 			}
 		}
 	})

@@ -482,6 +482,15 @@ func assertOpenAIError(t *testing.T, body, code string) {
 	}
 	require.NoError(t, json.Unmarshal([]byte(body), &e), body)
 	require.NotNil(t, e.Error, body)
+	// OpenAI's shape has all four keys, param null when no field is at
+	// fault; SDKs read a missing one as undefined.
+	var keys struct {
+		Error map[string]json.RawMessage `json:"error"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &keys))
+	for _, k := range []string{"message", "type", "param", "code"} {
+		require.Contains(t, keys.Error, k, "error body lacks %q: %s", k, body)
+	}
 	require.NotEmpty(t, e.Error.Message)
 	require.NotEmpty(t, e.Error.Type)
 	require.NotNil(t, e.Error.Code)

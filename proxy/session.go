@@ -35,10 +35,13 @@ type pathSession struct {
 	ok                   bool
 }
 
-// resolveSession applies the session rules: X-Session-ID, then the
-// X-Session-{Channel,User,Agent} headers, then the path prefix, then the
-// body's user field; missing parts come from the defaults. ok is false when
-// no user was found (a stateless request).
+// resolveSession applies the session rules. Each part (channel, user,
+// agent) comes from the first source that names it, in this order:
+// X-Session-ID (which names all three), the X-Session-{Channel,User,Agent}
+// headers, the path prefix, then the body's user field (the user only);
+// a part no source names comes from the defaults. So sources combine: a
+// path prefix with X-Session-Agent keeps the path's channel and user. ok is
+// false when no user was found (a stateless request).
 func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent string) (s Session, ok bool, err *apiError) {
 	if v := h.Values(headerSessionID); len(v) > 0 {
 		if len(v) > 1 {
@@ -54,36 +57,34 @@ func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent
 		}
 		return s, true, nil
 	}
-	ch, chOK := single(h, headerSessionChannel)
-	us, usOK := single(h, headerSessionUser)
-	ag, agOK := single(h, headerSessionAgent)
-	switch {
-	case chOK || usOK || agOK:
-		s = Session{ch, us, ag}
-		for _, c := range []struct {
-			name, val string
-			set       bool
-		}{{headerSessionChannel, ch, chOK}, {headerSessionUser, us, usOK}, {headerSessionAgent, ag, agOK}} {
-			if c.set {
-				if err := validatePart(c.name, c.val); err != nil {
-					return s, false, err
-				}
+	for _, part := range []struct {
+		dst       *string
+		header    string
+		path, def string
+		body      string // only the user part has one
+	}{
+		{&s.Channel, headerSessionChannel, p.Channel, defChannel, ""},
+		{&s.User, headerSessionUser, p.User, "", bodyUser},
+		{&s.Agent, headerSessionAgent, p.Agent, defAgent, ""},
+	} {
+		if v, set := single(h, part.header); set {
+			if err := validatePart(part.header, v); err != nil {
+				return s, false, err
 			}
+			*part.dst = v
+			continue
 		}
-	case p.ok:
-		s = Session{p.Channel, p.User, p.Agent}
-	}
-	if s.User == "" && bodyUser != "" {
-		if err := validatePart(`the request's "user" field`, bodyUser); err != nil {
-			return s, false, err
+		switch {
+		case p.ok: // parsePathSession validated its parts
+			*part.dst = part.path
+		case part.body != "":
+			if err := validatePart(`the request's "user" field`, part.body); err != nil {
+				return s, false, err
+			}
+			*part.dst = part.body
+		default:
+			*part.dst = part.def
 		}
-		s.User = bodyUser
-	}
-	if s.Channel == "" {
-		s.Channel = defChannel
-	}
-	if s.Agent == "" {
-		s.Agent = defAgent
 	}
 	return s, s.User != "", nil
 }
@@ -120,6 +121,11 @@ func parsePathSession(urlPath string) (p pathSession, rest string, err *apiError
 	rest = path.Clean("/" + segs[3])
 	if strings.HasSuffix(segs[3], "/") && rest != "/" {
 		rest += "/"
+	}
+	// The rest must be the API's own path: /s/web/erin/v1/... misses a
+	// part, and a 404 for it would hide why.
+	if rest != "/v1" && !strings.HasPrefix(rest, "/v1/") {
+		return pathSession{}, urlPath, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., with all three parts, got " + quote(urlPath))
 	}
 	return p, rest, nil
 }

@@ -22,7 +22,18 @@ func TestResolveSession(t *testing.T) {
 		{name: "parts headers with defaults", headers: map[string]string{"X-Session-User": "u1"}, want: "api:u1:default"},
 		{name: "all part headers", headers: map[string]string{"X-Session-Channel": "web", "X-Session-User": "u1", "X-Session-Agent": "sales"}, want: "web:u1:sales"},
 		{name: "part headers without user fall back to body user", headers: map[string]string{"X-Session-Agent": "sales"}, bodyUser: "bob", want: "api:bob:sales"},
-		{name: "part headers beat path", headers: map[string]string{"X-Session-User": "h"}, path: "/s/web/p/sales/v1/chat/completions", want: "api:h:default", wantPath: "/v1/chat/completions"},
+		// Each part from the first source that names it: every pair of
+		// sources, in the README's order (X-Session-ID, part headers, path
+		// prefix, body user).
+		{name: "id beats path", headers: map[string]string{"X-Session-ID": "a:b:c"}, path: "/s/web/p/sales/v1/chat/completions", want: "a:b:c", wantPath: "/v1/chat/completions"},
+		{name: "id names all three: no part header fills in", headers: map[string]string{"X-Session-ID": "a:b:c", "X-Session-Agent": "z", "X-Session-Channel": "y"}, want: "a:b:c"},
+		{name: "id beats body user", headers: map[string]string{"X-Session-ID": "a:b:c"}, bodyUser: "y", want: "a:b:c"},
+		{name: "user header with path keeps the path's channel and agent", headers: map[string]string{"X-Session-User": "frank"}, path: "/s/web/erin/sales/v1/chat/completions", want: "web:frank:sales", wantPath: "/v1/chat/completions"},
+		{name: "agent header with path keeps the path's channel and user", headers: map[string]string{"X-Session-Agent": "billing"}, path: "/s/web/erin/sales/v1/chat/completions", want: "web:erin:billing", wantPath: "/v1/chat/completions"},
+		{name: "channel header with path", headers: map[string]string{"X-Session-Channel": "app"}, path: "/s/web/erin/sales/v1/chat/completions", want: "app:erin:sales", wantPath: "/v1/chat/completions"},
+		{name: "channel header with body user", headers: map[string]string{"X-Session-Channel": "web"}, bodyUser: "dave", want: "web:dave:default"},
+		{name: "user header beats body user", headers: map[string]string{"X-Session-User": "h"}, bodyUser: "b", want: "api:h:default"},
+		{name: "agent header, path and body user: the path's user", headers: map[string]string{"X-Session-Agent": "billing"}, path: "/s/web/erin/sales/v1/chat/completions", bodyUser: "b", want: "web:erin:billing", wantPath: "/v1/chat/completions"},
 		{name: "path prefix", path: "/s/web/p@x.io/sales/v1/chat/completions", want: "web:p@x.io:sales", wantPath: "/v1/chat/completions"},
 		{name: "path prefix beats body user", path: "/s/web/p/sales/v1/models", bodyUser: "b", want: "web:p:sales", wantPath: "/v1/models"},
 		{name: "body user only", bodyUser: "user-42", want: "api:user-42:default"},
@@ -47,6 +58,9 @@ func TestResolveSession(t *testing.T) {
 		{name: "slash in body user", bodyUser: "a/b", wantCode: "invalid_session_id"},
 		{name: "bad path part", path: "/s/web/a b/sales/v1/chat/completions", wantCode: "invalid_session_id"},
 		{name: "short path prefix", path: "/s/web/u/v1", wantCode: "invalid_session_id"},
+		{name: "path prefix missing a part", path: "/s/web/erin/v1/chat/completions", wantCode: "invalid_session_id"},
+		{name: "path prefix with too many parts", path: "/s/web/erin/sales/x/v1/chat/completions", wantCode: "invalid_session_id"},
+		{name: "path prefix, base URL with a trailing slash", path: "/s/web/erin/sales//v1/models", want: "web:erin:sales", wantPath: "/v1/models"},
 		{name: "empty path part", path: "/s/web//sales/v1/chat/completions", wantCode: "invalid_session_id"},
 		{name: "shared marker is not a valid user", bodyUser: "*", wantCode: "invalid_session_id"},
 	}

@@ -7,8 +7,11 @@ package wire
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
+	"strings"
 
 	"github.com/historyproxy/historyproxy/history"
 )
@@ -16,14 +19,32 @@ import (
 // Error is an error answered in OpenAI's shape, so SDKs surface it the
 // same way they surface the upstream's own errors.
 type Error struct {
-	Status  int    `json:"-"`
-	Message string `json:"message"`
-	Type    string `json:"type"`
-	Param   string `json:"param,omitempty"`
-	Code    string `json:"code"`
+	Status  int
+	Message string
+	Type    string
+	// Param names the request field at fault ("messages[2].content");
+	// empty when none, which the body shows as null.
+	Param string
+	Code  string
 }
 
 func (e *Error) Error() string { return e.Message }
+
+// MarshalJSON writes OpenAI's shape: all four keys, always, with param
+// null when the error concerns no one field, as OpenAI sends it (SDKs
+// read a missing key as undefined).
+func (e *Error) MarshalJSON() ([]byte, error) {
+	var param *string
+	if e.Param != "" {
+		param = &e.Param
+	}
+	return json.Marshal(struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    string  `json:"code"`
+	}{e.Message, e.Type, param, e.Code})
+}
 
 // BadRequest is a 400 invalid_request_error.
 func BadRequest(code, param, msg string) *Error {
@@ -50,19 +71,76 @@ func Field(fields map[string]json.RawMessage, name string, dst any) *Error {
 		return nil
 	}
 	if err := json.Unmarshal(raw, dst); err != nil {
-		return BadRequest("invalid_type", name, fmt.Sprintf("%s has the wrong type: %s", name, TypeMismatch(err)))
+		return InvalidType(name, err)
 	}
 	return nil
 }
 
-// TypeMismatch says what a decoding error found and wanted.
+// InvalidType is the 400 for a value at param that err (from decoding it)
+// found of the wrong JSON type, worded as OpenAI words it: "Invalid type
+// for 'n': expected an integer, but got a string instead."
+func InvalidType(param string, err error) *Error {
+	return BadRequest("invalid_type", param, fmt.Sprintf("Invalid type for '%s': %s.", param, TypeMismatch(err)))
+}
+
+// TypeMismatch says, in JSON's terms, what a decoding error wanted and
+// found: "expected an object, but got an array instead". encoding/json
+// names Go types ("map[string]json.RawMessage"), which mean nothing to a
+// client.
 func TypeMismatch(err error) string {
 	var te *json.UnmarshalTypeError
-	if e, ok := err.(*json.UnmarshalTypeError); ok {
-		te = e
-		return fmt.Sprintf("got %s, want %s", te.Value, te.Type)
+	if errors.As(err, &te) {
+		return fmt.Sprintf("expected %s, but got %s instead", jsonType(te.Type), jsonValue(te.Value))
 	}
-	return err.Error()
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Sprintf("not valid JSON at byte %d (%s)", se.Offset, strings.TrimPrefix(se.Error(), "json: "))
+	}
+	return strings.TrimPrefix(err.Error(), "json: ")
+}
+
+// jsonType names the JSON type a Go type decodes from.
+func jsonType(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	}
+	return "a JSON value"
+}
+
+// jsonValue names what encoding/json found ("array", "number 1.5", ...).
+func jsonValue(v string) string {
+	kind, detail, _ := strings.Cut(v, " ")
+	switch kind {
+	case "object", "array":
+		return "an " + kind
+	case "string":
+		return "a string"
+	case "bool":
+		return "a boolean"
+	case "number":
+		if detail != "" {
+			return "the number " + detail
+		}
+		return "a number"
+	case "null":
+		return "null"
+	}
+	return v
 }
 
 // IsNull reports whether raw is the JSON null.
@@ -88,7 +166,7 @@ func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
 	// here while the upstream, reading exact keys, sees a system message.
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &fields); err != nil {
-		return history.Message{}, BadRequest("invalid_type", param, param+" must be a message object: "+TypeMismatch(err))
+		return history.Message{}, InvalidType(param, err)
 	}
 	var m struct {
 		Role, Name, ToolCallID string
@@ -99,10 +177,10 @@ func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
 		key string
 		dst any
 	}{{"role", &m.Role}, {"name", &m.Name}, {"tool_call_id", &m.ToolCallID}, {"refusal", &m.Refusal}} {
-		if err := Field(fields, f.key, f.dst); err != nil {
-			err.Param = param + "." + f.key
-			err.Message = param + "." + err.Message
-			return history.Message{}, err
+		if raw, ok := fields[f.key]; ok && !IsNull(raw) {
+			if err := json.Unmarshal(raw, f.dst); err != nil {
+				return history.Message{}, InvalidType(param+"."+f.key, err)
+			}
 		}
 	}
 	m.Content, m.ToolCalls = fields["content"], fields["tool_calls"]
