@@ -20,7 +20,9 @@ import (
 // the token budget) is counted in historyproxy_history_truncated_total.
 func TestTruncatedCountsMaxMessages(t *testing.T) {
 	h, reg := metricsHarness(t, func(o *Options) {
-		o.Agent = func(string) Agent { return Agent{Mode: ModePerUser, MaxTokens: 100000, MaxMessages: 4, OutputReserve: 1024} }
+		o.Agent = func(string) Agent {
+			return Agent{Mode: ModePerUser, MaxTokens: 100000, MaxMessages: 4, OutputReserve: 1024}
+		}
 	})
 	sid := map[string]string{"X-Session-ID": "c:trunc:a"}
 	truncated := func() float64 {
