@@ -57,8 +57,18 @@ type Agent struct {
 // are required.
 type Options struct {
 	Upstream *url.URL // base URL including /v1
-	// APIKey, when not empty, replaces the client's Authorization header.
+	// APIKey, when not empty, replaces the client's Authorization header,
+	// and the client's OpenAI-Organization and OpenAI-Project headers are
+	// dropped: the key is the proxy's, so is what it bills.
 	APIKey string
+	// Passthrough lists the calls forwarded upstream as ServeMux patterns
+	// on the client's path ("GET /v1/models/{model...}"); "*" allows all.
+	// Empty: every call without an APIKey, DefaultPassthrough with one.
+	Passthrough []string
+	// Organization and Project, when not empty, are sent as the
+	// OpenAI-Organization and OpenAI-Project headers instead of the
+	// client's.
+	Organization, Project string
 	// UpstreamTimeout bounds the wait for the upstream's response headers
 	// (then 504). Zero: no bound.
 	UpstreamTimeout time.Duration
@@ -81,6 +91,13 @@ type Options struct {
 	// RetryQueue is how many turns are held for a retry while the store
 	// is down (fail open only); 0 holds none, so such turns are lost.
 	RetryQueue int
+	// MaxRequestMessages and MaxContentParts bound a chat request's
+	// messages and its content parts (all messages together); 0: no bound.
+	MaxRequestMessages, MaxContentParts int
+	// MaxTurnMessages bounds the request messages one turn records, so no
+	// single store write grows with the request; a request that would
+	// record more is refused before it is forwarded. 0: no bound.
+	MaxTurnMessages int
 
 	// ClientWriteTimeout bounds how long one write to the client may wait
 	// for a client that stopped reading (then the response is cut). It is
@@ -92,10 +109,21 @@ type Options struct {
 	Now    func() time.Time
 }
 
+// DefaultPassthrough is what a held key may reach when Options.Passthrough
+// is empty: chat completions, models, embeddings and moderations.
+var DefaultPassthrough = []string{
+	"POST " + chatPath,
+	"GET /v1/models",
+	"GET /v1/models/{model...}",
+	"POST /v1/embeddings",
+	"POST /v1/moderations",
+}
+
 // Proxy is the client-facing handler.
 type Proxy struct {
 	opt   Options
 	rp    *httputil.ReverseProxy
+	allow *endpoints // nil: every call is forwarded
 	log   *slog.Logger
 	now   func() time.Time
 	retry *retryQueue // nil: fail closed, or no queue
@@ -125,6 +153,14 @@ func New(opt Options) (*Proxy, error) {
 		opt.Metrics = discard{}
 	}
 	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now}
+	patterns := opt.Passthrough
+	if len(patterns) == 0 && opt.APIKey != "" {
+		patterns = DefaultPassthrough
+	}
+	var err error
+	if p.allow, err = newEndpoints(patterns); err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
+	}
 	p.storeOK.Store(true)
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
@@ -194,33 +230,49 @@ func (p *Proxy) Close(ctx context.Context) error {
 // still queued when Close gave up.
 func (p *Proxy) LostTurns() int64 { return p.lost.Load() }
 
-// Handler returns the client-facing routes.
+// Handler returns the client-facing routes. Every request is routed on
+// its path's canonical form (see canonicalPath), and only the calls of the
+// allow-list reach the upstream.
 func (p *Proxy) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/chat/completions", p.chat)
+	mux.HandleFunc("POST "+chatPath, p.chat)
 	mux.HandleFunc("/v1/", p.passthrough)
+	mux.HandleFunc("/v1", p.passthrough) // the base itself; the mux would redirect it, losing a /s/ prefix
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
-			Message: "historyproxy serves the OpenAI API under /v1/ (or /s/{channel}/{user}/{agent}/v1/); " + r.Method + " " + r.URL.Path + " is not part of it"})
+			Message: "historyproxy serves the OpenAI API under /v1/ (or /s/{channel}/{user}/{agent}/v1/); " + r.Method + " " + quote(r.URL.Path) + " is not part of it"})
 	})
 	return p.stallBound(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ps, rest, err := parsePathSession(r.URL.Path)
+		dec, esc, err := canonicalPath(r.URL.EscapedPath())
 		if err != nil {
 			writeError(w, err)
 			return
 		}
+		ps, rest, err := parsePathSession(dec)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		ctx := r.Context()
 		if ps.ok {
-			// Route the rest of the path as if the app had used /v1 directly.
-			r2 := r.Clone(context.WithValue(r.Context(), pathSessionKey{}, ps))
-			r2.URL.Path, r2.URL.RawPath = rest, ""
-			if r.URL.RawPath != "" {
-				// Keep the client's escaping of the rest; net/url uses it
-				// only while it still encodes Path.
-				if segs := strings.SplitN(r.URL.RawPath, "/", 6); len(segs) == 6 {
-					r2.URL.RawPath = "/" + segs[5]
-				}
-			}
-			r = r2
+			// Route the rest of the path as if the app had used /v1
+			// directly. Canonical segments hold no slash, so the escaped
+			// path splits where the decoded one does.
+			ctx = context.WithValue(ctx, pathSessionKey{}, ps)
+			dec, esc = rest, "/"+strings.SplitN(esc, "/", 6)[5]
+		}
+		if r.Method == http.MethodPost && strings.EqualFold(dec, chatPath) {
+			// A router that ignores case would serve this as a chat
+			// completion: so does the proxy.
+			dec, esc = chatPath, chatPath
+		}
+		u := *r.URL
+		u.Path, u.RawPath = dec, esc
+		r = r.WithContext(ctx)
+		r.URL = &u
+		if (dec == "/v1" || strings.HasPrefix(dec, "/v1/")) && !p.allow.allows(r) {
+			writeError(w, notAllowed(r.Method, dec))
+			return
 		}
 		mux.ServeHTTP(w, r)
 	}))
@@ -251,6 +303,12 @@ func (p *Proxy) passthrough(w http.ResponseWriter, r *http.Request) {
 	p.rp.ServeHTTP(w, r)
 }
 
+// OpenAI's headers that pick the organization and project a key bills.
+const (
+	headerOrganization = "OpenAI-Organization"
+	headerProject      = "OpenAI-Project"
+)
+
 // proxyHeaders are the proxy's own request headers, never forwarded.
 var proxyHeaders = []string{headerSessionID, headerSessionChannel, headerSessionUser, headerSessionAgent, headerHistory, headerMessageID}
 
@@ -258,8 +316,9 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	u := p.opt.Upstream
 	pr.Out.URL.Scheme = u.Scheme
 	pr.Out.URL.Host = u.Host
-	// Keep the client's escaping (a file id with %2F must stay one
-	// segment): the raw path is joined alongside the decoded one.
+	// Keep the client's escaping (an id with %3F must stay one segment):
+	// the raw path is joined alongside the decoded one. Both are canonical
+	// (see Handler), so the result stays under the upstream's base path.
 	pr.Out.URL.Path = strings.TrimSuffix(u.Path, "/") + strings.TrimPrefix(pr.In.URL.Path, "/v1")
 	pr.Out.URL.RawPath = strings.TrimSuffix(u.EscapedPath(), "/") + strings.TrimPrefix(pr.In.URL.EscapedPath(), "/v1")
 	pr.Out.Host = u.Host
@@ -268,6 +327,14 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	}
 	if p.opt.APIKey != "" {
 		pr.Out.Header.Set("Authorization", "Bearer "+p.opt.APIKey)
+		pr.Out.Header.Del(headerOrganization)
+		pr.Out.Header.Del(headerProject)
+	}
+	if p.opt.Organization != "" {
+		pr.Out.Header.Set(headerOrganization, p.opt.Organization)
+	}
+	if p.opt.Project != "" {
+		pr.Out.Header.Set(headerProject, p.opt.Project)
 	}
 	if exchangeFrom(pr.In.Context()) != nil {
 		// The proxy reads the reply: ask for it uncompressed so a client's
@@ -327,9 +394,12 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 		writeError(w, &apiError{Status: http.StatusGatewayTimeout, Type: "upstream_error", Code: "upstream_timeout",
 			Message: "the upstream did not answer in time"})
 	default:
-		p.log.Warn("upstream unreachable", "err", err)
+		// The cause names addresses of the proxy's network (dial tcp
+		// 10.0.3.7:443: connection refused): the log gets it, the client
+		// only that the upstream failed.
+		p.log.Warn("upstream unreachable", "upstream", p.opt.Upstream.Redacted(), "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, &apiError{Status: http.StatusBadGateway, Type: "upstream_error", Code: "upstream_unreachable",
-			Message: "the upstream could not be reached: " + err.Error()})
+			Message: "the upstream could not be reached; the proxy's log has the details"})
 	}
 }
 
