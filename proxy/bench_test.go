@@ -46,7 +46,7 @@ func BenchmarkRewrite(b *testing.B) {
 	// Nothing to inject on a non-stream request: body returns orig itself,
 	// so this is the cost of parseChat alone.
 	b.Run("inject=0", func(b *testing.B) {
-		req, aerr := parseChat(orig)
+		req, aerr := parseChat(orig, limits{})
 		if aerr != nil {
 			b.Fatal(aerr)
 		}
@@ -58,7 +58,7 @@ func BenchmarkRewrite(b *testing.B) {
 	})
 	// body alone, nothing to do: should be a few ns and no allocation.
 	b.Run("inject=0/body-only", func(b *testing.B) {
-		req, aerr := parseChat(orig)
+		req, aerr := parseChat(orig, limits{})
 		if aerr != nil {
 			b.Fatal(aerr)
 		}
@@ -77,7 +77,7 @@ func benchRewrite(b *testing.B, orig []byte, inject []history.Message) {
 	b.ReportAllocs()
 	b.SetBytes(int64(len(orig)))
 	for b.Loop() {
-		req, aerr := parseChat(orig)
+		req, aerr := parseChat(orig, limits{})
 		if aerr != nil {
 			b.Fatal(aerr)
 		}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"unicode/utf8"
@@ -38,9 +39,15 @@ type inMessage struct {
 	msg history.Message
 }
 
+// limits bound what one chat request may carry; a zero field is no bound.
+type limits struct {
+	Messages int // messages
+	Parts    int // content parts, all messages together
+}
+
 // parseChat reads and validates a chat completion request. Errors are
 // OpenAI-shaped 400s that name the offending field.
-func parseChat(body []byte) (*chatRequest, *apiError) {
+func parseChat(body []byte, lim limits) (*chatRequest, *apiError) {
 	if !utf8.Valid(body) {
 		return nil, badRequest("invalid_request_body", "", "request body is not valid UTF-8")
 	}
@@ -84,6 +91,15 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 	if !ok || wire.IsNull(raw) {
 		return nil, badRequest("missing_required_parameter", "messages", "messages is required")
 	}
+	// Bounded before anything is done per message (decoding one costs
+	// allocations; counting tokens and the turn's store write grow with
+	// them too), by counting the elements of the array as it stands.
+	if n := bytes.TrimSpace(raw); lim.Messages > 0 && len(n) > 0 && n[0] == '[' {
+		if got := wire.ArrayLen(n); got > lim.Messages {
+			return nil, badRequest("too_many_messages", "messages",
+				fmt.Sprintf("messages has %d messages; this proxy accepts at most %d per request (max_request_messages)", got, lim.Messages))
+		}
+	}
 	var msgs []json.RawMessage
 	if err := json.Unmarshal(raw, &msgs); err != nil {
 		return nil, wire.InvalidType("messages", err)
@@ -92,8 +108,9 @@ func parseChat(body []byte) (*chatRequest, *apiError) {
 		return nil, badRequest("empty_array", "messages", "messages must contain at least one message")
 	}
 	c.Messages = make([]inMessage, len(msgs))
+	parts := wire.Parts{Limit: lim.Parts}
 	for i, m := range msgs {
-		msg, err := wire.ParseMessage(m, fmt.Sprintf("messages[%d]", i))
+		msg, err := wire.ParseCounted(m, fmt.Sprintf("messages[%d]", i), &parts)
 		if err != nil {
 			return nil, err
 		}
@@ -128,19 +145,37 @@ func (c *chatRequest) lastAssistant() int {
 // assistant message (or its leading system messages), system, developer
 // and legacy function messages left out since the app resends them.
 func (c *chatRequest) newMessages() []history.Message {
-	start := c.lastAssistant() + 1
-	if start == 0 {
-		start = c.leadingSystem()
-	}
 	var out []history.Message
-	for _, m := range c.Messages[start:] {
-		switch m.msg.Role {
-		case history.RoleUser, history.RoleTool:
+	for _, m := range c.Messages[c.newStart():] {
+		if recorded(m.msg.Role) {
 			out = append(out, m.msg)
 		}
 	}
 	return out
 }
+
+// newCount is len(c.newMessages()), without building them.
+func (c *chatRequest) newCount() int {
+	n := 0
+	for _, m := range c.Messages[c.newStart():] {
+		if recorded(m.msg.Role) {
+			n++
+		}
+	}
+	return n
+}
+
+// newStart is where the messages a turn may record begin: after the last
+// assistant message, or else after the leading system messages.
+func (c *chatRequest) newStart() int {
+	if start := c.lastAssistant() + 1; start > 0 {
+		return start
+	}
+	return c.leadingSystem()
+}
+
+// recorded reports whether a request message of this role is recorded.
+func recorded(role string) bool { return role == history.RoleUser || role == history.RoleTool }
 
 // hasParts reports whether any message has a content-part array.
 func (c *chatRequest) hasParts() bool {

@@ -129,10 +129,13 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 				Message: "the request body did not arrive in time"})
 			return
 		}
-		writeError(cw, badRequest("invalid_request_body", "", "could not read the request body: "+err.Error()))
+		// The cause may name the proxy's own addresses (read tcp
+		// 10.0.0.5:8080->...: connection reset): logged, not answered.
+		p.log.Debug("could not read a chat request body", "err", err)
+		writeError(cw, badRequest("invalid_request_body", "", "could not read the request body"))
 		return
 	}
-	req, aerr := parseChat(body)
+	req, aerr := parseChat(body, limits{Messages: p.opt.MaxRequestMessages, Parts: p.opt.MaxContentParts})
 	if aerr != nil {
 		writeError(cw, aerr)
 		return
@@ -164,6 +167,18 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	x.record = x.stored != "" && hist != historyReadOnly
+	if x.record && p.opt.MaxTurnMessages > 0 {
+		if n := req.newCount(); n > p.opt.MaxTurnMessages {
+			// One turn is one store write (a Lua script in Redis, which
+			// holds every other session while it runs): a turn too large
+			// for it is refused before anything is forwarded, rather than
+			// recorded in parts or lost after the reply.
+			writeError(cw, badRequest("turn_too_large", "messages", fmt.Sprintf(
+				"this request would record %d new messages in one turn; this proxy records at most %d (max_turn_messages). "+
+					"Send fewer messages after the last assistant message, or X-History: read-only to record nothing", n, p.opt.MaxTurnMessages)))
+			return
+		}
+	}
 	x.idemKey = r.Header.Get(headerIdempotency)
 	if x.idemKey == "" {
 		x.idemKey = r.Header.Get(headerMessageID)

@@ -373,7 +373,7 @@ func FuzzParseChat(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
 		orig := bytes.Clone(body)
-		_, aerr := parseChat(body)
+		_, aerr := parseChat(body, limits{})
 		if aerr != nil {
 			if aerr.Status != http.StatusBadRequest || aerr.Code == "" || aerr.Type != "invalid_request_error" {
 				t.Fatalf("got %d %s %s, want a 400 invalid_request_error with a code", aerr.Status, aerr.Type, aerr.Code)
@@ -406,7 +406,7 @@ func FuzzParseChat(f *testing.F) {
 		force := stream && so["include_usage"] != true
 
 		for _, inject := range [][]history.Message{nil, fzHistory} {
-			req, aerr := parseChat(orig)
+			req, aerr := parseChat(orig, limits{})
 			if aerr != nil {
 				t.Fatalf("a second parse failed: %v", aerr)
 			}

@@ -57,7 +57,7 @@ func TestBodyRewrite(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			req, aerr := parseChat([]byte(tc.body))
+			req, aerr := parseChat([]byte(tc.body), limits{})
 			require.Nil(t, aerr)
 			out, err := req.body([]byte(tc.body), tc.inject)
 			require.NoError(t, err)
@@ -116,7 +116,7 @@ func TestMessageKeysAreExact(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			req, aerr := parseChat([]byte(`{"model":"m","messages":[` + tc.msg + `]}`))
+			req, aerr := parseChat([]byte(`{"model":"m","messages":[`+tc.msg+`]}`), limits{})
 			if tc.wantCode != "" {
 				require.NotNil(t, aerr)
 				require.Equal(t, tc.wantCode, aerr.Code)
@@ -126,7 +126,7 @@ func TestMessageKeysAreExact(t *testing.T) {
 			require.Equal(t, tc.wantRole, req.Messages[0].msg.Role)
 		})
 	}
-	req, aerr := parseChat([]byte(`{"model":"m","stream":true,"stream_options":{"Include_Usage":true},"messages":[{"role":"user","content":"x"}]}`))
+	req, aerr := parseChat([]byte(`{"model":"m","stream":true,"stream_options":{"Include_Usage":true},"messages":[{"role":"user","content":"x"}]}`), limits{})
 	require.Nil(t, aerr)
 	require.False(t, req.ClientUsage, "a case-varied include_usage is not the client asking for usage")
 }

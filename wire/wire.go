@@ -161,6 +161,20 @@ const (
 // function); content is a string, an array of content parts (kept exactly
 // as sent), or null on an assistant message.
 func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
+	return ParseCounted(raw, param, nil)
+}
+
+// Parts counts the content parts of a request's messages against a limit.
+type Parts struct {
+	Limit int // 0: no limit
+	Used  int
+}
+
+// ParseCounted is ParseMessage counting the message's content parts in
+// parts (nil: not counted). Past parts.Limit it answers 400
+// too_many_content_parts before decoding them, so an oversized array costs
+// no allocation per part.
+func ParseCounted(raw json.RawMessage, param string, parts *Parts) (history.Message, *Error) {
 	// A map, not a struct: encoding/json matches struct fields ignoring
 	// case, so {"role":"system","Role":"user"} would read as a user message
 	// here while the upstream, reading exact keys, sees a system message.
@@ -216,13 +230,19 @@ func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
 			return history.Message{}, BadRequest("invalid_type", param+".content", param+".content is not a valid string")
 		}
 	case content[0] == '[':
-		var parts []struct {
+		if parts != nil {
+			if parts.Used += ArrayLen(content); parts.Limit > 0 && parts.Used > parts.Limit {
+				return history.Message{}, BadRequest("too_many_content_parts", param+".content", fmt.Sprintf(
+					"the messages up to %s carry %d content parts; at most %d are accepted per request (max_request_content_parts)", param, parts.Used, parts.Limit))
+			}
+		}
+		var list []struct {
 			Type *string `json:"type"`
 		}
-		if err := json.Unmarshal(content, &parts); err != nil {
+		if err := json.Unmarshal(content, &list); err != nil {
 			return history.Message{}, BadRequest("invalid_type", param+".content", param+".content must be a string or an array of content parts")
 		}
-		for j, p := range parts {
+		for j, p := range list {
 			if p.Type == nil {
 				return history.Message{}, BadRequest("missing_required_parameter", fmt.Sprintf("%s.content[%d].type", param, j),
 					fmt.Sprintf("%s.content[%d] needs a string type", param, j))
@@ -235,4 +255,53 @@ func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
 		return history.Message{}, BadRequest("invalid_type", param+".content", param+".content must be a string or an array of content parts")
 	}
 	return msg, nil
+}
+
+// ArrayLen is the number of elements of raw, a valid JSON array (for
+// example one inside a body already decoded once), found without decoding
+// them: a limit on them is checked before they cost an allocation each.
+func ArrayLen(raw []byte) int {
+	depth, commas := 0, 0
+	empty := true
+	inString, escaped := false, false
+	for _, c := range raw {
+		if inString {
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case ' ', '\t', '\n', '\r':
+			continue
+		case '"':
+			inString = true
+		case '[', '{':
+			depth++
+			if depth == 2 {
+				empty = false
+			}
+			continue
+		case ']', '}':
+			depth--
+			continue
+		case ',':
+			if depth == 1 {
+				commas++
+			}
+			continue
+		}
+		if depth == 1 {
+			empty = false // a string, number, true, false or null element
+		}
+	}
+	if empty {
+		return 0
+	}
+	return commas + 1
 }
