@@ -189,6 +189,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	px, err := proxy.New(proxy.Options{
 		Upstream:        upstream,
 		APIKey:          cfg.Upstream.APIKey,
+		Passthrough:     cfg.Upstream.Passthrough,
+		Organization:    cfg.Upstream.Organization,
+		Project:         cfg.Upstream.Project,
 		UpstreamTimeout: cfg.Upstream.Timeout,
 		Store:           store,
 		Counter:         counter,
@@ -205,6 +208,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		Logger:          log,
 
 		ClientWriteTimeout: cfg.Client.WriteTimeout,
+		MaxRequestMessages: cfg.MaxRequestMessages,
+		MaxContentParts:    cfg.MaxRequestContentParts,
+		MaxTurnMessages:    cfg.MaxTurnMessages,
 	})
 	if err != nil {
 		return err

@@ -34,6 +34,18 @@ type Config struct {
 
 	DrainTimeout time.Duration `yaml:"drain_timeout"`  // default 30s
 	MaxBodyBytes int64         `yaml:"max_body_bytes"` // default 20 MiB
+
+	// MaxRequestMessages bounds the messages of one chat request (400
+	// beyond). Default 4096.
+	MaxRequestMessages int `yaml:"max_request_messages"`
+	// MaxRequestContentParts bounds the content parts of all the messages
+	// of one chat request together (400 beyond). Default 4096.
+	MaxRequestContentParts int `yaml:"max_request_content_parts"`
+	// MaxTurnMessages bounds the request messages one turn records (the
+	// reply comes on top), so that no single write holds Redis for long. A
+	// request that would record more is refused with 400 before it is
+	// forwarded. Default 256.
+	MaxTurnMessages int `yaml:"max_turn_messages"`
 }
 
 // Upstream is the real OpenAI-compatible server.
@@ -48,6 +60,18 @@ type Upstream struct {
 	// Timeout bounds the wait for the upstream's response headers (504
 	// after it). A stream, once started, is not cut by it. Default 10m.
 	Timeout time.Duration `yaml:"timeout"`
+	// Passthrough lists the calls forwarded upstream, as net/http ServeMux
+	// patterns on the client's path ("GET /v1/models/{model...}"); "*"
+	// forwards everything. Empty: everything without a held key; with one
+	// (APIKeyEnv set), the proxy's default list: chat completions, models,
+	// embeddings and moderations.
+	Passthrough []string `yaml:"passthrough"`
+	// Organization and Project, when set, are sent as the OpenAI-Organization
+	// and OpenAI-Project headers in place of the client's. With a held key
+	// the client's own are always dropped, so that a client cannot pick
+	// what the proxy's key bills.
+	Organization string `yaml:"organization"`
+	Project      string `yaml:"project"`
 }
 
 // Redis says where conversations live. All empty: the in-memory store.
@@ -205,6 +229,10 @@ func Default() Config {
 		Log:          Log{Format: "text", Level: "info"},
 		DrainTimeout: 30 * time.Second,
 		MaxBodyBytes: 20 << 20,
+
+		MaxRequestMessages:     4096,
+		MaxRequestContentParts: 4096,
+		MaxTurnMessages:        256,
 	}
 }
 
@@ -258,6 +286,7 @@ func (c Config) Redacted() Config {
 		c.Metrics.SessionLabelKey = redacted
 	}
 	c.Redis.URL = redactURL(c.Redis.URL)
+	c.Upstream.Passthrough = slices.Clone(c.Upstream.Passthrough)
 	c.Redis.ClusterAddrs = slices.Clone(c.Redis.ClusterAddrs)
 	c.Redis.SentinelAddrs = slices.Clone(c.Redis.SentinelAddrs)
 	c.Agents = maps.Clone(c.Agents)

@@ -92,6 +92,10 @@ func TestDefaultValues(t *testing.T) {
 		{"log.level", d.Log.Level, "info"},
 		{"drain_timeout", d.DrainTimeout, 30 * time.Second},
 		{"max_body_bytes", d.MaxBodyBytes, int64(20 << 20)},
+		{"max_request_messages", d.MaxRequestMessages, 4096},
+		{"max_request_content_parts", d.MaxRequestContentParts, 4096},
+		{"max_turn_messages", d.MaxTurnMessages, 256},
+		{"upstream.passthrough", d.Upstream.Passthrough, []string(nil)},
 	} {
 		if !reflect.DeepEqual(c.got, c.want) {
 			t.Errorf("%s: got %v, want %v", c.name, c.got, c.want)
@@ -458,6 +462,23 @@ func TestValidation(t *testing.T) {
 		{"client read_timeout", func(c *Config) { c.Client.ReadTimeout = 0 }, `client.read_timeout: 0s must be positive`},
 		{"client write_timeout", func(c *Config) { c.Client.WriteTimeout = -time.Second }, `client.write_timeout: -1s must be positive`},
 		{"client idle_timeout", func(c *Config) { c.Client.IdleTimeout = 0 }, `client.idle_timeout: 0s must be positive`},
+		{"max_request_messages", func(c *Config) { c.MaxRequestMessages = 0 }, `max_request_messages: 0 must be positive`},
+		{"max_request_content_parts", func(c *Config) { c.MaxRequestContentParts = -1 }, `max_request_content_parts: -1 must be positive`},
+		{"max_turn_messages", func(c *Config) { c.MaxTurnMessages = 0 }, `max_turn_messages: 0 must be positive`},
+
+		{"passthrough patterns", func(c *Config) {
+			c.Upstream.Passthrough = []string{"POST /v1/chat/completions", "GET /v1/models/{model...}", "/v1/files/", "DELETE /v1/files/{id}", "/v1"}
+		}, ""},
+		{"passthrough star", func(c *Config) { c.Upstream.Passthrough = []string{"*"} }, ""},
+		{"passthrough outside /v1", func(c *Config) { c.Upstream.Passthrough = []string{"GET /internal/admin"} },
+			`upstream.passthrough[0]: "GET /internal/admin" must be [METHOD ]/v1/path`},
+		{"passthrough with host", func(c *Config) { c.Upstream.Passthrough = []string{"GET gw.internal/v1/models"} },
+			`upstream.passthrough[0]: "GET gw.internal/v1/models" must be [METHOD ]/v1/path`},
+		{"passthrough /v1x", func(c *Config) { c.Upstream.Passthrough = []string{"/v1x"} }, `upstream.passthrough[0]: "/v1x" must be`},
+		{"passthrough bad wildcard", func(c *Config) { c.Upstream.Passthrough = []string{"GET /v1/models/{model"} },
+			`upstream.passthrough[0]: "GET /v1/models/{model" is not a valid pattern`},
+		{"passthrough repeated", func(c *Config) { c.Upstream.Passthrough = []string{"GET /v1/models", "GET /v1/models"} },
+			`upstream.passthrough[1]: "GET /v1/models" is not a valid pattern`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,6 +68,7 @@ func (c Config) Validate() error {
 		v.addf("upstream.url", c.Upstream.URL, "is not an absolute http or https URL")
 	}
 	v.positive("upstream.timeout", c.Upstream.Timeout)
+	v.passthrough(c.Upstream.Passthrough)
 
 	r := c.Redis
 	if r.URL != "" {
@@ -193,6 +196,14 @@ func (c Config) Validate() error {
 	if c.MaxBodyBytes <= 0 {
 		v.addf("max_body_bytes", c.MaxBodyBytes, "must be positive")
 	}
+	for _, n := range []struct {
+		key   string
+		value int
+	}{{"max_request_messages", c.MaxRequestMessages}, {"max_request_content_parts", c.MaxRequestContentParts}, {"max_turn_messages", c.MaxTurnMessages}} {
+		if n.value <= 0 {
+			v.addf(n.key, n.value, "must be positive")
+		}
+	}
 
 	return errors.Join(v.errs...)
 }
@@ -274,6 +285,47 @@ func (v *validator) agent(field string, a Agent) {
 	if a.Retention < 0 {
 		v.addf(field+".retention", a.Retention, "is negative")
 	}
+}
+
+// passthrough checks upstream.passthrough: each entry is "*" or a
+// net/http ServeMux pattern on a path under /v1 (the path the client
+// sends). They are registered in a scratch mux, so a malformed, repeated or
+// conflicting pattern is reported here rather than by a panic in the proxy.
+func (v *validator) passthrough(entries []string) {
+	mux := http.NewServeMux()
+	for i, e := range entries {
+		field := fmt.Sprintf("upstream.passthrough[%d]", i)
+		if e == "*" {
+			continue
+		}
+		path := e
+		if i := strings.IndexAny(e, " \t"); i >= 0 {
+			path = strings.TrimLeft(e[i:], " \t")
+		}
+		if path != "/v1" && !strings.HasPrefix(path, "/v1/") {
+			v.addf(field, e, "must be [METHOD ]/v1/path, a pattern on the client's path, or *")
+			continue
+		}
+		if err := register(mux, e); err != nil {
+			v.addf(field, e, "is not a valid pattern: %v", err)
+		}
+	}
+}
+
+var registeredAt = regexp.MustCompile(` \(registered at [^)]*\)`)
+
+// register adds pattern to mux, turning ServeMux's panic on a bad pattern
+// into an error.
+func register(mux *http.ServeMux, pattern string) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			// Drop the source position ServeMux names, which is this file's.
+			msg := registeredAt.ReplaceAllString(fmt.Sprint(r), "")
+			err = errors.New(strings.Join(strings.Fields(msg), " "))
+		}
+	}()
+	mux.Handle(pattern, http.NotFoundHandler())
+	return nil
 }
 
 // validSessionPart reports whether s can be one part of a session id: 1 to
