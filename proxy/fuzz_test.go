@@ -391,6 +391,13 @@ func FuzzParseChat(f *testing.F) {
 		if !ok || len(msgs) == 0 {
 			t.Fatalf("parseChat accepted messages %v, want a non-empty array", in["messages"])
 		}
+		// The message limit counts without decoding: it must agree.
+		if _, aerr := parseChat(body, limits{Messages: len(msgs)}); aerr != nil {
+			t.Fatalf("at the limit of %d messages: got %s", len(msgs), aerr.Code)
+		}
+		if _, aerr := parseChat(body, limits{Messages: len(msgs) - 1}); len(msgs) > 1 && (aerr == nil || aerr.Code != "too_many_messages") {
+			t.Fatalf("over the limit of %d messages: got %v, want too_many_messages", len(msgs)-1, aerr)
+		}
 		lead := 0
 		for i, m := range msgs {
 			obj, ok := m.(map[string]any)
