@@ -265,7 +265,7 @@ func TestChatRoutesOnOneCanonicalPath(t *testing.T) {
 		require.Equal(t, fmt.Sprint(2*i), r.Header.Get("X-History-Messages"), target)
 		require.Equal(t, tenantBase+"/chat/completions", gw.last(t).RequestURI)
 	}
-	n, err := rs.Client(t).XLen(context.Background(), "hp:{web:u1:a}:conv:c1").Result()
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{web:u1:a}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 4, n, "both turns recorded")
 	gw.requireUnderBase(t)
@@ -436,13 +436,13 @@ func TestRequestLimits(t *testing.T) {
 	}
 	r := p.send(t, http.MethodPost, "/v1/chat/completions", many(256, userJSON("")), map[string]string{"X-Session-User": "limits"})
 	require.Equal(t, http.StatusOK, r.Status, r.Body)
-	n, err := rc.XLen(ctx, "hp:{api:limits:default}:conv:c1").Result()
+	n, err := rc.XLen(ctx, "hp:{api:limits:default}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 257, n, "256 messages and the reply")
 	// A larger turn goes through unrecorded when the client says so.
 	r = p.send(t, http.MethodPost, "/v1/chat/completions", many(300, userJSON("")), map[string]string{"X-Session-User": "limits", "X-History": "read-only"})
 	require.Equal(t, http.StatusOK, r.Status, r.Body)
-	n, err = rc.XLen(ctx, "hp:{api:limits:default}:conv:c1").Result()
+	n, err = rc.XLen(ctx, "hp:{api:limits:default}:messages").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 257, n)
 
