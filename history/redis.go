@@ -159,9 +159,9 @@ if ARGV[4] ~= '' then
   redis.call('PEXPIRE', KEYS[4], ARGV[6])
 end
 local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
-for i = 1, 6 do
-  if ARGV[6 + i] ~= '0' then redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
-end
+-- Every total is written, 0 included, so HGETALL shows each field the
+-- README lists from a session's first turn on.
+for i = 1, 6 do redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
 -- A session written before costs were kept in nano-USD has cost_micros:
 -- fold it into cost_nanos, times 1000 by appending three zeros to the
 -- integer (exact, where a Lua number is not beyond 2^53).
@@ -172,7 +172,19 @@ if micros then
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
 local n = tonumber(ARGV[16])
-if n == 0 then return {conv, 0} end
+if n == 0 then
+  -- A turn that records no message (read-only, or a repeat's usage) may
+  -- be the session's first: its fields still all exist.
+  if not h[1] then
+    redis.call('HSETNX', KEYS[1], 'conversation', '')
+    redis.call('HSETNX', KEYS[1], 'is_active', '0')
+    redis.call('HSETNX', KEYS[1], 'last_active_ms', '0')
+    redis.call('HINCRBY', KEYS[1], 'messages', 0)
+    redis.call('HINCRBY', KEYS[1], 'conversations', 0)
+    redis.call('HSETNX', KEYS[1], 'retained', '1')
+  end
+  return {conv, 0}
+end
 local last = tonumber(h[2] or '0')
 local arrived = tonumber(ARGV[13])
 local read = ARGV[14]
@@ -214,6 +226,7 @@ if now > tonumber(redis.call('HGET', KEYS[2], conv .. ':last_ms') or '0') then
 end
 if ARGV[15] ~= '' then redis.call('HSETNX', KEYS[2], conv .. ':auto_title', ARGV[15]) end
 redis.call('HINCRBY', KEYS[1], 'messages', n)
+redis.call('HSETNX', KEYS[1], 'retained', '1')
 if retention > 0 then
   -- The stream expires with the session's last activity; before that,
   -- ended conversations whose last turn is older than the retention are

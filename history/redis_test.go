@@ -138,7 +138,7 @@ func TestRedisLayout(t *testing.T) {
 		"conversation": "c1", "created_ms": ms, "last_active_ms": ms, "is_active": "1",
 		"messages": "2", "conversations": "1",
 		"prompt_tokens": "10", "completion_tokens": "4", "cached_tokens": "2",
-		"history_tokens": "6", "requests": "1", "cost_nanos": "37",
+		"history_tokens": "6", "requests": "1", "cost_nanos": "37", "retained": "1",
 	}
 	if !reflect.DeepEqual(h, wantHash) {
 		t.Errorf("session hash: got %v, want %v", h, wantHash)
