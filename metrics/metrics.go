@@ -285,6 +285,11 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 	// first retry, and a dashboard shows 0 rather than "no data".
 	m.retries.WithLabelValues("ok")
 	m.retries.WithLabelValues("error")
+	// The same for the store operations the proxy makes.
+	for _, op := range StoreOps {
+		m.storeErrors.WithLabelValues(op)
+		m.storeDuration.WithLabelValues(op)
+	}
 
 	reg.MustRegister(
 		m.requests, m.tokens, m.cost, m.estimated, m.unpriced, m.truncated,
@@ -419,16 +424,21 @@ func (m *Metrics) observe(r Request, l labels) {
 		// channel/agent/model starts at 0 and rate() sees its first increase.
 		addNonNegative(m.tokens.WithLabelValues(channel, agent, model, typ), float64(counts[i]))
 	}
+	// The counters that count only some requests exist, at 0, from the
+	// first request of their channel, agent and model, so that a dashboard
+	// shows 0 rather than "no data" and rate() sees their first increase.
+	unpriced := m.unpriced.WithLabelValues(model)
+	estimated := m.estimated.WithLabelValues(channel, agent, model)
 	switch {
 	case !r.Billed:
 		// Nothing was billed: no cost, and not an unbilled request either.
 	case r.Priced:
 		m.cost.add(max(r.CostNanos, 0), channel, agent, model)
 	case r.PromptTokens > 0 || r.CompletionTokens > 0:
-		m.unpriced.WithLabelValues(model).Inc()
+		unpriced.Inc()
 	}
 	if r.Billed && r.Estimated {
-		m.estimated.WithLabelValues(channel, agent, model).Inc()
+		estimated.Inc()
 	}
 
 	m.duration.WithLabelValues(channel, agent).Observe(r.Duration.Seconds())
@@ -452,8 +462,8 @@ func (m *Metrics) observe(r Request, l labels) {
 	// drown the distribution.
 	m.histMsgs.WithLabelValues(channel, agent).Observe(float64(max(r.HistoryMessages, 0)))
 	m.histTokens.WithLabelValues(channel, agent).Observe(float64(max(r.HistoryTokens, 0)))
-	if r.HistoryTruncated {
-		m.truncated.WithLabelValues(channel, agent).Inc()
+	if truncated := m.truncated.WithLabelValues(channel, agent); r.HistoryTruncated {
+		truncated.Inc()
 	}
 	var cost int64
 	if r.Billed && r.Priced {
@@ -526,6 +536,10 @@ func (m *Metrics) ForgetSession(id string) {
 	m.sessionCost.delete(label)
 	m.sessionsActive.Set(float64(l.order.Len()))
 }
+
+// StoreOps are the store operations the proxy reports to ObserveStore;
+// their series exist from the start.
+var StoreOps = []string{"window", "append"}
 
 // ObserveStore records one store operation ("window", "append", ...), its
 // duration, and its error if err is not nil.

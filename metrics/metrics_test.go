@@ -208,10 +208,13 @@ func TestRequestCounters(t *testing.T) {
 		})
 	}
 
-	// Only requests that used tokens of an unpriced model count, and only the
-	// unpriced model appears.
-	if got := testutil.CollectAndCount(m.unpriced); got != 1 {
-		t.Errorf("unpriced series: got %d, want 1", got)
+	// Only requests that used tokens of an unpriced model count; a priced
+	// model's series is there at 0.
+	if got := testutil.CollectAndCount(m.unpriced); got != 2 {
+		t.Errorf("unpriced series: got %d, want 2", got)
+	}
+	if got := testutil.ToFloat64(m.unpriced.WithLabelValues("gpt-4o")); got != 0 {
+		t.Errorf("unpriced gpt-4o: got %v, want 0", got)
 	}
 	if got, want := m.cost.value("chat", "support", "gpt-4o"), int64(123_457_000+987_651_000); got != want {
 		t.Errorf("cost: got %d nano-USD, want %d", got, want)

@@ -1,0 +1,92 @@
+package metrics
+
+import (
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// series reports whether reg exposes family with exactly labels, and its
+// value (a histogram's sample count).
+func series(t *testing.T, reg prometheus.Gatherer, family string, labels map[string]string) (float64, bool) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != family {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) != len(labels) {
+				continue
+			}
+			for _, lp := range m.GetLabel() {
+				if labels[lp.GetName()] != lp.GetValue() {
+					continue next
+				}
+			}
+			if h := m.GetHistogram(); h != nil {
+				return float64(h.GetSampleCount()), true
+			}
+			return m.GetCounter().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// TestSeriesExistAtZero: series whose labels are known before they count
+// are exported at 0, so dashboards show 0 instead of "no data": the store's
+// operations from the start, and the conditional counters of a channel,
+// agent and model from their first request.
+func TestSeriesExistAtZero(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg, 0)
+	for _, c := range []struct {
+		family string
+		labels map[string]string
+	}{
+		{"historyproxy_store_errors_total", map[string]string{"op": "window"}},
+		{"historyproxy_store_errors_total", map[string]string{"op": "append"}},
+		{"historyproxy_store_operation_duration_seconds", map[string]string{"op": "window"}},
+		{"historyproxy_store_operation_duration_seconds", map[string]string{"op": "append"}},
+		{"historyproxy_retry_attempts_total", map[string]string{"result": "ok"}},
+		{"historyproxy_retry_attempts_total", map[string]string{"result": "error"}},
+	} {
+		if v, ok := series(t, reg, c.family, c.labels); !ok || v != 0 {
+			t.Errorf("at start, %s%v: got %v (present %v), want 0", c.family, c.labels, v, ok)
+		}
+	}
+
+	// A priced, upstream-counted, untruncated session request.
+	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Session: "web:u:support",
+		Reached: true, Billed: true, Code: 200, PromptTokens: 10, CompletionTokens: 2, Priced: true, CostNanos: 100})
+	for _, c := range []struct {
+		family string
+		labels map[string]string
+	}{
+		{"historyproxy_unpriced_requests_total", map[string]string{"model": "gpt-4o"}},
+		{"historyproxy_estimated_usage_requests_total", map[string]string{"channel": "web", "agent": "support", "model": "gpt-4o"}},
+		{"historyproxy_history_truncated_total", map[string]string{"channel": "web", "agent": "support"}},
+	} {
+		if v, ok := series(t, reg, c.family, c.labels); !ok || v != 0 {
+			t.Errorf("after the first request, %s%v: got %v (present %v), want 0", c.family, c.labels, v, ok)
+		}
+	}
+
+	// They still count.
+	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Session: "web:u:support",
+		Reached: true, Billed: true, Code: 200, PromptTokens: 10, Estimated: true, HistoryTruncated: true})
+	if got := testutil.ToFloat64(m.unpriced.WithLabelValues("gpt-4o")); got != 1 {
+		t.Errorf("unpriced: got %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(m.estimated.WithLabelValues("web", "support", "gpt-4o")); got != 1 {
+		t.Errorf("estimated: got %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(m.truncated.WithLabelValues("web", "support")); got != 1 {
+		t.Errorf("truncated: got %v, want 1", got)
+	}
+}
