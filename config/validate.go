@@ -12,8 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
+
+	"github.com/historyproxy/historyproxy/history"
 )
 
 // Accepted values of the enumerated settings.
@@ -32,7 +32,7 @@ var (
 const minSessionLabelKey = 16
 
 // maxPartLen is the longest session part, as the proxy accepts them.
-const maxPartLen = 128
+const maxPartLen = history.MaxPartLen
 
 // Prices are USD per 1M tokens. The proxy counts costs in whole nano-USD
 // per token (tokens.PriceDecimals), so a price may have at most three
@@ -328,28 +328,10 @@ func register(mux *http.ServeMux, pattern string) (err error) {
 	return nil
 }
 
-// validSessionPart reports whether s can be one part of a session id: 1 to
-// 128 bytes of valid UTF-8, each character a letter or digit (non-ASCII
-// ones included) or one of ._@+-=. It is the rule the proxy applies to the
-// parts a client sends; agent names and the default channel and agent end
-// up in the same session ids and Redis keys, so what a client may send is
-// allowed here too, and what the proxy would reject is rejected at
-// start-up.
-func validSessionPart(s string) bool {
-	if len(s) == 0 || len(s) > maxPartLen || !utf8.ValidString(s) {
-		return false
-	}
-	for _, r := range s {
-		switch {
-		case r >= utf8.RuneSelf:
-			if !unicode.IsLetter(r) && !unicode.IsDigit(r) {
-				return false
-			}
-		case 'a' <= r && r <= 'z', 'A' <= r && r <= 'Z', '0' <= r && r <= '9':
-		case strings.ContainsRune("._@+-=", r):
-		default:
-			return false
-		}
-	}
-	return true
-}
+// validSessionPart reports whether s can be one part of a session id, by
+// the rule the proxy applies to the parts a client sends (history.CheckPart:
+// 1 to 128 bytes of letters and digits, non-ASCII ones included, and
+// ._@+-=). Agent names and the default channel and agent end up in the same
+// session ids and Redis keys, so what a client may send is allowed here too,
+// and what the proxy would reject is rejected at start-up.
+func validSessionPart(s string) bool { return history.CheckPart(s) == nil }

@@ -3,7 +3,13 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -304,4 +310,56 @@ func TestDegradedReadQueuesTheTurn(t *testing.T) {
 	n, err := rs.Client(t).Exists(ctx, "hp:{api:u1:default}:session").Result()
 	require.NoError(t, err)
 	require.EqualValues(t, 1, n)
+}
+
+// TestReadmeListsEveryErrorCode: every error code the proxy answers with
+// (found in the source of proxy and wire) is in the README.
+func TestReadmeListsEveryErrorCode(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	require.NoError(t, err)
+	codes := map[string]string{} // code -> where
+	fset := token.NewFileSet()
+	for _, dir := range []string{".", "../wire"} {
+		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+		require.NoError(t, err)
+		for _, name := range files {
+			if strings.HasSuffix(name, "_test.go") {
+				continue
+			}
+			f, err := parser.ParseFile(fset, name, nil, 0)
+			require.NoError(t, err)
+			ast.Inspect(f, func(n ast.Node) bool {
+				var lit ast.Expr
+				switch n := n.(type) {
+				case *ast.CallExpr: // badRequest("code", ...), wire.BadRequest("code", ...)
+					var fn string
+					switch f := n.Fun.(type) {
+					case *ast.Ident:
+						fn = f.Name
+					case *ast.SelectorExpr:
+						fn = f.Sel.Name
+					}
+					if strings.EqualFold(fn, "badRequest") && len(n.Args) > 0 {
+						lit = n.Args[0]
+					}
+				case *ast.KeyValueExpr: // &apiError{Code: "code", ...}
+					if k, ok := n.Key.(*ast.Ident); ok && k.Name == "Code" {
+						lit = n.Value
+					}
+				}
+				if bl, ok := lit.(*ast.BasicLit); ok && bl.Kind == token.STRING {
+					code, err := strconv.Unquote(bl.Value)
+					require.NoError(t, err)
+					codes[code] = fset.Position(bl.Pos()).String()
+				}
+				return true
+			})
+		}
+	}
+	require.Greater(t, len(codes), 15, "the source scan found too few codes: %v", codes)
+	for code, where := range codes {
+		if !strings.Contains(string(readme), "`"+code+"`") {
+			t.Errorf("README.md does not mention error code %s (%s)", code, where)
+		}
+	}
 }
