@@ -13,7 +13,7 @@ import (
 // describing records the collectors New registers.
 type describing struct{ cs []prometheus.Collector }
 
-func (d *describing) Register(c prometheus.Collector) error { d.cs = append(d.cs, c); return nil }
+func (d *describing) Register(c prometheus.Collector) error   { d.cs = append(d.cs, c); return nil }
 func (d *describing) MustRegister(cs ...prometheus.Collector) { d.cs = append(d.cs, cs...) }
 func (d *describing) Unregister(prometheus.Collector) bool    { return false }
 
