@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/historyproxy/historyproxy/admin"
 	"github.com/historyproxy/historyproxy/config"
 	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/metrics"
@@ -229,10 +230,26 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		ErrorLog:    slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		BaseContext: func(net.Listener) context.Context { return hctx }}
 	var draining atomic.Bool
-	admin := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining), ReadHeaderTimeout: 10 * time.Second}
+	var api http.Handler
+	if adminAllowed(cfg.Admin.Token, al.Addr()) {
+		api = admin.New(admin.Options{
+			Store:        store,
+			Counter:      counter,
+			Policy:       func(name string) history.Policy { return agent(cfg.Agent(name)).Policy },
+			Token:        cfg.Admin.Token,
+			Metrics:      met,
+			Label:        sessionLabel.Label,
+			StoreTimeout: cfg.Store.Timeout,
+			Logger:       log,
+		}).Handler()
+	} else {
+		log.Warn("the conversations API (/admin/v1) is off: the admin listener is not on loopback and no admin token is set; set admin.token_env (flag -admin-token-env) to the name of a variable holding a token, or listen on 127.0.0.1",
+			"admin", al.Addr().String())
+	}
+	adminSrv := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api), ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 2)
 	go func() { errc <- serve(srv, pl) }()
-	go func() { errc <- serve(admin, al) }()
+	go func() { errc <- serve(adminSrv, al) }()
 	log.Info("historyproxy started", "version", version, "listen", pl.Addr().String(), "admin", al.Addr().String(),
 		"upstream", upstream.Redacted(), "store", storeName(cfg.Redis))
 	if ready != nil {
@@ -278,7 +295,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	adminCtx, cancelAdmin := context.WithTimeout(context.Background(), time.Second)
 	defer cancelAdmin()
-	_ = admin.Shutdown(adminCtx)
+	_ = adminSrv.Shutdown(adminCtx)
 	if lost := px.LostTurns() - lostBefore; lost > 0 {
 		err := fmt.Errorf("shutdown: %d turns could not be stored", lost)
 		log.Error("stopped", "err", err)
@@ -320,7 +337,14 @@ func serve(s *http.Server, l net.Listener) error {
 // Redis applies on its own (retention, idempotency keys).
 const sweepInterval = time.Minute
 
-func newStore(ctx context.Context, cfg config.Config, log *slog.Logger) (proxy.Store, func(), error) {
+// store is what the program needs of a history store: the proxy's part
+// and the admin API's. Both history stores are one.
+type store interface {
+	proxy.Store
+	admin.Store
+}
+
+func newStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store, func(), error) {
 	rc := cfg.Redis
 	if !rc.Enabled() {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
@@ -421,7 +445,19 @@ func agent(a config.Agent) proxy.Agent {
 		Policy: history.Policy{IdleTimeout: a.IdleTimeout, Retention: a.Retention}}
 }
 
-// adminRoutes serves health, readiness and metrics, off the client port.
+// adminAllowed says whether the conversations API may be served: always
+// behind a token, and without one only on a loopback listener, where no
+// other machine can reach it.
+func adminAllowed(token string, addr net.Addr) bool {
+	if token != "" {
+		return true
+	}
+	ta, ok := addr.(*net.TCPAddr)
+	return ok && ta.IP.IsLoopback()
+}
+
+// adminRoutes serves health, readiness and metrics, off the client port,
+// and the conversations API under /admin/v1/ when api is not nil.
 // Readiness fails on a store outage only when failing closed: failing open,
 // the proxy still serves (without history), and pulling every instance out
 // of the load balancer at once would turn a Redis blip into an outage.
@@ -432,8 +468,11 @@ func agent(a config.Agent) proxy.Agent {
 //
 // While the process drains, readiness fails at once: the load balancer
 // must stop sending before the listener is gone.
-func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, storeTimeout time.Duration, draining *atomic.Bool) http.Handler {
+func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, storeTimeout time.Duration, draining *atomic.Bool, api http.Handler) http.Handler {
 	mux := http.NewServeMux()
+	if api != nil {
+		mux.Handle(admin.Prefix, api)
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

@@ -17,6 +17,7 @@ type Config struct {
 	AdminListen string `yaml:"admin_listen"` // health, readiness and metrics; default "127.0.0.1:9090"
 
 	Upstream Upstream `yaml:"upstream"`
+	Admin    Admin    `yaml:"admin"`
 	Redis    Redis    `yaml:"redis"`
 	Store    Store    `yaml:"store"`
 	Session  Session  `yaml:"session"`
@@ -73,6 +74,21 @@ type Upstream struct {
 	Organization string `yaml:"organization"`
 	Project      string `yaml:"project"`
 }
+
+// Admin configures the conversations API, served under /admin/v1 on the
+// admin listener.
+type Admin struct {
+	// TokenEnv names an environment variable holding the bearer token that
+	// every /admin/v1 route then requires. Without one, the routes answer
+	// only when the admin listener is on loopback.
+	TokenEnv string `yaml:"token_env"`
+	// Token is read from TokenEnv at load time, never from the file.
+	Token string `yaml:"-"`
+}
+
+// MinAdminToken is the shortest admin token Load accepts: a short one
+// could be guessed.
+const MinAdminToken = 16
 
 // Redis says where conversations live. All empty: the in-memory store.
 type Redis struct {
@@ -281,6 +297,9 @@ func (c Config) Redacted() Config {
 	}
 	if c.Redis.Password != "" {
 		c.Redis.Password = redacted
+	}
+	if c.Admin.Token != "" {
+		c.Admin.Token = redacted
 	}
 	if c.Metrics.SessionLabelKey != "" {
 		c.Metrics.SessionLabelKey = redacted

@@ -121,6 +121,7 @@ func TestPrecedence(t *testing.T) {
 		{"admin-listen", "admin_listen: 'localhost:1001'", "127.0.0.1:9090", "localhost:1001", "localhost:1002", "localhost:1003", func(c Config) string { return c.AdminListen }},
 		{"upstream", "upstream: {url: 'http://file/v1'}", "https://api.openai.com/v1", "http://file/v1", "http://env/v1", "http://flag/v1", func(c Config) string { return c.Upstream.URL }},
 		{"upstream-key-env", "upstream: {api_key_env: KEY_FILE}", "", "KEY_FILE", "KEY_ENV", "KEY_FLAG", func(c Config) string { return c.Upstream.APIKeyEnv }},
+		{"admin-token-env", "admin: {token_env: TOKEN_FILE}", "", "TOKEN_FILE", "TOKEN_ENV", "TOKEN_FLAG", func(c Config) string { return c.Admin.TokenEnv }},
 		{"upstream-timeout", "upstream: {timeout: 1m}", "10m0s", "1m0s", "2m0s", "3m0s", func(c Config) string { return c.Upstream.Timeout.String() }},
 		{"redis-url", "redis: {url: 'redis://file:6379'}", "", "redis://file:6379", "redis://env:6379", "redis://flag:6379", func(c Config) string { return c.Redis.URL }},
 		{"redis-prefix", "redis: {prefix: file}", "hp", "file", "env", "flag", func(c Config) string { return c.Redis.Prefix }},
@@ -145,7 +146,8 @@ func TestPrecedence(t *testing.T) {
 	}
 
 	// The keys named by upstream-key-env must exist, or Load fails.
-	keys := map[string]string{"KEY_FILE": "k1", "KEY_ENV": "k2", "KEY_FLAG": "k3"}
+	keys := map[string]string{"KEY_FILE": "k1", "KEY_ENV": "k2", "KEY_FLAG": "k3",
+		"TOKEN_FILE": "token-0123456789", "TOKEN_ENV": "token-abcdefghij", "TOKEN_FLAG": "token-ABCDEFGHIJ"}
 	for _, c := range cases {
 		t.Run(c.flag, func(t *testing.T) {
 			envName := EnvPrefix + strings.ToUpper(strings.ReplaceAll(c.flag, "-", "_"))
@@ -267,6 +269,7 @@ func TestHelp(t *testing.T) {
 		{"-admin-listen", "HISTORYPROXY_ADMIN_LISTEN", `"127.0.0.1:9090"`},
 		{"-upstream", "HISTORYPROXY_UPSTREAM", `"https://api.openai.com/v1"`},
 		{"-upstream-key-env", "HISTORYPROXY_UPSTREAM_KEY_ENV", ""},
+		{"-admin-token-env", "HISTORYPROXY_ADMIN_TOKEN_ENV", ""},
 		{"-upstream-timeout", "HISTORYPROXY_UPSTREAM_TIMEOUT", `"10m0s"`},
 		{"-redis-url", "HISTORYPROXY_REDIS_URL", ""},
 		{"-redis-prefix", "HISTORYPROXY_REDIS_PREFIX", `"hp"`},
@@ -806,6 +809,22 @@ func TestSecretsFromEnv(t *testing.T) {
 		cfg := load(t, []string{"-config", path}, map[string]string{"REDIS_PW": "hunter2"})
 		if got, want := cfg.Redis.Password, "hunter2"; got != want {
 			t.Errorf("Password: got %q, want %q", got, want)
+		}
+	})
+	t.Run("admin token", func(t *testing.T) {
+		cfg := load(t, []string{"-admin-token-env", "ADMIN_TOKEN"}, map[string]string{"ADMIN_TOKEN": "0123456789abcdef0123"})
+		if got, want := cfg.Admin.Token, "0123456789abcdef0123"; got != want {
+			t.Errorf("Admin.Token: got %q, want %q", got, want)
+		}
+		if got := cfg.Redacted().Admin.Token; got != "REDACTED" {
+			t.Errorf("redacted Admin.Token: got %q, want REDACTED", got)
+		}
+	})
+	t.Run("admin token too short", func(t *testing.T) {
+		err := loadErr(t, []string{"-admin-token-env", "ADMIN_TOKEN"}, map[string]string{"ADMIN_TOKEN": "short"})
+		want := `admin.token_env: environment variable "ADMIN_TOKEN" holds 5 bytes, want at least 16`
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("got %q, want %q", err, want)
 		}
 	})
 	t.Run("session label key", func(t *testing.T) {

@@ -43,7 +43,7 @@ var settings = []setting{
 	},
 	{
 		flag: "admin-listen", env: "ADMIN_LISTEN", key: "admin_listen", arg: "host:port",
-		usage: "address for health, readiness and metrics, kept off the client port (YAML admin_listen)",
+		usage: "address for health, readiness, metrics and the conversations API, kept off the client port (YAML admin_listen)",
 		set:   func(c *Config, v string) error { c.AdminListen = v; return nil },
 		get:   func(c Config) string { return c.AdminListen },
 	},
@@ -58,6 +58,12 @@ var settings = []setting{
 		usage: "name of the environment variable holding the upstream API key; when set, the client's Authorization header is replaced (YAML upstream.api_key_env)",
 		set:   func(c *Config, v string) error { c.Upstream.APIKeyEnv = v; return nil },
 		get:   func(c Config) string { return c.Upstream.APIKeyEnv },
+	},
+	{
+		flag: "admin-token-env", env: "ADMIN_TOKEN_ENV", key: "admin.token_env", arg: "name",
+		usage: "name of the environment variable holding the bearer token of the admin API (/admin/v1); without one the API answers only on a loopback admin listener (YAML admin.token_env)",
+		set:   func(c *Config, v string) error { c.Admin.TokenEnv = v; return nil },
+		get:   func(c Config) string { return c.Admin.TokenEnv },
 	},
 	{
 		flag: "upstream-timeout", env: "UPSTREAM_TIMEOUT", key: "upstream.timeout", arg: "duration",
@@ -177,7 +183,7 @@ func (f *flagValue) IsBoolFlag() bool { return f.s.arg == "" }
 //
 // After merging, Upstream.APIKey, Redis.Password and Metrics.SessionLabelKey
 // are read through getenv from the variables named by Upstream.APIKeyEnv,
-// Redis.PasswordEnv and Metrics.SessionLabelKeyEnv.
+// Admin.TokenEnv, Redis.PasswordEnv and Metrics.SessionLabelKeyEnv.
 //
 // With -h or -help, Load writes the usage of every flag to usage and
 // returns flag.ErrHelp. Otherwise every problem found, in the flags, the
@@ -261,6 +267,12 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		cfg.Upstream.APIKey = getenv(name)
 		if cfg.Upstream.APIKey == "" {
 			merged = append(merged, &FieldError{Field: "upstream.api_key_env", Msg: fmt.Sprintf("environment variable %q is empty or unset", name)})
+		}
+	}
+	if name := cfg.Admin.TokenEnv; name != "" {
+		cfg.Admin.Token = getenv(name)
+		if n := len(cfg.Admin.Token); n < MinAdminToken {
+			errs = append(errs, fmt.Errorf("admin.token_env: environment variable %q holds %d bytes, want at least %d (a random token: openssl rand -hex 32)", name, n, MinAdminToken))
 		}
 	}
 	if name := cfg.Metrics.SessionLabelKeyEnv; name != "" {

@@ -42,6 +42,8 @@ func testAdminConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 			{name: "since and until and channel", q: SessionQuery{SinceMs: t0 + 2, UntilMs: t0 + 5, Channel: "web"}, want: []string{"web:ann:sales", "web:bob:support"}},
 			{name: "match on metadata", q: SessionQuery{Match: func(s Session) bool { return !s.Active }}, want: []string{"api:cat:support"}},
 			{name: "match on title", q: SessionQuery{Match: func(s Session) bool { return s.Title == "q2" || s.Title == "q4" }}, want: []string{"web:ann:sales", "api:ann:sales"}},
+			{name: "match on the id", q: SessionQuery{MatchID: func(id string) bool { return strings.HasSuffix(id, "sales") }}, want: []string{"web:ann:sales", "api:ann:sales"}},
+			{name: "match on the id with a part", q: SessionQuery{Channel: "web", MatchID: func(id string) bool { return strings.Contains(id, "ann") }}, want: []string{"web:ann:sales", "web:ann:support"}},
 			{name: "match with a part", q: SessionQuery{User: "ann", Match: func(s Session) bool { return s.LastActiveMs > t0+1 }}, want: []string{"web:ann:sales", "api:ann:sales"}},
 		}
 		for _, tt := range tests {
@@ -314,6 +316,36 @@ func testAdminConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		mustNoErr(t, err)
 		if got, want := contents(msgs), []string{"q1", "a1", "q3"}; !reflect.DeepEqual(got, want) {
 			t.Errorf("first 3 of c2: got %q, want %q", got, want)
+		}
+	})
+
+	t.Run("a turn may start a new conversation", func(t *testing.T) {
+		s := newFixture(t).store
+		appendQA(t, s, session, 0, t0, Policy{})
+		turn := Turn{Messages: qa(1), NowMs: t0 + 1, IdempotencyKey: "new-1", NewConversation: true, ConversationID: "c1"}
+		res, err := s.Append(ctx, session, turn, Policy{})
+		mustNoErr(t, err)
+		if !res.NewConversation || res.ConversationID != "c2" {
+			t.Errorf("got %+v, want a new conversation c2 even though c1 was read", res)
+		}
+		// A retry of the same request starts nothing and ends nothing.
+		res, err = s.Append(ctx, session, turn, Policy{})
+		mustNoErr(t, err)
+		if !res.Duplicate {
+			t.Errorf("retry: got %+v, want a duplicate", res)
+		}
+		// Nor does a turn without messages.
+		_, err = s.Append(ctx, session, Turn{NowMs: t0 + 2, NewConversation: true, Usage: Usage{Requests: 1}}, Policy{})
+		mustNoErr(t, err)
+		w, err := s.Window(ctx, session, 10, t0+3, Policy{})
+		mustNoErr(t, err)
+		if got, want := contents(w.Messages), []string{"q1", "a1"}; w.ConversationID != "c2" || !reflect.DeepEqual(got, want) {
+			t.Errorf("got window %q in %q, want %q in c2", got, w.ConversationID, want)
+		}
+		old, err := s.Messages(ctx, session, "c1")
+		mustNoErr(t, err)
+		if got, want := contents(old), []string{"q0", "a0"}; !reflect.DeepEqual(got, want) {
+			t.Errorf("c1: got %q, want %q kept", got, want)
 		}
 	})
 

@@ -299,13 +299,13 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 
 	idle := p.IdleTimeout.Milliseconds()
 	target := ss.conversation
-	if read := ss.convs[t.ConversationID]; read != nil && ss.kept(read) {
+	if read := ss.convs[t.ConversationID]; read != nil && !t.NewConversation && ss.kept(read) {
 		// The turn was answered from this conversation: it belongs there,
 		// however long the reply took or the tool ran, and even when a
 		// newer one began meanwhile (without making it current again).
 		target = t.ConversationID
 		r.ConversationID = target
-	} else if cur := ss.convs[ss.conversation]; !ss.active || (idle > 0 && t.ArrivedMs-ss.lastActiveMs > idle) || cur == nil || !ss.kept(cur) {
+	} else if cur := ss.convs[ss.conversation]; t.NewConversation || !ss.active || (idle > 0 && t.ArrivedMs-ss.lastActiveMs > idle) || cur == nil || !ss.kept(cur) {
 		// An expired conversation is not refilled: a new turn starts a
 		// new one.
 		ss.conversations++
@@ -531,7 +531,7 @@ func (s *MemoryStore) Sessions(ctx context.Context, q SessionQuery) (SessionPage
 type memIndex struct{ s *MemoryStore }
 
 func (m memIndex) entries(q SessionQuery, lo, hi int64) []indexEntry {
-	key := q
+	var key SessionQuery
 	switch {
 	case q.User != "":
 		key = SessionQuery{User: q.User}

@@ -140,6 +140,12 @@ type Turn struct {
 	// active conversation unless that one was idle at ArrivedMs, in which
 	// case it starts a new one.
 	ConversationID string
+	// NewConversation starts a new conversation with the turn's messages,
+	// ending the current one (kept for audit), whatever the idle timeout
+	// says: a client's "new chat". A duplicate turn starts nothing, so a
+	// retried request does not end the conversation its first attempt
+	// began; a turn without messages starts nothing either.
+	NewConversation bool
 }
 
 // AppendResult says what Append did.
@@ -223,6 +229,9 @@ type SessionQuery struct {
 	// SinceMs and UntilMs, when not zero, bound the last activity
 	// (inclusive), in Unix milliseconds.
 	SinceMs, UntilMs int64
+	// MatchID, when not nil, keeps only the sessions whose id it accepts;
+	// it needs no metadata, but counting Total visits every candidate.
+	MatchID func(id string) bool
 	// Match, when not nil, keeps only the sessions it accepts. It needs
 	// each candidate's metadata, so candidates are read in batches, and
 	// counting Total reads every candidate the other filters leave.

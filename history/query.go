@@ -57,6 +57,9 @@ func (c cursor) after(score int64, id string) bool {
 
 // idFilter reports whether a session id has the parts q asks for.
 func (q SessionQuery) idFilter(id string) bool {
+	if q.MatchID != nil && !q.MatchID(id) {
+		return false
+	}
 	if q.Channel == "" && q.User == "" && q.Agent == "" {
 		return true
 	}
@@ -243,7 +246,7 @@ func listSessions(ctx context.Context, src sessionSource, q SessionQuery) (Sessi
 			parts++
 		}
 	}
-	scanAll := q.Match != nil || parts > 1
+	scanAll := q.Match != nil || q.MatchID != nil || parts > 1
 	from := hi
 	if !scanAll && cur != nil && cur.score < from {
 		from = cur.score

@@ -143,8 +143,9 @@ return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 // KEYS: session, conversations, messages, idem.
 // ARGV: now ms, idle ms, retention ms, idempotency key, idempotency cutoff
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
-// the turn was read from (or ""), derived title, message count, then per
-// message its number of field/value strings followed by them.
+// the turn was read from (or ""), derived title, 1 to start a new
+// conversation, message count, then per message its number of field/value
+// strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
 var appendScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
@@ -171,7 +172,7 @@ if micros then
   redis.call('HDEL', KEYS[1], 'cost_micros')
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
-local n = tonumber(ARGV[16])
+local n = tonumber(ARGV[17])
 if n == 0 then
   -- A turn that records no message (read-only, or a repeat's usage) may
   -- be the session's first: its fields still all exist.
@@ -196,6 +197,11 @@ local function kept(c)
   return r[1] and #redis.call('XRANGE', KEYS[3], r[1], r[2], 'COUNT', 1) > 0
 end
 local new = 0
+if ARGV[16] == '1' then
+  -- A new conversation asked for: the read one does not matter.
+  read = ''
+  h[3] = '0'
+end
 if read ~= '' and kept(read) then
   -- The turn was answered from this conversation: it belongs there,
   -- however long the reply took or the tool ran, and even when a newer
@@ -210,7 +216,7 @@ elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) the
 end
 if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
 local res = {conv, new}
-local i = 17
+local i = 18
 for m = 1, n do
   local k = tonumber(ARGV[i])
   local fields = {'conversation', conv}
@@ -410,6 +416,7 @@ func appendArgs(t Turn, p Policy) []any {
 		t.ArrivedMs,
 		t.ConversationID,
 		turnTitle(t.Messages),
+		boolArg(t.NewConversation),
 		len(t.Messages),
 	}
 	for _, m := range t.Messages {
@@ -420,6 +427,13 @@ func appendArgs(t Turn, p Policy) []any {
 		}
 	}
 	return args
+}
+
+func boolArg(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // encodeMessage gives a message's stream fields, omitting empty ones. The

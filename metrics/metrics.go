@@ -517,16 +517,18 @@ func (m *Metrics) observeSession(session string, counts [5]int64, costNanos int6
 // ForgetSession deletes the per-session series of session id and frees its
 // place under the session limit, as erasing a session must leave none of
 // its data behind. It is not counted as an eviction. Forgetting a session
-// without series does nothing.
-func (m *Metrics) ForgetSession(id string) {
+// without series does nothing. It reports whether the session had series
+// here; other instances keep theirs until they evict them or restart.
+func (m *Metrics) ForgetSession(id string) bool {
 	label, ok := m.sessionLabel.Label(id)
 	if !ok {
-		return
+		return false
 	}
 	l := &m.sessions
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if e, found := l.index[label]; found {
+	e, found := l.index[label]
+	if found {
 		l.order.Remove(e)
 		delete(l.index, label)
 	}
@@ -535,6 +537,7 @@ func (m *Metrics) ForgetSession(id string) {
 	}
 	m.sessionCost.delete(label)
 	m.sessionsActive.Set(float64(l.order.Len()))
+	return found
 }
 
 // StoreOps are the store operations the proxy reports to ObserveStore;

@@ -408,3 +408,30 @@ func TestStoreAndRetryMetrics(t *testing.T) {
 		t.Errorf("store up after SetStoreUp(false): got %v, want 0", got)
 	}
 }
+
+func TestForgetSessionDeletesItsSeries(t *testing.T) {
+	key := []byte("0123456789abcdef")
+	for _, mode := range []string{SessionLabelID, SessionLabelHash, SessionLabelOff} {
+		t.Run(mode, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			label, err := NewSessionLabel(mode, key)
+			require.NoError(t, err)
+			m := New(reg, 10, WithSessionLabel(label))
+			for _, s := range []string{"chat:ann:support", "chat:bob:support"} {
+				m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "m", Session: s, Code: 200, Reached: true, Billed: true,
+					PromptTokens: 3, CompletionTokens: 1, CostNanos: 1000, Priced: true})
+			}
+			bob, _ := label.Label("chat:bob:support")
+			require.Equal(t, mode != SessionLabelOff, m.ForgetSession("chat:ann:support"), "ann had series")
+			require.False(t, m.ForgetSession("chat:ann:support"), "forgotten once")
+			require.False(t, m.ForgetSession("chat:nobody:support"))
+			var want []string
+			if mode != SessionLabelOff {
+				want = []string{bob}
+			}
+			require.Equal(t, want, sessionsWithSeries(t, reg), "only bob's series are left")
+			require.Equal(t, float64(len(want)), testutil.ToFloat64(m.sessionsActive))
+			require.Zero(t, testutil.ToFloat64(m.evictions), "forgetting is not an eviction")
+		})
+	}
+}

@@ -22,7 +22,7 @@ import (
 
 // Request headers the proxy reads.
 const (
-	headerHistory     = "X-History"    // on | off | read-only, any case
+	headerHistory     = "X-History"    // on | off | read-only | new, any case
 	headerMessageID   = "X-Message-ID" // idempotency key, the proxy's own
 	headerIdempotency = "Idempotency-Key"
 )
@@ -37,6 +37,7 @@ const (
 	historyOn       = "on"
 	historyOff      = "off"
 	historyReadOnly = "read-only"
+	historyNew      = "new" // record the turn in a new conversation
 )
 
 // historyMode reads X-History, case-insensitively; absent is on.
@@ -47,10 +48,10 @@ func historyMode(h http.Header) (string, *apiError) {
 	}
 	mode := strings.ToLower(strings.TrimSpace(strings.Join(v, ",")))
 	switch mode {
-	case historyOn, historyOff, historyReadOnly:
+	case historyOn, historyOff, historyReadOnly, historyNew:
 		return mode, nil
 	}
-	return "", badRequest("invalid_value", headerHistory, "X-History must be on, off or read-only (in any case), got "+quote(strings.Join(v, ",")))
+	return "", badRequest("invalid_value", headerHistory, "X-History must be on, off, read-only or new (in any case), got "+quote(strings.Join(v, ",")))
 }
 
 // maxReplyBytes bounds a non-stream reply the proxy reads to record.
@@ -65,6 +66,9 @@ type exchange struct {
 	agent   Agent
 	record  bool
 	idemKey string
+	// newConversation: X-History: new, the turn starts a new conversation
+	// and nothing is injected.
+	newConversation bool
 	// conversation is the conversation the history was read from: the
 	// turn is written there, however long the reply takes.
 	conversation string
@@ -179,6 +183,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	x.newConversation = x.record && hist == historyNew
 	x.idemKey = r.Header.Get(headerIdempotency)
 	if x.idemKey == "" {
 		x.idemKey = r.Header.Get(headerMessageID)
@@ -201,7 +206,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	}
 
 	var inject []history.Message
-	if x.stored != "" && req.lastAssistant() < 0 {
+	if x.stored != "" && req.lastAssistant() < 0 && !x.newConversation {
 		inject, x.degraded = p.selectHistory(r.Context(), x)
 		if x.degraded {
 			if p.opt.FailClosed {
@@ -441,7 +446,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	defer cancel()
 	now := p.now().UnixMilli()
 	usage := p.usage(x)
-	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, Usage: history.Usage{
+	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Usage: history.Usage{
 		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
 		HistoryTokens: int64(x.historyTokens), Requests: 1,
 	}}
