@@ -243,7 +243,7 @@ func TestHistorySessionHeader(t *testing.T) {
 	require.Empty(t, h.up.LastChat().Header.Get("X-History-Session"))
 }
 
-// TestHistoryHeaderAnyCase: X-History takes on, off and read-only in any
+// TestHistoryHeaderAnyCase: X-History takes on, off, read-only and new in any
 // case; anything else is a 400 naming the header.
 func TestHistoryHeaderAnyCase(t *testing.T) {
 	h := newHarness(t)
@@ -259,6 +259,10 @@ func TestHistoryHeaderAnyCase(t *testing.T) {
 		{"ON", "2", 4},
 		{"On", "2", 4},
 		{" on ", "2", 4},
+		// Each request starts a new conversation: the second sees nothing
+		// of the first, and the current one holds only its own turn.
+		{"NEW", "0", 2},
+		{"New", "0", 2},
 	} {
 		t.Run(c.value, func(t *testing.T) {
 			sid := map[string]string{"X-Session-ID": "c:" + strings.NewReplacer(" ", "_", "-", "_").Replace(c.value) + ":a", "X-History": c.value}
@@ -279,7 +283,7 @@ func TestHistoryHeaderAnyCase(t *testing.T) {
 	e := errorBody(t, r)
 	require.Equal(t, "invalid_value", e["code"])
 	require.Equal(t, "X-History", e["param"])
-	require.Contains(t, e["message"], "on, off or read-only")
+	require.Contains(t, e["message"], "on, off, read-only or new")
 }
 
 // TestDegradedReadQueuesTheTurn: when the history read of a request fails
