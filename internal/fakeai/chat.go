@@ -549,7 +549,11 @@ func (s *Server) chunks(req ChatRequest, rep Reply) []chunkJSON {
 func (s *Server) stream(w http.ResponseWriter, r *http.Request, req ChatRequest, rep Reply, status int) {
 	ctx := r.Context()
 	chunks := s.chunks(req, rep)
-	b := startBody(w, r, status, "text/event-stream", rep.Header)
+	b := startBody(w, r, status, "text/event-stream", rep.Header, rep.Gzip)
+	le := rep.LineEnd
+	if le == "" {
+		le = "\n"
+	}
 	flush := func() {
 		if err := b.Flush(); err != nil {
 			abort() // the client is gone
@@ -576,13 +580,13 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, req ChatRequest,
 			s.t.Errorf("fakeai: encode chunk: %v", err)
 			abort()
 		}
-		if _, err := fmt.Fprintf(b, "data: %s\n\n", data); err != nil {
+		if _, err := fmt.Fprintf(b, "data: %s%s%s", data, le, le); err != nil {
 			abort()
 		}
 		flush()
 		checkpoint(i + 1)
 	}
-	if _, err := io.WriteString(b, "data: [DONE]\n\n"); err != nil {
+	if _, err := io.WriteString(b, "data: [DONE]"+le+le); err != nil {
 		abort()
 	}
 	flush()

@@ -150,6 +150,13 @@ type Reply struct {
 	// data: [DONE] or the chunked terminator, as a crashed upstream does.
 	// CutAfter past the last chunk cuts just before data: [DONE].
 	CutAfter int
+	// LineEnd ends each line of the stream: "\n" when empty, or "\r\n"
+	// or a lone "\r", which the SSE specification allows too.
+	LineEnd string
+	// Gzip compresses the stream even when the request did not ask for
+	// it, as some gateways do; each event is flushed through the
+	// compressor as it is written.
+	Gzip bool
 }
 
 // New starts a fake on 127.0.0.1 that is closed when the test ends.
@@ -320,12 +327,12 @@ type body struct {
 // writes the status line. Compression follows the request's Accept-Encoding
 // so that a proxy which forwards the header sees compressed bytes, as it
 // would from the real API behind a CDN.
-func startBody(w http.ResponseWriter, r *http.Request, status int, contentType string, extra http.Header) *body {
+func startBody(w http.ResponseWriter, r *http.Request, status int, contentType string, extra http.Header, forceGzip bool) *body {
 	h := w.Header()
 	h.Set("Content-Type", contentType)
 	copyHeader(h, extra)
 	b := &body{w: w, rc: http.NewResponseController(w)}
-	if acceptsGzip(r.Header) {
+	if forceGzip || acceptsGzip(r.Header) {
 		h.Set("Content-Encoding", "gzip")
 		h.Add("Vary", "Accept-Encoding")
 		h.Del("Content-Length")
@@ -425,7 +432,7 @@ func (s *Server) writeJSON(w http.ResponseWriter, r *http.Request, status int, v
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	b := startBody(w, r, status, "application/json", extra)
+	b := startBody(w, r, status, "application/json", extra, false)
 	// Write errors mean the client went away; there is nobody to tell.
 	_, _ = b.Write(append(data, '\n'))
 	_ = b.Close()

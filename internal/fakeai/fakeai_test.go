@@ -667,6 +667,49 @@ func TestGate(t *testing.T) {
 	}
 }
 
+// TestLineEndAndForcedGzip: a stream framed by CRLF or lone CRs, and one
+// compressed although the request did not ask for it.
+func TestLineEndAndForcedGzip(t *testing.T) {
+	tests := []struct {
+		name    string
+		lineEnd string
+		gzip    bool
+	}{
+		{name: "CRLF", lineEnd: "\r\n"},
+		{name: "lone CR", lineEnd: "\r"},
+		{name: "gzip without Accept-Encoding", gzip: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := New(t)
+			s.Enqueue(Reply{Content: "one two", LineEnd: tt.lineEnd, Gzip: tt.gzip})
+			res := post(t, testCtx(t), rawClient(t), s.URL+"/chat/completions", `{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}`, nil)
+			var r io.Reader = res.Body
+			if got := res.Header.Get("Content-Encoding") == "gzip"; got != tt.gzip {
+				t.Fatalf("got gzip %v, want %v", got, tt.gzip)
+			}
+			if tt.gzip {
+				zr, err := gzip.NewReader(res.Body)
+				require.NoError(t, err)
+				r = zr
+			}
+			body, err := io.ReadAll(r)
+			require.NoError(t, err)
+			le := tt.lineEnd
+			if le == "" {
+				le = "\n"
+			}
+			events := strings.Split(strings.TrimSuffix(string(body), le+le), le+le)
+			require.Len(t, events, 5, "role, two words, finish, [DONE]: %q", body)
+			for _, ev := range events {
+				require.True(t, strings.HasPrefix(ev, "data: "), "event %q", ev)
+				require.NotContains(t, ev, "\n", "one line ending throughout")
+			}
+			require.Equal(t, "data: [DONE]", events[4])
+		})
+	}
+}
+
 func TestHeaderDelayStopsWhenClientLeaves(t *testing.T) {
 	s := New(t)
 	s.Enqueue(Reply{Content: "late", HeaderDelay: 3 * time.Second})
