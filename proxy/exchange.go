@@ -371,15 +371,26 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	x.reply = &reply{}
 	if ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); ct == "text/event-stream" {
-		hide := x.req.Stream && !x.req.ClientUsage
-		resp.Body = newStreamBody(resp.Body, hide, x.reply, p.now, func(complete bool) error {
+		finish := func(complete bool) error {
 			x.upstreamEnd = p.now()
 			return p.recordTurn(resp.Request.Context(), x, complete)
-		})
-		// Dropping the usage chunk shortens the body: a length the
-		// upstream announced (a buffering gateway) no longer holds.
-		resp.Header.Del("Content-Length")
-		resp.ContentLength = -1
+		}
+		switch enc := resp.Header.Get("Content-Encoding"); {
+		case enc == "" || strings.EqualFold(enc, "identity"):
+			hide := x.req.Stream && !x.req.ClientUsage
+			resp.Body = newStreamBody(resp.Body, hide, x.reply, p.now, finish)
+			// Dropping the usage chunk shortens the body: a length the
+			// upstream announced (a buffering gateway) no longer holds.
+			resp.Header.Del("Content-Length")
+			resp.ContentLength = -1
+		case strings.EqualFold(enc, "gzip") || strings.EqualFold(enc, "x-gzip"):
+			// Compressed although the proxy asked for identity: relayed
+			// as it arrives, read on the side.
+			resp.Body = newGzipStreamBody(resp.Body, x.reply, p.now, finish)
+		default:
+			p.log.Warn("upstream stream in an encoding the proxy cannot read: relayed, reply not recorded", "session", x.stored, "encoding", enc)
+			resp.Body = &opaqueStreamBody{src: resp.Body, finish: finish}
+		}
 		return nil
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes+1))

@@ -179,9 +179,10 @@ func FuzzResolveSession(f *testing.F) {
 	})
 }
 
-// fzSSE is an independent reading of an SSE stream: its whole events (each
-// through its blank line; lines end in LF, CRLF or a lone CR) and the
-// incomplete rest.
+// fzSSE is an independent reading of a whole SSE stream: its whole events
+// (each through its blank line; lines end in LF, CRLF or a lone CR, and
+// a CR LF is one ending however the reads split it) and the incomplete
+// rest.
 func fzSSE(in []byte) (events [][]byte, rest []byte) {
 	start, lineStart := 0, 0
 	for pos := 0; pos < len(in); {
@@ -190,11 +191,8 @@ func fzSSE(in []byte) (events [][]byte, rest []byte) {
 			pos++
 			continue
 		}
-		if c == '\r' && pos+1 == len(in) {
-			break // a CR at the end: its LF may be in the next read
-		}
 		blank := pos == lineStart
-		if c == '\r' && in[pos+1] == '\n' {
+		if c == '\r' && pos+1 < len(in) && in[pos+1] == '\n' {
 			pos++
 		}
 		pos++
@@ -260,6 +258,11 @@ func fzExpectStream(in []byte, hide bool) fzStreamWant {
 			}
 		}
 		w.out = append(w.out, ev...)
+	}
+	// At the end of the stream, data: [DONE] without its blank line still
+	// ends the reply.
+	if data, ok := fzData(rest); ok && data == "[DONE]" && !w.done {
+		w.done, w.doneAt = true, len(w.out)
 	}
 	w.out = append(w.out, rest...)
 	return w

@@ -529,7 +529,8 @@ func testE2EIdleCrossedMidReply(t *testing.T, b e2eBackend) {
 	// Sent 1.2 s later; the upstream holds the reply until the clock has
 	// passed the timeout.
 	clock.Advance(1200 * time.Millisecond)
-	gate := make(chan struct{})
+	gate, open := newGate(t)
+	defer open() // before the cleanups: a body still being read blocks its Close
 	h.up.Enqueue(fakeai.Reply{Content: "slow answer", Gate: gate})
 	req, err := http.NewRequest(http.MethodPost, h.servers[0].URL+"/v1/chat/completions",
 		strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[`+user("second")+`]}`))
@@ -540,7 +541,7 @@ func testE2EIdleCrossedMidReply(t *testing.T, b e2eBackend) {
 	defer resp.Body.Close()
 	require.Equal(t, "2", resp.Header.Get("X-History-Messages"))
 	clock.Advance(3 * time.Second)
-	close(gate)
+	open()
 	_, err = io.ReadAll(resp.Body)
 	require.NoError(t, err)
 

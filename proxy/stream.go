@@ -239,6 +239,10 @@ type streamBody struct {
 	outPos  int
 	readBuf []byte
 	err     error
+	// crEdge: the last event framed ended in a CR that was the last byte
+	// read so far. An LF that comes next completes that CR LF line ending
+	// and is handed on (or dropped, dropLF, with a dropped event) with it.
+	crEdge, dropLF bool
 }
 
 func newStreamBody(src io.ReadCloser, hideUsage bool, r *reply, now func() time.Time, finish func(bool) error) *streamBody {
@@ -258,6 +262,15 @@ func (b *streamBody) Read(p []byte) (int, error) {
 			continue
 		}
 		if err != nil {
+			if err == io.EOF && b.lastDone() {
+				// data: [DONE] with no blank line after it: the end of the
+				// reply all the same, recorded before it is handed on.
+				b.done = true
+				if ferr := b.end(true); ferr != nil {
+					b.in, b.err = b.in[:0], ferr
+					continue
+				}
+			}
 			// Whatever is left is not a whole event; hand it on as it came.
 			b.out = append(b.out, b.in...)
 			b.in = b.in[:0]
@@ -273,9 +286,25 @@ func (b *streamBody) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// lastDone reports whether what is left unframed at the end of the stream
+// is a [DONE] event without its blank line.
+func (b *streamBody) lastDone() bool {
+	_, done := eventData(b.in)
+	return !b.done && done
+}
+
 // frame moves every whole event from in to out.
 func (b *streamBody) frame() error {
 	start := 0
+	if b.crEdge && len(b.in) > 0 {
+		if b.in[0] == '\n' {
+			if !b.dropLF {
+				b.out = append(b.out, '\n')
+			}
+			start = 1
+		}
+		b.crEdge = false
+	}
 	for {
 		end := eventEnd(b.in[start:])
 		if end < 0 {
@@ -283,6 +312,7 @@ func (b *streamBody) frame() error {
 		}
 		ev := b.in[start : start+end]
 		start += end
+		drop := false
 		data, isDone := eventData(ev)
 		if isDone {
 			b.done = true
@@ -293,12 +323,16 @@ func (b *streamBody) frame() error {
 			var c chunk
 			if json.Unmarshal(data, &c) == nil {
 				b.reply.add(&c, b.now())
-				if b.hideUsage && c.Usage != nil && len(c.Choices) == 0 {
-					continue // the usage chunk the proxy asked for, not the client
-				}
+				// The usage chunk the proxy asked for, not the client.
+				drop = b.hideUsage && c.Usage != nil && len(c.Choices) == 0
 			}
 		}
-		b.out = append(b.out, ev...)
+		if start == len(b.in) && ev[len(ev)-1] == '\r' {
+			b.crEdge, b.dropLF = true, drop
+		}
+		if !drop {
+			b.out = append(b.out, ev...)
+		}
 	}
 	b.in = append(b.in[:0], b.in[start:]...)
 	return nil
@@ -336,23 +370,19 @@ func eventEnd(buf []byte) int {
 
 // nextLine returns the line that starts at pos and where the next one
 // starts; ok is false when the line's end has not arrived yet. A \r at the
-// very end of buf is not taken as an end: a \n may follow in the next read.
+// very end of buf ends a line: waiting for a \n that may never come would
+// hold an event framed by lone CRs until the upstream sends more. The
+// caller keeps in mind that a \n arriving next belongs to that \r.
 func nextLine(buf []byte, pos int) (line []byte, next int, ok bool) {
 	i := bytes.IndexAny(buf[pos:], "\r\n")
 	if i < 0 {
 		return nil, 0, false
 	}
 	end := pos + i
-	switch {
-	case buf[end] == '\n':
-		return buf[pos:end], end + 1, true
-	case end+1 == len(buf):
-		return nil, 0, false
-	case buf[end+1] == '\n':
+	if buf[end] == '\r' && end+1 < len(buf) && buf[end+1] == '\n' {
 		return buf[pos:end], end + 2, true
-	default:
-		return buf[pos:end], end + 1, true
 	}
+	return buf[pos:end], end + 1, true
 }
 
 var doneData = []byte("[DONE]")

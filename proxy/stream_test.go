@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"errors"
 	"io"
@@ -74,7 +75,7 @@ func (f *sbFinish) finish(complete bool) error {
 // sbRelay reads the whole stream as the reverse proxy does, through a
 // buffer of bufSize bytes, counting what was read so far into *read. It
 // returns what was read and the error that ended the stream (nil at EOF).
-func sbRelay(b *streamBody, bufSize int, read *int) ([]byte, error) {
+func sbRelay(b io.Reader, bufSize int, read *int) ([]byte, error) {
 	var out []byte
 	buf := make([]byte, bufSize)
 	for i := 0; ; i++ {
@@ -103,6 +104,9 @@ func sbEvents(datas ...string) string {
 	}
 	return b.String()
 }
+
+// sbCR frames a stream with lone CRs instead of LFs.
+func sbCR(s string) string { return strings.ReplaceAll(s, "\n", "\r") }
 
 // Chunks as the API streams them (gpt-4o-mini, include_usage on).
 const (
@@ -139,7 +143,7 @@ func TestEventEnd(t *testing.T) {
 		{name: "LF line, CRLF blank line", in: "data: x\n\r\n", want: 10},
 		{name: "only the first of two events", in: "data: a\n\ndata: b\n\n", want: 9},
 		{name: "no blank line yet", in: "data: x\n", want: -1},
-		{name: "half a CRLF blank line", in: "data: x\r\n\r", want: -1},
+		{name: "a CR at the end ends the blank line", in: "data: x\r\n\r", want: 10},
 		{name: "no newline at all", in: "data: x", want: -1},
 		{name: "multi-line data", in: "data: a\ndata: b\n\nrest", want: 17},
 		{name: "comment then data", in: ": keep-alive\ndata: x\n\n", want: 22},
@@ -148,9 +152,11 @@ func TestEventEnd(t *testing.T) {
 		{name: "a line of spaces is not blank", in: "data: x\n \n", want: -1},
 		{name: "a lone CR ends a line, so CR CR LF holds a blank line", in: "data: x\n\r\r\n", want: 9},
 		// Lone CR line endings are allowed by the SSE spec; a CR at the very
-		// end waits for the next read, which may bring its LF.
+		// end ends its line at once (the stream body skips an LF that
+		// follows in the next read).
 		{name: "CR-only endings", in: "data: x\r\rdata: y", want: 9},
-		{name: "CR at the end is undecided", in: "data: x\r\r", want: -1},
+		{name: "CR-only event at the end", in: "data: x\r\r", want: 9},
+		{name: "a line ended by a CR at the end, no blank line yet", in: "data: x\r", want: -1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -321,6 +327,57 @@ func TestStreamBodyFinishesBeforeDone(t *testing.T) {
 	}
 }
 
+// TestStreamBodyLoneCRAtReadEnd: an event that ends in a lone CR at the
+// end of a read is handed on at once, not held until the next read; an LF
+// that comes next belongs to that CR, however the reads split a CR LF.
+func TestStreamBodyLoneCRAtReadEnd(t *testing.T) {
+	for _, tc := range []struct {
+		name, first, rest string
+		hide              bool
+		wantFirst, want   string
+	}{
+		{name: "lone CRs", first: sbCR(sbEvents(sbHello)), rest: sbCR(sbEvents(sbStop, sbDone))},
+		{name: "a CR LF split by the reads", first: "data: " + sbHello + "\r\n\r", rest: "\n" + sbEvents(sbStop, sbDone)},
+		{name: "the LF of a hidden usage chunk is dropped with it", first: sbEvents(sbHello) + "data: " + sbUsage + "\r\n\r", rest: "\n" + sbEvents(sbDone), hide: true,
+			wantFirst: sbEvents(sbHello), want: sbEvents(sbHello, sbDone)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pr, pw := io.Pipe()
+			var read int
+			f := &sbFinish{read: &read}
+			r := &reply{}
+			b := newStreamBody(pr, tc.hide, r, sbNow, f.finish)
+			go func() { _, _ = pw.Write([]byte(tc.first)) }() // then the upstream waits
+			got := make(chan []byte, 1)
+			go func() {
+				buf := make([]byte, 64<<10)
+				n, _ := b.Read(buf)
+				got <- buf[:n]
+			}()
+			wantFirst := tc.wantFirst
+			if wantFirst == "" {
+				wantFirst = tc.first
+			}
+			select {
+			case first := <-got:
+				require.Equal(t, wantFirst, string(first), "the first event, at once")
+			case <-time.After(10 * time.Second):
+				t.Fatal("the event was held back while the upstream waits")
+			}
+			go func() { _, _ = pw.Write([]byte(tc.rest)); pw.Close() }()
+			rest, err := sbRelay(b, 1<<10, &read)
+			require.NoError(t, err)
+			want := tc.want
+			if want == "" {
+				want = tc.first + tc.rest
+			}
+			require.Equal(t, want, wantFirst+string(rest))
+			require.Equal(t, "Hello", r.Content.String())
+			require.True(t, f.complete)
+		})
+	}
+}
+
 func TestStreamBodyEnds(t *testing.T) {
 	errCut := errors.New("connection reset")
 	errStoreDown := errors.New("store down")
@@ -349,6 +406,11 @@ func TestStreamBodyEnds(t *testing.T) {
 			wantComplete: true, wantFinishes: 1, wantOut: sbEvents(sbHello, sbStop), wantNoDone: true},
 		{name: "finish error at EOF without DONE surfaces", in: sbEvents(sbHello, sbStop), finishErr: errStoreDown, wantErr: errStoreDown,
 			wantComplete: true, wantFinishes: 1},
+		{name: "finish error aborts before a DONE framed by lone CRs", in: sbCR(sbEvents(sbHello, sbStop, sbDone)), finishErr: errStoreDown, wantErr: errStoreDown,
+			wantComplete: true, wantFinishes: 1, wantOut: sbCR(sbEvents(sbHello, sbStop)), wantNoDone: true},
+		{name: "DONE without a blank line ends the reply", in: sbEvents(sbHello) + "data: [DONE]", wantComplete: true, wantFinishes: 1},
+		{name: "finish error aborts before a DONE without a blank line", in: sbEvents(sbHello, sbStop) + "data: [DONE]\n", finishErr: errStoreDown, wantErr: errStoreDown,
+			wantComplete: true, wantFinishes: 1, wantOut: sbEvents(sbHello, sbStop), wantNoDone: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -490,4 +552,104 @@ func TestToolCallIndexGap(t *testing.T) {
 	if got := string(r.toolCallsJSON()); got != want {
 		t.Fatalf("got tool calls %s, want %s", got, want)
 	}
+}
+
+// sbGzip compresses events as an upstream that flushes its compressor after
+// each one: the compressed stream, and the read sizes that hand out one
+// flushed event (the last read also carries the gzip trailer).
+func sbGzip(t *testing.T, events ...string) ([]byte, []int) {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	var sizes []int
+	last := 0
+	for _, ev := range events {
+		_, err := zw.Write([]byte(ev))
+		require.NoError(t, err)
+		require.NoError(t, zw.Flush())
+		sizes = append(sizes, buf.Len()-last)
+		last = buf.Len()
+	}
+	require.NoError(t, zw.Close())
+	sizes[len(sizes)-1] += buf.Len() - last
+	return buf.Bytes(), sizes
+}
+
+func gunzip(t *testing.T, b []byte) string {
+	t.Helper()
+	zr, err := gzip.NewReader(bytes.NewReader(b))
+	require.NoError(t, err)
+	out, _ := io.ReadAll(zr) // a stream cut short ends in ErrUnexpectedEOF
+	return string(out)
+}
+
+// TestGzipStreamBody: a stream gzipped despite identity is relayed read by
+// read, unchanged, and read on the side: the reply is assembled and the
+// turn recorded before the read that carries [DONE] is handed on.
+func TestGzipStreamBody(t *testing.T) {
+	events := []string{"data: " + sbRole + "\n\n", "data: " + sbHello + "\n\n", "data: " + sbWorld + "\n\n", "data: " + sbStop + "\n\n", "data: [DONE]\n\n"}
+	zipped, sizes := sbGzip(t, events...)
+	doneAt := len(zipped) - sizes[len(sizes)-1]
+
+	t.Run("relayed and recorded before [DONE]", func(t *testing.T) {
+		src := &sbReader{data: bytes.Clone(zipped), sizes: sizes}
+		var read int
+		f := &sbFinish{read: &read}
+		r := &reply{}
+		b := newGzipStreamBody(src, r, sbNow, f.finish)
+		got, err := sbRelay(b, 32<<10, &read)
+		require.NoError(t, err)
+		require.Equal(t, zipped, got, "the client gets the upstream's bytes")
+		require.Equal(t, 1, f.calls)
+		require.True(t, f.complete)
+		require.LessOrEqual(t, f.readAt, doneAt, "recorded before the read with [DONE] was handed on")
+		require.Equal(t, "Hello world", r.Content.String())
+		require.Equal(t, "stop", r.FinishReason)
+		require.NoError(t, b.Close())
+		require.Equal(t, 1, f.calls)
+	})
+
+	t.Run("a failed record withholds [DONE]", func(t *testing.T) {
+		errStoreDown := errors.New("store down")
+		src := &sbReader{data: bytes.Clone(zipped), sizes: sizes}
+		var read int
+		f := &sbFinish{read: &read, err: errStoreDown}
+		b := newGzipStreamBody(src, &reply{}, sbNow, f.finish)
+		got, err := sbRelay(b, 32<<10, &read)
+		require.ErrorIs(t, err, errStoreDown)
+		plain := gunzip(t, got)
+		require.Contains(t, plain, "Hello")
+		require.NotContains(t, plain, "[DONE]")
+		require.NoError(t, b.Close())
+	})
+
+	t.Run("the client goes away", func(t *testing.T) {
+		src := &sbReader{data: bytes.Clone(zipped), sizes: sizes}
+		var read int
+		f := &sbFinish{read: &read}
+		r := &reply{}
+		b := newGzipStreamBody(src, r, sbNow, f.finish)
+		buf := make([]byte, sizes[0]+sizes[1])
+		_, err := io.ReadFull(b, buf)
+		require.NoError(t, err)
+		require.NoError(t, b.Close())
+		require.Equal(t, 1, f.calls)
+		require.False(t, f.complete)
+		require.Equal(t, "Hello", r.Content.String(), "what was decoded is recorded")
+		require.Equal(t, 1, src.closed)
+	})
+
+	t.Run("not gzip after all", func(t *testing.T) {
+		in := []byte(sbEvents(sbHello, sbDone))
+		src := &sbReader{data: bytes.Clone(in), sizes: []int{7}}
+		var read int
+		f := &sbFinish{read: &read}
+		b := newGzipStreamBody(src, &reply{}, sbNow, f.finish)
+		got, err := sbRelay(b, 32<<10, &read)
+		require.NoError(t, err)
+		require.Equal(t, in, got, "relayed unchanged")
+		require.Equal(t, 1, f.calls)
+		require.False(t, f.complete, "nothing could be read")
+		require.NoError(t, b.Close())
+	})
 }
