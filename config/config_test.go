@@ -636,7 +636,7 @@ func TestFileErrorsAllAtOnce(t *testing.T) {
 // environment value; all are reported at once, each under its own name.
 func TestLayeredBadConfiguration(t *testing.T) {
 	path := writeConfig(t, "store: {timeout: 30}\nlisen: ':1'\n")
-	err := loadErr(t, []string{"-nope", "-drain-timeout", "soon", "-config", path, "-bogus=1", "-log-level", "loud"},
+	err := loadErr(t, []string{"-nope", ":1", "-drain-timeout", "soon", "-config", path, "-bogus=1", "-log-level", "loud"},
 		map[string]string{"HISTORYPROXY_UPSTREAM_TIMEOUT": "30", "HISTORYPROXY_DEFAULT_CHANNEL": "a:b"})
 	wants := []string{
 		"flag provided but not defined: -nope",

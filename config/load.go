@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -217,9 +218,16 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 			break
 		}
 		// Parse stops at the first bad flag; go on after it, so that every
-		// bad flag is reported.
+		// bad flag is reported and the flags after it (-config among them)
+		// still count. An unknown flag written "-name value" is taken to
+		// have that value, or the value would stop the parse.
 		errs = append(errs, fmt.Errorf("%w (historyproxy -h lists the flags)", err))
-		if rest = fs.Args(); len(rest) == 0 {
+		left := fs.Args()
+		bad := rest[len(rest)-len(left)-1]
+		if !strings.Contains(bad, "=") && len(left) > 0 && !strings.HasPrefix(left[0], "-") {
+			left = left[1:]
+		}
+		if rest = left; len(rest) == 0 {
 			break
 		}
 	}
