@@ -81,6 +81,21 @@ var commands = []command{
 		},
 	},
 	{
+		name: "sessions", args: "[flags]",
+		summary: "list sessions as a table, most recently active first (-channel, -agent, -user, -q, -active, -limit, -json); reads the Redis the flags, environment and file configure, with the proxy running or not",
+		run:     sessionsCommand,
+	},
+	{
+		name: "transcript", args: "SESSION_ID [flags]",
+		summary: "print a conversation as a readable transcript: roles, tool calls and results, token counts, cost and status (-conversation, -json)",
+		run:     transcriptCommand,
+	},
+	{
+		name: "erase", args: "SESSION_ID [flags]",
+		summary: "erase everything a session has in the store",
+		run:     eraseCommand,
+	},
+	{
 		name: "version", summary: "print the version and exit (also -version)",
 		run: func(_ context.Context, _ []string, _ func(string) string, stdout io.Writer) error {
 			_, err := fmt.Fprintln(stdout, versionLine())

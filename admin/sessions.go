@@ -77,22 +77,42 @@ func (a *API) active(s history.Session, nowMs int64) bool {
 	return Active(s, a.opt.Policy(agent), nowMs)
 }
 
-// sessionQuery reads the list's filters.
-func (a *API) sessionQuery(r *http.Request) (history.SessionQuery, *wire.Error) {
-	v := r.URL.Query()
-	q := history.SessionQuery{Channel: v.Get("channel"), User: v.Get("user"), Agent: v.Get("agent"), Cursor: v.Get("cursor")}
-	for _, p := range []struct{ name, value string }{{"channel", q.Channel}, {"agent", q.Agent}, {"user", q.User}} {
+// Filter selects sessions, as the list's query parameters do.
+type Filter struct {
+	Channel, User, Agent string // exact parts; User may be "*" (shared agents)
+	// Active, when not nil, keeps the sessions whose latest conversation
+	// goes on at the next request (true) or does not (false).
+	Active *bool
+	// SinceMs and UntilMs bound the last activity (0: no bound).
+	SinceMs, UntilMs int64
+	// Q matches the title or the session id, case-insensitively.
+	Q string
+	// Label is the "session" label of a metric series.
+	Label string
+}
+
+// Check reports a filter value that cannot match, as an API error naming
+// the parameter.
+func (f Filter) Check() *wire.Error {
+	for _, p := range []struct{ name, value string }{{"channel", f.Channel}, {"agent", f.Agent}, {"user", f.User}} {
 		if p.value == "" || (p.name == "user" && p.value == history.SharedUser) {
 			continue
 		}
 		if err := history.CheckPart(p.value); err != nil {
-			return q, wire.BadRequest("invalid_value", p.name, p.name+": "+err.Error())
+			return wire.BadRequest("invalid_value", p.name, p.name+": "+err.Error())
 		}
 	}
-	if label := v.Get("label"); label != "" {
+	return nil
+}
+
+// Query is the store query of f at nowMs: policy gives an agent's idle
+// timeout (for Active) and label a session's metric label (for Label).
+func (f Filter) Query(policy func(agent string) history.Policy, label func(id string) (string, bool), nowMs int64) (history.SessionQuery, *wire.Error) {
+	q := history.SessionQuery{Channel: f.Channel, User: f.User, Agent: f.Agent, SinceMs: f.SinceMs, UntilMs: f.UntilMs}
+	if f.Label != "" {
 		// A label names its channel and agent in every mode but a bare
 		// hash: only the sessions of those are hashed to find it.
-		if ch, _, ag, ok := history.SplitID(label); ok {
+		if ch, _, ag, ok := history.SplitID(f.Label); ok {
 			for _, p := range []struct {
 				name      string
 				dst       *string
@@ -104,11 +124,72 @@ func (a *API) sessionQuery(r *http.Request) (history.SessionQuery, *wire.Error) 
 				*p.dst = p.fromLabel
 			}
 		}
+		want := f.Label
 		q.MatchID = func(id string) bool {
-			l, ok := a.opt.Label(id)
-			return ok && l == label
+			l, ok := label(id)
+			return ok && l == want
 		}
 	}
+	var matches []func(history.Session) bool
+	if f.Active != nil {
+		want := *f.Active
+		matches = append(matches, func(s history.Session) bool {
+			_, _, agent, _ := history.SplitID(s.ID)
+			return Active(s, policy(agent), nowMs) == want
+		})
+	}
+	if text := strings.ToLower(strings.TrimSpace(f.Q)); text != "" {
+		matches = append(matches, func(s history.Session) bool {
+			return strings.Contains(strings.ToLower(s.ID), text) || strings.Contains(strings.ToLower(s.Title), text)
+		})
+	}
+	if len(matches) > 0 {
+		q.Match = func(s history.Session) bool {
+			for _, m := range matches {
+				if !m(s) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	return q, nil
+}
+
+// sessionQuery reads the list's parameters.
+func (a *API) sessionQuery(r *http.Request) (history.SessionQuery, *wire.Error) {
+	v := r.URL.Query()
+	f := Filter{Channel: v.Get("channel"), User: v.Get("user"), Agent: v.Get("agent"), Q: v.Get("q"), Label: v.Get("label")}
+	if werr := f.Check(); werr != nil {
+		return history.SessionQuery{}, werr
+	}
+	for _, t := range []struct {
+		name string
+		dst  *int64
+	}{{"since", &f.SinceMs}, {"until", &f.UntilMs}} {
+		s := v.Get(t.name)
+		if s == "" {
+			continue
+		}
+		ts, err := time.Parse(time.RFC3339Nano, s)
+		if err != nil {
+			return history.SessionQuery{}, wire.BadRequest("invalid_value", t.name, fmt.Sprintf("%s must be an RFC 3339 time like 2026-11-30T09:00:00Z, got %q", t.name, s))
+		}
+		*t.dst = ts.UnixMilli()
+	}
+	switch s := v.Get("active"); s {
+	case "":
+	case "true", "false":
+		active := s == "true"
+		f.Active = &active
+	default:
+		return history.SessionQuery{}, wire.BadRequest("invalid_value", "active", fmt.Sprintf("active must be true or false, got %q", s))
+	}
+	q, werr := f.Query(a.opt.Policy, a.opt.Label, a.now().UnixMilli())
+	if werr != nil {
+		return q, werr
+	}
+	q.Cursor = v.Get("cursor")
 	q.Limit = defaultLimit
 	if s := v.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
@@ -116,45 +197,6 @@ func (a *API) sessionQuery(r *http.Request) (history.SessionQuery, *wire.Error) 
 			return q, wire.BadRequest("invalid_value", "limit", fmt.Sprintf("limit must be a whole number from 1 to %d, got %q", maxLimit, s))
 		}
 		q.Limit = n
-	}
-	for _, t := range []struct {
-		name string
-		dst  *int64
-	}{{"since", &q.SinceMs}, {"until", &q.UntilMs}} {
-		s := v.Get(t.name)
-		if s == "" {
-			continue
-		}
-		ts, err := time.Parse(time.RFC3339Nano, s)
-		if err != nil {
-			return q, wire.BadRequest("invalid_value", t.name, fmt.Sprintf("%s must be an RFC 3339 time like 2026-11-30T09:00:00Z, got %q", t.name, s))
-		}
-		*t.dst = ts.UnixMilli()
-	}
-	var matches []func(history.Session) bool
-	switch s := v.Get("active"); s {
-	case "":
-	case "true", "false":
-		want, nowMs := s == "true", a.now().UnixMilli()
-		matches = append(matches, func(ss history.Session) bool { return a.active(ss, nowMs) == want })
-	default:
-		return q, wire.BadRequest("invalid_value", "active", fmt.Sprintf("active must be true or false, got %q", s))
-	}
-	if text := strings.TrimSpace(v.Get("q")); text != "" {
-		text = strings.ToLower(text)
-		matches = append(matches, func(ss history.Session) bool {
-			return strings.Contains(strings.ToLower(ss.ID), text) || strings.Contains(strings.ToLower(ss.Title), text)
-		})
-	}
-	if len(matches) > 0 {
-		q.Match = func(ss history.Session) bool {
-			for _, m := range matches {
-				if !m(ss) {
-					return false
-				}
-			}
-			return true
-		}
 	}
 	return q, nil
 }

@@ -822,7 +822,7 @@ func TestSecretsFromEnv(t *testing.T) {
 	})
 	t.Run("admin token too short", func(t *testing.T) {
 		err := loadErr(t, []string{"-admin-token-env", "ADMIN_TOKEN"}, map[string]string{"ADMIN_TOKEN": "short"})
-		want := `admin.token_env: environment variable "ADMIN_TOKEN" holds 5 bytes, want at least 16`
+		want := `-admin-token-env: environment variable "ADMIN_TOKEN" holds 5 bytes, want at least 16`
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("got %q, want %q", err, want)
 		}

@@ -193,7 +193,34 @@ func (f *flagValue) IsBoolFlag() bool { return f.s.arg == "" }
 // flag, the variable, or the YAML path with its line). Load has no side
 // effects besides reading the file and writing to usage.
 func Load(args []string, getenv func(string) string, usage io.Writer) (Config, error) {
-	fs := flag.NewFlagSet("historyproxy", flag.ContinueOnError)
+	cfg, _, err := loadArgs(args, getenv, usage, nil)
+	return cfg, err
+}
+
+// Command is a subcommand that reads the configuration, for LoadCommand.
+type Command struct {
+	Name    string // historyproxy NAME
+	Args    string // its arguments in usage, "SESSION_ID"; "" takes none
+	Summary string
+	// Flags defines the command's own flags on fs; nil: none.
+	Flags func(fs *flag.FlagSet)
+}
+
+// LoadCommand is Load for a subcommand that works on the same store as the
+// proxy, configured by the same flags, environment and file: args may mix
+// the command's own flags (c.Flags), the configuration's flags and the
+// command's arguments, in any order; the arguments are returned. With -h it
+// writes the command's usage, then the configuration's.
+func LoadCommand(c Command, args []string, getenv func(string) string, usage io.Writer) (Config, []string, error) {
+	return loadArgs(args, getenv, usage, &c)
+}
+
+func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *Command) (Config, []string, error) {
+	name := "historyproxy"
+	if cmd != nil {
+		name += " " + cmd.Name
+	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	// The flag package would print the usage after each bad flag; Load
 	// reports them all in its error instead, and prints usage for -h.
 	fs.SetOutput(io.Discard)
@@ -204,16 +231,33 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		values[settings[i].flag] = v
 		fs.Var(v, settings[i].flag, settings[i].usage)
 	}
-	var errs []error
+	own := flag.NewFlagSet(name, flag.ContinueOnError)
+	if cmd != nil && cmd.Flags != nil {
+		cmd.Flags(own)
+		own.VisitAll(func(f *flag.Flag) { fs.Var(f.Value, f.Name, f.Usage) })
+	}
+	var (
+		errs       []error
+		positional []string
+	)
 	for rest := args; ; {
 		err := fs.Parse(rest)
 		if errors.Is(err, flag.ErrHelp) {
+			if cmd != nil {
+				printCommandUsage(usage, *cmd, own)
+			}
 			printUsage(usage)
-			return Config{}, err
+			return Config{}, nil, err
 		}
 		if err == nil {
-			if fs.NArg() > 0 {
-				errs = append(errs, fmt.Errorf("unexpected argument %q: historyproxy takes only flags (historyproxy -h lists them)", fs.Arg(0)))
+			if fs.NArg() > 0 && cmd != nil && cmd.Args != "" {
+				// An argument; flags may follow it.
+				positional = append(positional, fs.Arg(0))
+				if rest = fs.Args()[1:]; len(rest) > 0 {
+					continue
+				}
+			} else if fs.NArg() > 0 {
+				errs = append(errs, fmt.Errorf("unexpected argument %q: %s takes only flags (%s -h lists them)", fs.Arg(0), name, name))
 			}
 			break
 		}
@@ -221,7 +265,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 		// bad flag is reported and the flags after it (-config among them)
 		// still count. An unknown flag written "-name value" is taken to
 		// have that value, or the value would stop the parse.
-		errs = append(errs, fmt.Errorf("%w (historyproxy -h lists the flags)", err))
+		errs = append(errs, fmt.Errorf("%w (%s -h lists the flags)", err, name))
 		left := fs.Args()
 		bad := rest[len(rest)-len(left)-1]
 		if !strings.Contains(bad, "=") && len(left) > 0 && !strings.HasPrefix(left[0], "-") {
@@ -280,7 +324,7 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	if name := cfg.Admin.TokenEnv; name != "" {
 		cfg.Admin.Token = getenv(name)
 		if n := len(cfg.Admin.Token); n < MinAdminToken {
-			errs = append(errs, fmt.Errorf("admin.token_env: environment variable %q holds %d bytes, want at least %d (a random token: openssl rand -hex 32)", name, n, MinAdminToken))
+			merged = append(merged, &FieldError{Field: "admin.token_env", Msg: fmt.Sprintf("environment variable %q holds %d bytes, want at least %d (a random token: openssl rand -hex 32)", name, n, MinAdminToken)})
 		}
 	}
 	if name := cfg.Metrics.SessionLabelKeyEnv; name != "" {
@@ -309,9 +353,9 @@ func Load(args []string, getenv func(string) string, usage io.Writer) (Config, e
 	}
 	errs = append(errs, merged...)
 	if err := errors.Join(errs...); err != nil {
-		return Config{}, err
+		return Config{}, nil, err
 	}
-	return cfg, nil
+	return cfg, positional, nil
 }
 
 // unjoin returns the errors inside an errors.Join result.
@@ -320,6 +364,20 @@ func unjoin(err error) []error {
 		return j.Unwrap()
 	}
 	return []error{err}
+}
+
+// printCommandUsage writes a subcommand's synopsis and own flags, before
+// the configuration's.
+func printCommandUsage(w io.Writer, c Command, own *flag.FlagSet) {
+	fmt.Fprintf(w, "Usage: historyproxy %s [flags]", c.Name)
+	if c.Args != "" {
+		fmt.Fprintf(w, " %s", c.Args)
+	}
+	fmt.Fprintf(w, "\n\n%s\n\n", c.Summary)
+	own.SetOutput(w)
+	fmt.Fprintf(w, "Flags of %s:\n", c.Name)
+	own.PrintDefaults()
+	fmt.Fprintf(w, "\nIt reads the store the proxy is configured with:\n\n")
 }
 
 // printUsage writes every flag with its variable and default.

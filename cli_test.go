@@ -1,0 +1,202 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go"
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+	"github.com/historyproxy/historyproxy/internal/redistest"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
+
+// runCommand runs historyproxy with args, as main does, and returns what it
+// printed.
+func runCommand(t *testing.T, env map[string]string, args ...string) (string, error) {
+	t.Helper()
+	var out, errs bytes.Buffer
+	err := cli(context.Background(), args, func(k string) string { return env[k] }, &out, &errs)
+	return out.String(), err
+}
+
+// stamps are the times a transcript shows; they change from run to run.
+var stamps = regexp.MustCompile(`\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ`)
+
+// TestTranscriptCommand: a conversation with a tool call (two calls in one
+// message, answered by the app with only their results), a refusal and a
+// stream cut by the client, printed from Redis by historyproxy transcript
+// while the proxy runs.
+func TestTranscriptCommand(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	env := map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}
+	p := start(t, env)
+	ctx := context.Background()
+	const id = "chat:john@example.com:support"
+	c := p.client(id)
+	ask := func(msgs ...openai.ChatCompletionMessageParamUnion) {
+		t.Helper()
+		_, err := c.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: openai.ChatModelGPT4oMini, Messages: msgs})
+		require.NoError(t, err)
+	}
+	up.Enqueue(fakeai.Reply{Content: "Hello John!", Usage: &fakeai.Usage{PromptTokens: 12, CompletionTokens: 3}})
+	ask(openai.SystemMessage("be brief"), openai.UserMessage("Hi, I am John.\nI live in Paris."))
+	up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{
+		{ID: "call_w", Name: "weather", Arguments: `{"city":"Paris"}`},
+		{ID: "call_t", Name: "time", Arguments: `{"tz":"Europe/Paris"}`},
+	}, Usage: &fakeai.Usage{PromptTokens: 40, CompletionTokens: 20}})
+	ask(openai.UserMessage("Weather and time at home?"))
+	up.Enqueue(fakeai.Reply{Content: "21 °C and 14:05 in Paris.", Usage: &fakeai.Usage{PromptTokens: 80, CompletionTokens: 9, CachedTokens: 64}})
+	ask(openai.ToolMessage(`{"temp":21}`, "call_w"), openai.ToolMessage(`{"time":"14:05"}`, "call_t"))
+	up.Enqueue(fakeai.Reply{Refusal: "I can't share that.", Usage: &fakeai.Usage{PromptTokens: 90, CompletionTokens: 5}})
+	ask(openai.UserMessage("What is my neighbour's password?"))
+	// A stream the client leaves after its first words.
+	gate := make(chan struct{})
+	defer close(gate)
+	up.Enqueue(fakeai.Reply{Content: "Once upon a time there was", Gate: gate, GateAfter: 2})
+	sctx, cancel := context.WithCancel(ctx)
+	stream := c.Chat.Completions.NewStreaming(sctx, openai.ChatCompletionNewParams{
+		Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Tell me a long story")},
+	})
+	for i := 0; i < 2; i++ {
+		require.True(t, stream.Next(), "chunk %d", i)
+	}
+	cancel()
+	_ = stream.Close()
+
+	var out string
+	require.Eventually(t, func() bool {
+		var err error
+		out, err = runCommand(t, env, "transcript", id)
+		return err == nil && strings.Contains(out, "INCOMPLETE")
+	}, 20*time.Second, 20*time.Millisecond, "the cut stream is recorded")
+	got := stamps.ReplaceAllString(out, "YYYY-MM-DD hh:mm:ssZ")
+	golden := filepath.Join("testdata", "transcript.golden")
+	if *update {
+		require.NoError(t, os.MkdirAll("testdata", 0o755))
+		require.NoError(t, os.WriteFile(golden, []byte(got), 0o644))
+	}
+	want, err := os.ReadFile(golden)
+	require.NoError(t, err)
+	require.Equal(t, string(want), got)
+
+	// The same as JSON, flags after the id and the store given as a flag.
+	out, err = runCommand(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "transcript", id, "-json", "-redis-url", rs.URL, "-conversation", "c1")
+	require.NoError(t, err)
+	var tr Transcript
+	require.NoError(t, json.Unmarshal([]byte(out), &tr))
+	require.Equal(t, id, tr.Session.ID)
+	require.Equal(t, "c1", tr.Conversation.ID)
+	require.Len(t, tr.Messages, 11)
+	require.Equal(t, "tool_call", tr.Messages[3].Kind)
+
+	for _, bad := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"transcript"}, "takes one session id"},
+		{[]string{"transcript", "a", "b"}, "takes one session id"},
+		{[]string{"transcript", "nope"}, "must be channel:user:agent"},
+		{[]string{"transcript", "chat:nobody:support"}, `no session "chat:nobody:support"`},
+		{[]string{"transcript", id, "-conversation", "c7"}, `has no conversation "c7"`},
+		{[]string{"transcript", id, "-color"}, "flag provided but not defined: -color"},
+	} {
+		_, err := runCommand(t, env, bad.args...)
+		require.ErrorContains(t, err, bad.want, bad.args)
+	}
+}
+
+func TestSessionsAndEraseCommands(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	env := map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}
+	p := start(t, env)
+	e := &adminEnv{p: p, up: up}
+	e.chat(t, "web:ann:support", "My printer is on fire")
+	e.chat(t, "web:bob:sales", "Ten licences please")
+	e.chat(t, "api:ann:sales", "Any student discount?")
+
+	out, err := runCommand(t, env, "sessions")
+	require.NoError(t, err)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	require.Len(t, lines, 5, out)
+	require.Regexp(t, `^SESSION\s+TITLE\s+CONVERSATION\s+MESSAGES\s+TOKENS\s+COST USD\s+LAST ACTIVE\s+ACTIVE$`, lines[0])
+	require.Regexp(t, `^api:ann:sales\s+Any student discount\?\s+c1\s+2\s+\d+\s+0\.\d+\s+\S+ \S+\s+yes$`, lines[1])
+	require.Equal(t, "3 of 3 sessions", lines[4])
+
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"-user", "ann"}, []string{"api:ann:sales", "web:ann:support"}},
+		{[]string{"--channel", "web", "--agent", "sales"}, []string{"web:bob:sales"}},
+		{[]string{"-q", "PRINTER"}, []string{"web:ann:support"}},
+		{[]string{"-limit", "1"}, []string{"api:ann:sales"}},
+		{[]string{"-active", "false"}, nil},
+	} {
+		out, err := runCommand(t, env, append([]string{"sessions", "-json"}, tc.args...)...)
+		require.NoError(t, err, tc.args)
+		var l struct {
+			Items []struct {
+				ID string `json:"id"`
+			} `json:"items"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(out), &l))
+		var ids []string
+		for _, s := range l.Items {
+			ids = append(ids, s.ID)
+		}
+		require.Equal(t, tc.want, ids, tc.args)
+	}
+	_, err = runCommand(t, env, "sessions", "-active", "maybe")
+	require.ErrorContains(t, err, "-active must be true or false")
+	_, err = runCommand(t, env, "sessions", "stray")
+	require.ErrorContains(t, err, `unexpected argument "stray"`)
+
+	out, err = runCommand(t, env, "erase", "web:ann:support")
+	require.NoError(t, err)
+	require.Contains(t, out, "erased web:ann:support: 1 conversation, 2 messages")
+	_, err = runCommand(t, env, "erase", "web:ann:support")
+	require.ErrorContains(t, err, `no session "web:ann:support"`)
+	out, err = runCommand(t, env, "sessions", "-user", "ann")
+	require.NoError(t, err)
+	require.Contains(t, out, "1 of 1 sessions")
+	require.NotContains(t, out, "web:ann:support")
+	keys, err := rs.Client(t).Keys(context.Background(), "*web:ann:support*").Result()
+	require.NoError(t, err)
+	require.Empty(t, keys)
+}
+
+func TestCommandsNeedRedis(t *testing.T) {
+	for _, name := range []string{"sessions", "transcript", "erase"} {
+		args := []string{name}
+		if name != "sessions" {
+			args = append(args, "a:b:c")
+		}
+		_, err := runCommand(t, nil, args...)
+		require.ErrorContains(t, err, "no Redis configured", name)
+	}
+	out, err := runCommand(t, nil, "transcript", "-h")
+	require.ErrorIs(t, err, flag.ErrHelp)
+	for _, want := range []string{"Usage: historyproxy transcript [flags] SESSION_ID", "-conversation", "-json", "-redis-url"} {
+		require.Contains(t, out, want)
+	}
+	var help bytes.Buffer
+	err = cli(context.Background(), []string{"-h"}, func(string) string { return "" }, io.Discard, &help)
+	require.ErrorIs(t, err, flag.ErrHelp)
+	for _, name := range []string{"sessions", "transcript SESSION_ID", "erase SESSION_ID"} {
+		require.Contains(t, help.String(), "historyproxy "+name)
+	}
+}
