@@ -218,10 +218,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		DefaultAgent:    cfg.Session.DefaultAgent,
 		RequireSession:  cfg.Session.Require,
 		MaxBodyBytes:    cfg.MaxBodyBytes,
-		StoreTimeout:    cfg.Store.Timeout,
-		FailClosed:      failClosed,
-		RetryQueue:      cfg.Store.RetryQueue,
-		Logger:          log,
+		// Past this, chat requests get 503: see README, Reliability.
+		MaxInflightBytes: cfg.MaxInflightBytes,
+		StoreTimeout:     cfg.Store.Timeout,
+		FailClosed:       failClosed,
+		RetryQueue:       cfg.Store.RetryQueue,
+		Logger:           log,
 
 		ClientWriteTimeout: cfg.Client.WriteTimeout,
 		MaxRequestMessages: cfg.MaxRequestMessages,

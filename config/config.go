@@ -47,6 +47,9 @@ type Config struct {
 	// request that would record more is refused with 400 before it is
 	// forwarded. Default 256.
 	MaxTurnMessages int `yaml:"max_turn_messages"`
+	// MaxInflightBytes bounds the bytes of chat request bodies held at
+	// once; past it a request gets 503 with Retry-After. Default 256 MiB.
+	MaxInflightBytes int64 `yaml:"max_inflight_bytes"`
 }
 
 // Upstream is the real OpenAI-compatible server.
@@ -240,11 +243,12 @@ func Default() Config {
 			MaxMessages:   20,
 			OutputReserve: 1024,
 		},
-		Tokens:       Tokens{DefaultEncoding: "o200k_base"},
-		Metrics:      Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
-		Log:          Log{Format: "text", Level: "info"},
-		DrainTimeout: 30 * time.Second,
-		MaxBodyBytes: 20 << 20,
+		Tokens:           Tokens{DefaultEncoding: "o200k_base"},
+		Metrics:          Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
+		Log:              Log{Format: "text", Level: "info"},
+		DrainTimeout:     30 * time.Second,
+		MaxBodyBytes:     20 << 20,
+		MaxInflightBytes: 256 << 20,
 
 		MaxRequestMessages:     4096,
 		MaxRequestContentParts: 4096,

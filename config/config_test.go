@@ -96,6 +96,7 @@ func TestDefaultValues(t *testing.T) {
 		{"max_request_content_parts", d.MaxRequestContentParts, 4096},
 		{"max_turn_messages", d.MaxTurnMessages, 256},
 		{"upstream.passthrough", d.Upstream.Passthrough, []string(nil)},
+		{"max_inflight_bytes", d.MaxInflightBytes, int64(256 << 20)},
 	} {
 		if !reflect.DeepEqual(c.got, c.want) {
 			t.Errorf("%s: got %v, want %v", c.name, c.got, c.want)
@@ -462,6 +463,7 @@ func TestValidation(t *testing.T) {
 		{"log level", func(c *Config) { c.Log.Level = "trace" }, `log.level: "trace" is not one of debug, info, warn, error`},
 		{"drain_timeout", func(c *Config) { c.DrainTimeout = 0 }, `drain_timeout: 0s must be positive`},
 		{"max_body_bytes", func(c *Config) { c.MaxBodyBytes = 0 }, `max_body_bytes: 0 must be positive`},
+		{"max_inflight_bytes", func(c *Config) { c.MaxInflightBytes = 1 << 20 }, `max_inflight_bytes: 1048576 is less than max_body_bytes (20971520): a request of the largest size would never be served`},
 		{"client read_timeout", func(c *Config) { c.Client.ReadTimeout = 0 }, `client.read_timeout: 0s must be positive`},
 		{"client write_timeout", func(c *Config) { c.Client.WriteTimeout = -time.Second }, `client.write_timeout: -1s must be positive`},
 		{"client idle_timeout", func(c *Config) { c.Client.IdleTimeout = 0 }, `client.idle_timeout: 0s must be positive`},

@@ -196,6 +196,9 @@ func (c Config) Validate() error {
 	if c.MaxBodyBytes <= 0 {
 		v.addf("max_body_bytes", c.MaxBodyBytes, "must be positive")
 	}
+	if c.MaxInflightBytes < c.MaxBodyBytes {
+		v.addf("max_inflight_bytes", c.MaxInflightBytes, "is less than max_body_bytes (%d): a request of the largest size would never be served", c.MaxBodyBytes)
+	}
 	for _, n := range []struct {
 		key   string
 		value int

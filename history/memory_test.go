@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -146,6 +147,25 @@ func TestDeriveTitle(t *testing.T) {
 		}
 		if n := len([]rune(DeriveTitle(tt.m))); n > titleLen {
 			t.Errorf("%s: got %d characters, want at most %d", tt.name, n, titleLen)
+		}
+	}
+}
+
+// TestDeriveTitleCostsTheTitle: a title of a message of megabytes costs
+// what the title does, not a slice of every word or the whole text as
+// runes.
+func TestDeriveTitleCostsTheTitle(t *testing.T) {
+	for name, text := range map[string]string{
+		"words":    strings.Repeat("word ", 1<<20),
+		"one word": strings.Repeat("x", 4<<20),
+	} {
+		m := Message{Content: text}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		DeriveTitle(m)
+		runtime.ReadMemStats(&after)
+		if got := after.TotalAlloc - before.TotalAlloc; got > 4<<10 {
+			t.Errorf("%s: %d bytes allocated, want at most 4 KiB", name, got)
 		}
 	}
 }

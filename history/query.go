@@ -97,10 +97,11 @@ func DeriveTitle(m Message) string {
 			text = b.String()
 		}
 	}
-	words := strings.Fields(text)
+	// Word by word, stopping at the title's length: a message may be
+	// megabytes long, and this runs for every turn.
 	var b strings.Builder
 	n := 0
-	for _, w := range words {
+	for w := range strings.FieldsSeq(text) {
 		wn := utf8.RuneCountInString(w)
 		sep := 0
 		if n > 0 {
@@ -108,9 +109,14 @@ func DeriveTitle(m Message) string {
 		}
 		if n+sep+wn > titleLen {
 			if n == 0 {
-				// One long word: cut inside it.
-				r := []rune(w)
-				b.WriteString(string(r[:titleLen-1]))
+				// One long word: cut inside it, after titleLen-1 runes.
+				cut, runes := 0, 0
+				for cut < len(w) && runes < titleLen-1 {
+					_, size := utf8.DecodeRuneInString(w[cut:])
+					cut += size
+					runes++
+				}
+				b.WriteString(w[:cut])
 			}
 			b.WriteString("…")
 			return b.String()

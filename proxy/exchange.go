@@ -11,6 +11,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -57,6 +58,17 @@ func historyMode(h http.Header) (string, *apiError) {
 // maxReplyBytes bounds a non-stream reply the proxy reads to record.
 const maxReplyBytes = 64 << 20
 
+// Bounds on the cost of counting one request's tokens (see tokens.Meter).
+const (
+	// countBytes is the most text of one request that is tokenized, the
+	// request's messages and the reply together (a fraction of a second of
+	// CPU); the rest is estimated from its size.
+	countBytes = 256 << 10
+	// replyPathBytes is the most text still tokenized once the reply has
+	// ended: the client waits for the turn's write.
+	replyPathBytes = 16 << 10
+)
+
 // exchange is one chat completion on its way through the proxy.
 type exchange struct {
 	start   time.Time
@@ -76,7 +88,11 @@ type exchange struct {
 	historyMessages, historyTokens int
 	truncated                      bool
 	requestTokens                  int // the request's own prompt tokens; -1 until counted
-	bodyLen                        int
+	// meter counts this request's tokens at a bounded cost; msgTokens
+	// holds the count of each request message once known (-1 before).
+	meter     *tokens.Meter
+	msgTokens []int
+	bodyLen   int
 
 	upstreamStart, upstreamEnd time.Time
 	upstreamErr                error
@@ -120,8 +136,14 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.opt.MaxBodyBytes))
+	body, release, err := p.readBody(w, r)
+	defer release()
 	if err != nil {
+		if errors.Is(err, errBusy) {
+			cw.Header().Set("Retry-After", "1")
+			writeError(cw, busy())
+			return
+		}
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
 			writeError(cw, &apiError{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large",
@@ -194,16 +216,14 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		x.idemKey = "hp-" + newID()
 	}
 
+	// Counting stops when the client is gone, unless the turn is being
+	// recorded (then it is bounded by the meter's limit).
+	mctx := r.Context()
 	if x.record {
-		// Tokenizing the new messages (tens of µs for a sentence, ms for a
-		// long paste) overlaps the upstream call instead of delaying the
-		// reply; recordTurn waits for it.
-		x.counted = make(chan struct{})
-		go func() { // ends when the messages are counted
-			defer close(x.counted)
-			x.newMsgs = p.countNew(x)
-		}()
+		mctx = context.WithoutCancel(mctx)
 	}
+	x.meter = p.opt.Counter.Meter(mctx, req.Model, countBytes)
+	x.msgTokens = slices.Repeat([]int{-1}, len(req.Messages))
 
 	var inject []history.Message
 	if x.stored != "" && req.lastAssistant() < 0 && !x.newConversation {
@@ -222,6 +242,16 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		// nowhere to record the turn, nothing is forwarded.
 		writeError(cw, storeUnavailable())
 		return
+	}
+	if x.record {
+		// Tokenizing the new messages overlaps the upstream call instead
+		// of delaying the reply; recordTurn waits for it, after capping
+		// what is left to tokenize.
+		x.counted = make(chan struct{})
+		go func() { // ends when the messages are counted
+			defer close(x.counted)
+			x.newMsgs = p.countNew(x)
+		}()
 	}
 	out, err := req.body(body, inject)
 	if err != nil {
@@ -333,15 +363,26 @@ func (p *Proxy) storeAnswers(ctx context.Context) bool {
 
 // requestTokens counts the request's own prompt once: its messages, tools
 // and reply priming. Stored history is never re-tokenized.
+//
+// It must not run beside countNew: call it before countNew starts or after
+// it has ended (x.counted).
 func (p *Proxy) requestTokens(x *exchange) int {
 	if x.requestTokens < 0 {
-		ms := make([]tokens.Message, len(x.req.Messages))
+		n := tokens.ReplyPriming
 		for i, m := range x.req.Messages {
-			ms[i] = tokenMessage(m.msg)
+			n += x.messageTokens(i, m.msg)
 		}
-		x.requestTokens = p.opt.Counter.Messages(x.req.Model, ms) + p.opt.Counter.Tools(x.req.Model, x.req.Tools)
+		x.requestTokens = n + x.meter.Tools(x.req.Tools)
 	}
 	return x.requestTokens
+}
+
+// messageTokens counts request message i once.
+func (x *exchange) messageTokens(i int, m history.Message) int {
+	if x.msgTokens[i] < 0 {
+		x.msgTokens[i] = x.meter.Message(tokenMessage(m))
+	}
+	return x.msgTokens[i]
 }
 
 func tokenMessage(m history.Message) tokens.Message {
@@ -453,8 +494,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	if x.stored == "" {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.opt.StoreTimeout)
-	defer cancel()
+	// The client waits for this write: tokenize little more, estimate the
+	// rest. Counting comes before the store's deadline starts.
+	x.meter.Cap(replyPathBytes)
 	now := p.now().UnixMilli()
 	usage := p.usage(x)
 	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Usage: history.Usage{
@@ -474,6 +516,8 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 			turn.Messages = append(turn.Messages, a)
 		}
 	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.opt.StoreTimeout)
+	defer cancel()
 	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy}
 	if p.retry != nil && (p.retry.queued(x.stored) || (x.degraded && !p.storeOK.Load())) {
 		// Earlier turns of this session wait for the store: this one goes
@@ -524,11 +568,25 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 
 // countNew returns the messages the turn records, with their token counts.
 func (p *Proxy) countNew(x *exchange) []history.Message {
-	msgs := x.req.newMessages()
-	for i := range msgs {
-		msgs[i].Tokens = p.opt.Counter.Message(x.req.Model, tokenMessage(msgs[i]))
+	idx := newIndexes(x.req)
+	msgs := make([]history.Message, len(idx))
+	for j, i := range idx {
+		msgs[j] = x.req.Messages[i].msg
+		msgs[j].Tokens = x.messageTokens(i, msgs[j])
 	}
 	return msgs
+}
+
+// newIndexes are the indexes in c.Messages of c.newMessages(), so that
+// their counts are shared with the request's (requestTokens).
+func newIndexes(c *chatRequest) []int {
+	var out []int
+	for i := c.newStart(); i < len(c.Messages); i++ {
+		if recorded(c.Messages[i].msg.Role) {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 // assistant is the reply as a stored message; ok is false when there is
@@ -568,7 +626,7 @@ func (p *Proxy) replyTokens(x *exchange, a history.Message, u tokens.Usage) int 
 	case x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0:
 		return int(u.Completion-u.Reasoning) + tokens.TokensPerMessage
 	}
-	return p.opt.Counter.Message(x.req.Model, tokenMessage(a))
+	return x.meter.Message(tokenMessage(a))
 }
 
 // usage is the upstream's usage when it sent one, else a local estimate.
@@ -578,6 +636,9 @@ func (p *Proxy) usage(x *exchange) tokens.Usage {
 	if x.usage != nil {
 		return *x.usage
 	}
+	if x.counted != nil {
+		<-x.counted // requestTokens must not run beside countNew
+	}
 	var u tokens.Usage
 	if x.reply != nil && x.reply.Usage != nil {
 		u = x.reply.Usage.usage()
@@ -586,7 +647,7 @@ func (p *Proxy) usage(x *exchange) tokens.Usage {
 		if a, ok := x.assistant(0, true); ok {
 			// As the API counts completion_tokens: what was generated, not
 			// the message framing.
-			u.Completion = int64(p.opt.Counter.Completion(x.req.Model, tokenMessage(a)))
+			u.Completion = int64(x.meter.Completion(tokenMessage(a)))
 		}
 	}
 	x.usage = &u

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/history"
@@ -43,8 +44,11 @@ func redisProxy(t *testing.T, rs *redistest.Server, up *fakeai.Server, mod func(
 	t.Helper()
 	u, err := url.Parse(up.URL)
 	require.NoError(t, err)
+	// As main builds it: a context's deadline bounds each command.
+	client := redis.NewClient(&redis.Options{Addr: rs.Addr, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = client.Close() })
 	opt := Options{
-		Upstream: u, Store: history.NewRedis(rs.Client(t), ""), Counter: sharedCounter, Catalog: tokens.NewCatalog(nil),
+		Upstream: u, Store: history.NewRedis(client, ""), Counter: sharedCounter, Catalog: tokens.NewCatalog(nil),
 		Agent: defaultAgent, DefaultChannel: "api", DefaultAgent: "default",
 		StoreTimeout: 300 * time.Millisecond, RetryQueue: 10000,
 	}

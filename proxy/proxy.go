@@ -99,6 +99,9 @@ type Options struct {
 	// record more is refused before it is forwarded. 0: no bound.
 	MaxTurnMessages int
 
+	// MaxInflightBytes bounds the bytes of chat request bodies held at
+	// once; a request past it gets 503 with Retry-After. Zero: no bound.
+	MaxInflightBytes int64
 	// ClientWriteTimeout bounds how long one write to the client may wait
 	// for a client that stopped reading (then the response is cut). It is
 	// renewed per write, so a stream being read is never cut. Zero: no
@@ -132,6 +135,9 @@ type Proxy struct {
 	// forwarded.
 	storeOK atomic.Bool
 	lost    atomic.Int64 // turns given up, see LostTurns
+	// inflight holds the chat bodies being served, against
+	// MaxInflightBytes.
+	inflight inflight
 	// unpriced remembers the models logged as having no price.
 	unpriced unpricedLog
 	stop     context.CancelFunc
@@ -152,7 +158,7 @@ func New(opt Options) (*Proxy, error) {
 	if opt.Metrics == nil {
 		opt.Metrics = discard{}
 	}
-	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now}
+	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now, inflight: inflight{max: opt.MaxInflightBytes}}
 	patterns := opt.Passthrough
 	if len(patterns) == 0 && opt.APIKey != "" {
 		patterns = DefaultPassthrough
