@@ -349,6 +349,33 @@ func eraseCommand(ctx context.Context, args []string, getenv func(string) string
 	return err
 }
 
+// migrateCommand is historyproxy migrate: sessions of the layout before one
+// stream per session move to the current one.
+func migrateCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	c := config.Command{
+		Name: "migrate",
+		Summary: "Moves the sessions an older version stored (one stream per conversation) into the current layout (one stream per session), " +
+			"keeping their messages and ids, and adds every session to the channel, user and agent indexes. Safe to run while the proxy serves, and again.",
+	}
+	cfg, _, err := config.LoadCommand(c, args, getenv, stdout)
+	if err != nil {
+		return err
+	}
+	store, closeStore, err := openStore(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	res, err := store.Migrate(ctx, nil)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "migrated %s (%s, %s); %s already in the current layout\n",
+		plural(int64(res.Sessions), "session"), plural(int64(res.Conversations), "conversation"), plural(int64(res.Messages), "message"),
+		plural(int64(res.Current), "session"))
+	return err
+}
+
 // oneSession checks that a command was given exactly one session id.
 func oneSession(pos []string, name string) (string, error) {
 	if len(pos) != 1 {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/openai/openai-go"
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/internal/fakeai"
@@ -180,9 +182,9 @@ func TestSessionsAndEraseCommands(t *testing.T) {
 }
 
 func TestCommandsNeedRedis(t *testing.T) {
-	for _, name := range []string{"sessions", "transcript", "erase"} {
+	for _, name := range []string{"sessions", "transcript", "erase", "migrate"} {
 		args := []string{name}
-		if name != "sessions" {
+		if name == "transcript" || name == "erase" {
 			args = append(args, "a:b:c")
 		}
 		_, err := runCommand(t, nil, args...)
@@ -196,7 +198,42 @@ func TestCommandsNeedRedis(t *testing.T) {
 	var help bytes.Buffer
 	err = cli(context.Background(), []string{"-h"}, func(string) string { return "" }, io.Discard, &help)
 	require.ErrorIs(t, err, flag.ErrHelp)
-	for _, name := range []string{"sessions", "transcript SESSION_ID", "erase SESSION_ID"} {
+	for _, name := range []string{"sessions", "transcript SESSION_ID", "erase SESSION_ID", "migrate"} {
 		require.Contains(t, help.String(), "historyproxy "+name)
 	}
+}
+
+// TestMigrateCommand: a session stored by an older version (one stream per
+// conversation) is moved by historyproxy migrate while the proxy runs, and
+// its next request gets that history.
+func TestMigrateCommand(t *testing.T) {
+	rs := redistest.Start(t)
+	rc := rs.Client(t)
+	ctx := context.Background()
+	const id = "chat:ann:support"
+	base := "hp:{" + id + "}:"
+	require.NoError(t, rc.ZAdd(ctx, base+"convs", redis.Z{Score: 1_700_000_000_000, Member: "c1"}).Err())
+	for i, m := range []struct{ role, content string }{{"user", "My name is Ann."}, {"assistant", "Hello Ann."}} {
+		require.NoError(t, rc.XAdd(ctx, &redis.XAddArgs{Stream: base + "conv:c1", ID: fmt.Sprintf("1700000000000-%d", i), Values: []any{
+			"role", m.role, "content", m.content, "kind", "message", "tokens", "6", "created_ms", "1700000000000", "status", "complete",
+		}}).Err())
+	}
+	require.NoError(t, rc.HSet(ctx, base+"session", "conversation", "c1", "is_active", "1", "created_ms", "1700000000000",
+		"last_active_ms", "1700000000000", "messages", "2", "conversations", "1", "requests", "1").Err())
+	require.NoError(t, rc.ZAdd(ctx, "hp:sessions", redis.Z{Score: 1_700_000_000_000, Member: id}).Err())
+
+	up := fakeai.New(t)
+	env := map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}
+	p := start(t, env)
+	out, err := runCommand(t, env, "migrate")
+	require.NoError(t, err)
+	require.Equal(t, "migrated 1 session (1 conversation, 2 messages); 0 sessions already in the current layout\n", out)
+	e := &adminEnv{p: p, up: up}
+	require.Equal(t, "echo: What is my name? [messages=3]", e.chat(t, id, "What is my name?"), "the old conversation is the history")
+	out, err = runCommand(t, env, "migrate")
+	require.NoError(t, err)
+	require.Equal(t, "migrated 0 sessions (0 conversations, 0 messages); 1 session already in the current layout\n", out)
+	keys, err := rc.Keys(ctx, base+"conv*").Result()
+	require.NoError(t, err)
+	require.Equal(t, []string{base + "conversations"}, keys)
 }

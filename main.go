@@ -96,6 +96,11 @@ var commands = []command{
 		run:     eraseCommand,
 	},
 	{
+		name: "migrate", args: "[flags]",
+		summary: "move the sessions an older version stored (one Redis stream per conversation) into the current layout; safe while the proxy serves, and to run again",
+		run:     migrateCommand,
+	},
+	{
 		name: "version", summary: "print the version and exit (also -version)",
 		run: func(_ context.Context, _ []string, _ func(string) string, stdout io.Writer) error {
 			_, err := fmt.Fprintln(stdout, versionLine())

@@ -1,0 +1,166 @@
+package history
+
+import (
+	"context"
+	"reflect"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/historyproxy/historyproxy/internal/redistest"
+)
+
+// oldConversation writes a conversation the way the layout before one
+// stream per session kept it: its own stream, and an entry in P:{S}:convs.
+func oldConversation(t *testing.T, c redis.UniversalClient, prefix, session, conv string, created int64, ids, texts []string, ttl time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	base := prefix + ":{" + session + "}:"
+	mustNoErr(t, c.ZAdd(ctx, base+"convs", redis.Z{Score: float64(created), Member: conv}).Err())
+	for i, id := range ids {
+		role := RoleUser
+		if i%2 == 1 {
+			role = RoleAssistant
+		}
+		mustNoErr(t, c.XAdd(ctx, &redis.XAddArgs{Stream: base + "conv:" + conv, ID: id, Values: []any{
+			"role", role, "content", texts[i], "kind", KindMessage, "tokens", "5",
+			"created_ms", strconv.FormatInt(created+int64(i), 10), "status", StatusComplete,
+		}}).Err())
+	}
+	if ttl > 0 {
+		mustNoErr(t, c.PExpire(ctx, base+"conv:"+conv, ttl).Err())
+	}
+}
+
+func TestRedisMigrate(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+
+	// a: two old conversations whose streams began in the same millisecond.
+	const a = "chat:ann:support"
+	oldConversation(t, c, "hp", a, "c1", t0, []string{"5000-0", "5000-1"}, []string{"Hello, I am Ann and I like long walks", "hi Ann"}, 30*time.Minute)
+	oldConversation(t, c, "hp", a, "c2", t0+10, []string{"5000-0", "5001-0"}, []string{"Still there?", "yes"}, time.Hour)
+	mustNoErr(t, c.HSet(ctx, "hp:{"+a+"}:session", "conversation", "c2", "is_active", "1", "created_ms", t0,
+		"last_active_ms", t0+11, "messages", 4, "conversations", 2, "requests", 2, "cost_nanos", 300).Err())
+	mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0 + 11), Member: a}).Err())
+
+	// b: an old conversation, then a turn written by this version before
+	// the migration, which began c2 in the current layout.
+	const b = "web:bob:sales"
+	oldConversation(t, c, "hp", b, "c1", t0, []string{"4000-0", "4000-1"}, []string{"old question", "old answer"}, 0)
+	mustNoErr(t, c.HSet(ctx, "hp:{"+b+"}:session", "conversation", "c1", "is_active", "1", "created_ms", t0,
+		"last_active_ms", t0+1, "messages", 2, "conversations", 1).Err())
+	mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0 + 1), Member: b}).Err())
+	res := appendQA(t, s, b, 1, t0+20, Policy{})
+	if res.ConversationID != "c2" {
+		t.Fatalf("a turn on old data: got %+v, want a new conversation c2", res)
+	}
+
+	// c: only the current layout.
+	const cur = "api:cat:support"
+	appendQA(t, s, cur, 0, t0+30, Policy{})
+
+	var calls int
+	got, err := s.Migrate(ctx, func(MigrateResult) { calls++ })
+	mustNoErr(t, err)
+	if want := (MigrateResult{Sessions: 2, Current: 1, Conversations: 3, Messages: 6}); got != want || calls != 3 {
+		t.Errorf("got %+v after %d calls, want %+v after 3", got, calls, want)
+	}
+
+	check := func(session, conv string, want []string) []Message {
+		t.Helper()
+		msgs, err := s.Messages(ctx, session, conv)
+		mustNoErr(t, err)
+		if got := contents(msgs); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s %s: got %q, want %q", session, conv, got, want)
+		}
+		return msgs
+	}
+	c1 := check(a, "c1", []string{"Hello, I am Ann and I like long walks", "hi Ann"})
+	c2 := check(a, "c2", []string{"Still there?", "yes"})
+	ids := []string{c1[0].ID, c1[1].ID, c2[0].ID, c2[1].ID}
+	if want := []string{"5000-0", "5000-1", "5000-2", "5001-0"}; !reflect.DeepEqual(ids, want) {
+		t.Errorf("ids: got %q, want %q (kept, one moved up a sequence number)", ids, want)
+	}
+	if c1[0].Tokens != 5 || c1[0].CreatedMs != t0 || c1[0].Kind != KindMessage || c1[0].Conversation != "c1" {
+		t.Errorf("fields: got %+v", c1[0])
+	}
+	convs, err := s.Conversations(ctx, a)
+	mustNoErr(t, err)
+	wantConvs := []Conversation{
+		{ID: "c1", Title: "Hello, I am Ann and I like long walks", StartID: "5000-0", LastID: "5000-1", CreatedMs: t0, LastMs: t0 + 1, MessageCount: 2},
+		{ID: "c2", Title: "Still there?", StartID: "5000-2", LastID: "5001-0", CreatedMs: t0 + 10, LastMs: t0 + 11, MessageCount: 2, Current: true},
+	}
+	if !reflect.DeepEqual(convs, wantConvs) {
+		t.Errorf("conversations:\ngot  %+v\nwant %+v", convs, wantConvs)
+	}
+	if ttl := c.PTTL(ctx, "hp:{"+a+"}:messages").Val(); ttl <= 59*time.Minute || ttl > time.Hour {
+		t.Errorf("TTL: got %s, want the longest of the old streams' (1h)", ttl)
+	}
+	if ttl := c.PTTL(ctx, "hp:{"+b+"}:messages").Val(); ttl != -1 {
+		t.Errorf("TTL of b: got %s, want none: its old stream had none", ttl)
+	}
+	// The next turn goes on in c2, with c2 in its window.
+	w, err := s.Window(ctx, a, 10, t0+12, Policy{})
+	mustNoErr(t, err)
+	if w.ConversationID != "c2" || !reflect.DeepEqual(contents(w.Messages), []string{"Still there?", "yes"}) {
+		t.Errorf("window: got %q in %q, want c2's", contents(w.Messages), w.ConversationID)
+	}
+	if r := appendQA(t, s, a, 7, t0+13, Policy{}); r.NewConversation || r.ConversationID != "c2" {
+		t.Errorf("next turn: got %+v, want it in c2", r)
+	}
+
+	check(b, "c1", []string{"old question", "old answer"})
+	check(b, "c2", []string{"q1", "a1"})
+	w, err = s.Window(ctx, b, 10, t0+21, Policy{})
+	mustNoErr(t, err)
+	if w.ConversationID != "c2" {
+		t.Errorf("b's window: got %q, want c2", w.ConversationID)
+	}
+
+	// Nothing of the old layout is left, and every session is in the part
+	// indexes.
+	for _, k := range scanKeys(t, c, "*") {
+		for _, suffix := range []string{":convs", ":conv:c1", ":conv:c2", ":migrating"} {
+			if len(k) > len(suffix) && k[len(k)-len(suffix):] == suffix {
+				t.Errorf("key %s left", k)
+			}
+		}
+	}
+	for _, q := range []SessionQuery{{User: "ann"}, {Agent: "sales"}, {Channel: "api"}} {
+		if page, err := s.Sessions(ctx, q); err != nil || len(page.Sessions) != 1 {
+			t.Errorf("%+v: got %+v, %v, want one session", q, page, err)
+		}
+	}
+
+	// Again: nothing to move.
+	got, err = s.Migrate(ctx, nil)
+	mustNoErr(t, err)
+	if want := (MigrateResult{Current: 3}); got != want {
+		t.Errorf("second run: got %+v, want %+v", got, want)
+	}
+}
+
+// TestRedisEraseOldLayout: erasing a session not yet migrated deletes its
+// old streams too.
+func TestRedisEraseOldLayout(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	const a = "chat:ann:support"
+	oldConversation(t, c, "hp", a, "c1", t0, []string{"5000-0", "5000-1"}, []string{"q", "a"}, 0)
+	oldConversation(t, c, "hp", a, "c2", t0+10, []string{"6000-0"}, []string{"q2"}, 0)
+	mustNoErr(t, c.HSet(ctx, "hp:{"+a+"}:session", "conversation", "c2", "is_active", "1", "conversations", 2).Err())
+	mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0), Member: a}).Err())
+	e, err := s.Erase(ctx, a)
+	mustNoErr(t, err)
+	if want := (Erased{Found: true, Conversations: 2, Messages: 3}); e != want {
+		t.Errorf("got %+v, want %+v", e, want)
+	}
+	if keys := scanKeys(t, c, "*"); len(keys) != 0 {
+		t.Errorf("got keys %q left, want none", keys)
+	}
+}
