@@ -276,15 +276,32 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		}
 		ss.idemOrder = ss.idemOrder[1:]
 	}
+	seen := func(key string) bool {
+		ms, ok := ss.idem[key]
+		return ok && ms >= cutoff
+	}
+	remember := func(key string) {
+		ss.idem[key] = t.NowMs
+		ss.idemOrder = append(ss.idemOrder, idemEntry{key, t.NowMs})
+		ss.idemExpires = now.Add(IdempotencyWindow)
+		s.grow(ss, int64(memIdemOverhead+len(key)))
+	}
+	dup := false
 	if t.IdempotencyKey != "" {
-		if ms, ok := ss.idem[t.IdempotencyKey]; ok && ms >= cutoff {
+		if t.WriteKey != "" && seen(t.WriteKey) || t.WriteKey == "" && seen(t.IdempotencyKey) {
+			// This very write retried, or a repeat that counts nothing.
 			s.sessions[session] = ss
 			return AppendResult{ConversationID: ss.conversation, Duplicate: true}, nil
 		}
-		ss.idem[t.IdempotencyKey] = t.NowMs
-		ss.idemOrder = append(ss.idemOrder, idemEntry{t.IdempotencyKey, t.NowMs})
-		ss.idemExpires = now.Add(IdempotencyWindow)
-		s.grow(ss, int64(memIdemOverhead+len(t.IdempotencyKey)))
+		// A repeat of a recorded request with a write key: no second
+		// turn, but its upstream call is billed, so its usage counts.
+		dup = seen(t.IdempotencyKey)
+		if !dup {
+			remember(t.IdempotencyKey)
+		}
+		if t.WriteKey != "" {
+			remember(t.WriteKey)
+		}
 	}
 	s.sessions[session] = ss
 
@@ -292,8 +309,8 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	if ss.createdMs == 0 {
 		ss.createdMs = t.NowMs
 	}
-	r := AppendResult{ConversationID: ss.conversation}
-	if len(t.Messages) == 0 {
+	r := AppendResult{ConversationID: ss.conversation, Duplicate: dup}
+	if len(t.Messages) == 0 || dup {
 		return r, nil
 	}
 

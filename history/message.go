@@ -118,10 +118,21 @@ type Policy struct {
 // atomically, or none of it.
 type Turn struct {
 	Messages []Message
-	// IdempotencyKey, when not empty, makes the append a no-op if the same
-	// key was appended to this session within IdempotencyWindow.
+	// IdempotencyKey, when not empty, makes the append write no message if
+	// the same key was appended to this session within IdempotencyWindow
+	// (whether its usage counts is WriteKey's to say).
 	IdempotencyKey string
-	Usage          Usage
+	// WriteKey, when not empty, names this one write, the same in every
+	// retry of it. With it, a turn whose IdempotencyKey was recorded by
+	// another write (a client that repeated its request, and so called
+	// the upstream again) still adds its usage to the session's totals,
+	// while a retry of the same write (its answer was lost) adds nothing.
+	// Without it, a duplicate adds nothing at all. A key recorded within
+	// IdempotencyWindow is remembered; WriteKey is needed only when
+	// IdempotencyKey comes from a client, since a key the writer made up
+	// for one request already names one write.
+	WriteKey string
+	Usage    Usage
 	// NowMs is the time of the write in Unix milliseconds: the session's
 	// last activity from then on, and the created time of messages that
 	// have none.

@@ -144,8 +144,8 @@ return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 // ARGV: now ms, idle ms, retention ms, idempotency key, idempotency cutoff
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
 // the turn was read from (or ""), derived title, 1 to start a new
-// conversation, message count, then per message its number of field/value
-// strings followed by them.
+// conversation, message count, write key, then per message its number of
+// field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
 var appendScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
@@ -154,10 +154,19 @@ local retention = tonumber(ARGV[3])
 local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained')
 local conv = h[1] or ''
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
+local dup = false
 if ARGV[4] ~= '' then
-  if redis.call('ZSCORE', KEYS[4], ARGV[4]) then return {conv, 2} end
-  redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4])
+  local w = ARGV[18]
+  -- This very write, retried after its answer was lost: nothing to do.
+  if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2} end
+  dup = redis.call('ZSCORE', KEYS[4], ARGV[4]) ~= false
+  -- Another write's repeat, without a write key: nothing either.
+  if dup and w == '' then return {conv, 2} end
+  if not dup then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4]) end
+  if w ~= '' then redis.call('ZADD', KEYS[4], ARGV[1], w) end
   redis.call('PEXPIRE', KEYS[4], ARGV[6])
+  -- Otherwise a repeat of a recorded request: no second turn, but its
+  -- upstream call is billed, so its usage counts (below).
 end
 local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
 -- Every total is written, 0 included, so HGETALL shows each field the
@@ -173,6 +182,7 @@ if micros then
 end
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
 local n = tonumber(ARGV[17])
+if dup then n = 0 end
 if n == 0 then
   -- A turn that records no message (read-only, or a repeat's usage) may
   -- be the session's first: its fields still all exist.
@@ -184,6 +194,7 @@ if n == 0 then
     redis.call('HINCRBY', KEYS[1], 'conversations', 0)
     redis.call('HSETNX', KEYS[1], 'retained', '1')
   end
+  if dup then return {conv, 2} end
   return {conv, 0}
 end
 local last = tonumber(h[2] or '0')
@@ -216,7 +227,7 @@ elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) the
 end
 if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
 local res = {conv, new}
-local i = 18
+local i = 19
 for m = 1, n do
   local k = tonumber(ARGV[i])
   local fields = {'conversation', conv}
@@ -418,6 +429,7 @@ func appendArgs(t Turn, p Policy) []any {
 		turnTitle(t.Messages),
 		boolArg(t.NewConversation),
 		len(t.Messages),
+		t.WriteKey,
 	}
 	for _, m := range t.Messages {
 		fields := encodeMessage(m)

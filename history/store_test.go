@@ -429,6 +429,36 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		}
 	})
 
+	t.Run("a repeat with a write key counts its usage once", func(t *testing.T) {
+		s := newFixture(t).store
+		u := Usage{PromptTokens: 10, CompletionTokens: 2, Requests: 1, CostNanos: 5}
+		steps := []struct {
+			name, writeKey string
+			wantDup        bool
+			wantRequests   int64
+		}{
+			{name: "first write", writeKey: "w-1", wantRequests: 1},
+			{name: "the first write retried: its answer was lost", writeKey: "w-1", wantDup: true, wantRequests: 1},
+			{name: "the client repeats the request", writeKey: "w-2", wantDup: true, wantRequests: 2},
+			{name: "the repeat's write retried", writeKey: "w-2", wantDup: true, wantRequests: 2},
+			{name: "a repeat without a write key", wantDup: true, wantRequests: 2},
+			{name: "another repeat", writeKey: "w-3", wantDup: true, wantRequests: 3},
+		}
+		for i, st := range steps {
+			res, err := s.Append(ctx, session, Turn{Messages: qa(0), NowMs: t0 + int64(i), IdempotencyKey: "client-key", WriteKey: st.writeKey, Usage: u}, Policy{})
+			mustNoErr(t, err)
+			if res.Duplicate != st.wantDup || (st.wantDup && len(res.IDs) != 0) {
+				t.Errorf("%s: got %+v, want duplicate %v", st.name, res, st.wantDup)
+			}
+			sess, _, err := s.Session(ctx, session)
+			mustNoErr(t, err)
+			want := Usage{PromptTokens: 10 * st.wantRequests, CompletionTokens: 2 * st.wantRequests, Requests: st.wantRequests, CostNanos: 5 * st.wantRequests}
+			if sess.Totals != want || sess.MessageCount != 2 {
+				t.Errorf("%s: got totals %+v and %d messages, want %+v and 2", st.name, sess.Totals, sess.MessageCount, want)
+			}
+		}
+	})
+
 	t.Run("usage-only turns add to totals only", func(t *testing.T) {
 		s := newFixture(t).store
 		a := Usage{PromptTokens: 100, CompletionTokens: 20, CachedTokens: 64, HistoryTokens: 80, Requests: 1, CostNanos: 1234}
