@@ -78,6 +78,10 @@ type exchange struct {
 	agent   Agent
 	record  bool
 	idemKey string
+	// writeKey names this request's own write when idemKey is the
+	// client's: a client's repeat still counts its usage, a retry of the
+	// write (by the retry queue) does not count it twice.
+	writeKey string
 	// newConversation: X-History: new, the turn starts a new conversation
 	// and nothing is injected.
 	newConversation bool
@@ -214,6 +218,8 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		// Every turn carries a key, so a retried write whose first answer
 		// was lost (a Redis timeout) cannot store the turn twice.
 		x.idemKey = "hp-" + newID()
+	} else {
+		x.writeKey = "hp-w-" + newID()
 	}
 
 	// Counting stops when the client is gone, unless the turn is being
@@ -499,7 +505,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	x.meter.Cap(replyPathBytes)
 	now := p.now().UnixMilli()
 	usage := p.usage(x)
-	turn := history.Turn{IdempotencyKey: x.idemKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Usage: history.Usage{
+	turn := history.Turn{IdempotencyKey: x.idemKey, WriteKey: x.writeKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Usage: history.Usage{
 		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
 		HistoryTokens: int64(x.historyTokens), Requests: 1,
 	}}
@@ -533,22 +539,13 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		return nil
 	}
 	t0 := time.Now()
-	res, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
+	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
 	p.storeUp(err == nil)
-	if err == nil && res.Duplicate {
-		// A client's retry with a key already recorded stores no second
-		// turn, but it did cost a second upstream call: count it, or the
-		// session's all-time totals would fall short of the bill.
-		usage := history.Turn{NowMs: now, Usage: turn.Usage}
-		_, err = p.opt.Store.Append(ctx, x.stored, usage, x.agent.Policy)
-		p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
-		if err != nil {
-			p.log.Warn("usage of a repeated turn not counted", "session", x.stored, "err", err)
-		}
-		return nil
-	}
 	if err == nil {
+		// A client's repeat of a recorded request (res.Duplicate) stores
+		// no second turn, but it did cost a second upstream call: the
+		// store counted its usage (WriteKey), here or from the retry queue.
 		return nil
 	}
 	if p.opt.FailClosed {

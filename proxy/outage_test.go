@@ -302,3 +302,78 @@ func TestDegradedHeaderSentOnce(t *testing.T) {
 		require.Equal(t, []string{"degraded"}, resp.Header.Values("X-History"), "stream=%t", stream)
 	}
 }
+
+// TestRepeatedKeyThroughRetryQueueCountsUsage: a client repeats a recorded
+// request (same Idempotency-Key) while Redis is down; its turn waits in the
+// retry queue. Once written, no second turn is stored, but the repeat's
+// upstream call is counted, as for a repeat that meets a working store.
+func TestRepeatedKeyThroughRetryQueueCountsUsage(t *testing.T) {
+	rs := redistest.Start(t, redistest.WithAOF())
+	up := fakeai.New(t)
+	px, srv := redisProxy(t, rs, up, nil)
+	const sid = "api:rep:default"
+	post := func() *http.Response {
+		req, err := http.NewRequest(http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(
+			`{"model":"gpt-4o","messages":[{"role":"user","content":"once"}]}`))
+		require.NoError(t, err)
+		req.Header.Set("X-Session-ID", sid)
+		req.Header.Set("Idempotency-Key", "client-k1")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp
+	}
+	up.Enqueue(fakeai.Reply{Content: "one", Usage: &fakeai.Usage{PromptTokens: 10, CompletionTokens: 2}})
+	require.Equal(t, http.StatusOK, post().StatusCode)
+
+	rs.Stop(t)
+	up.Enqueue(fakeai.Reply{Content: "one", Usage: &fakeai.Usage{PromptTokens: 10, CompletionTokens: 2}})
+	r := post()
+	require.Equal(t, http.StatusOK, r.StatusCode)
+	require.Equal(t, "degraded", r.Header.Get("X-History"), "the repeat's turn waits in the queue")
+	rs.Restart(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.True(t, px.retry.drain(ctx, 10*time.Second))
+
+	s, ok, err := history.NewRedis(rs.Client(t), "").Session(context.Background(), sid)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.EqualValues(t, 2, s.MessageCount, "the turn is stored once")
+	require.EqualValues(t, 2, s.Totals.Requests, "both upstream calls are counted")
+	require.EqualValues(t, 20, s.Totals.PromptTokens)
+	require.EqualValues(t, 4, s.Totals.CompletionTokens)
+}
+
+// TestRetryQueueCountsARepeatOnce: the retry queue writes a turn whose
+// first write went through although its answer was lost, and a client's
+// repeat of it. The first adds nothing again; the repeat adds its usage
+// once.
+func TestRetryQueueCountsARepeatOnce(t *testing.T) {
+	rs := redistest.Start(t)
+	store := history.NewRedis(rs.Client(t), "")
+	const sid = "api:lost:default"
+	u := history.Usage{PromptTokens: 10, Requests: 1}
+	turn := func(writeKey string) history.Turn {
+		return history.Turn{NowMs: time.Now().UnixMilli(), IdempotencyKey: "client-k", WriteKey: writeKey, Usage: u,
+			Messages: []history.Message{{Role: history.RoleUser, Content: "q"}, {Role: history.RoleAssistant, Content: "a"}}}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// The first write reached Redis; the proxy saw a timeout and queued it.
+	first := turn("w-first")
+	_, err := store.Append(ctx, sid, first, history.Policy{})
+	require.NoError(t, err)
+	q := newRetryQueue(store, 10, 5*time.Second, discard{}, slog.New(slog.DiscardHandler))
+	require.True(t, q.push(pendingTurn{session: sid, turn: first}))
+	require.True(t, q.push(pendingTurn{session: sid, turn: turn("w-repeat")}))
+	go q.run(ctx)
+	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer dcancel()
+	require.True(t, q.drain(dctx, 10*time.Second))
+	s, _, err := store.Session(ctx, sid)
+	require.NoError(t, err)
+	require.EqualValues(t, 2, s.MessageCount)
+	require.EqualValues(t, 2, s.Totals.Requests, "the first write once, the repeat once")
+	require.EqualValues(t, 20, s.Totals.PromptTokens)
+}
