@@ -233,6 +233,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		ClientWriteTimeout: cfg.Client.WriteTimeout,
 		MaxRequestMessages: cfg.MaxRequestMessages,
 		MaxContentParts:    cfg.MaxRequestContentParts,
+		MaxRequestTools:    cfg.MaxRequestTools,
 		MaxTurnMessages:    cfg.MaxTurnMessages,
 	})
 	if err != nil {

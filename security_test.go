@@ -487,3 +487,54 @@ func TestErrorsHideInternalAddresses(t *testing.T) {
 	require.Contains(t, p.stderr.String(), addr, "the log names the upstream and the cause")
 	require.Contains(t, p.stderr.String(), "connection refused")
 }
+
+// TestRequestLimitsCoverTools: the request's tools and its messages' tool
+// calls are arrays the proxy decodes (to count their tokens) element by
+// element, like messages and content parts: millions of empty ones in a
+// few MB cost gigabytes. They are bounded the same way, before anything is
+// done per element.
+func TestRequestLimitsCoverTools(t *testing.T) {
+	gw := newGateway(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": gw.URL})
+	tools := func(n int) string {
+		return `{"model":"gpt-4o-mini","tools":[` + repeat(n, `{"type":"function","function":{"name":"f"}}`) + `],"messages":[` + userJSON("hi") + `]}`
+	}
+	calls := func(n ...int) string {
+		var msgs []string
+		for _, k := range n {
+			msgs = append(msgs, userJSON("hi"), `{"role":"assistant","content":null,"tool_calls":[`+repeat(k, `{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}`)+`]}`)
+		}
+		return chatJSON(append(msgs, `{"role":"tool","tool_call_id":"c","content":"x"}`)...)
+	}
+	hdr := map[string]string{"X-Session-User": "tools"}
+	for _, tc := range []struct{ name, body, code, param string }{
+		{"4097 tools", tools(4097), "too_many_tools", "tools"},
+		{"4097 tool calls in one message", calls(4097), "too_many_tool_calls", "messages[1].tool_calls"},
+		{"4097 tool calls over two messages", calls(2048, 2049), "too_many_tool_calls", "messages[3].tool_calls"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := p.send(t, http.MethodPost, "/v1/chat/completions", tc.body, hdr)
+			require.Equal(t, http.StatusBadRequest, r.Status, r.Body[:min(len(r.Body), 300)])
+			code, msg := openAIError(t, r.Body)
+			require.Equal(t, tc.code, code, msg[:min(len(msg), 300)])
+			require.Contains(t, r.Body, `"param":"`+tc.param+`"`)
+		})
+	}
+	require.Empty(t, gw.requests(), "nothing refused reached the gateway")
+
+	// At the bound, requests are forwarded (the fake upstream may refuse
+	// calls without results: that is its answer, not the proxy's).
+	for i, body := range []string{tools(4096), calls(4096), calls(2048, 2048)} {
+		p.send(t, http.MethodPost, "/v1/chat/completions", body, hdr)
+		require.Len(t, gw.requests(), i+1, "forwarded")
+	}
+
+	// The bound is configurable.
+	p2 := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": gw.URL}, configFile(t, "max_request_tools: 2\n")...)
+	for _, tc := range []struct{ body, code string }{{tools(3), "too_many_tools"}, {calls(3), "too_many_tool_calls"}} {
+		r := p2.send(t, http.MethodPost, "/v1/chat/completions", tc.body, hdr)
+		require.Equal(t, http.StatusBadRequest, r.Status, r.Body[:min(len(r.Body), 300)])
+		code, _ := openAIError(t, r.Body)
+		require.Equal(t, tc.code, code)
+	}
+}

@@ -42,6 +42,9 @@ type Config struct {
 	// MaxRequestContentParts bounds the content parts of all the messages
 	// of one chat request together (400 beyond). Default 4096.
 	MaxRequestContentParts int `yaml:"max_request_content_parts"`
+	// MaxRequestTools bounds the tools of one chat request, and the tool
+	// calls of all its messages together (400 beyond). Default 4096.
+	MaxRequestTools int `yaml:"max_request_tools"`
 	// MaxTurnMessages bounds the request messages one turn records (the
 	// reply comes on top), so that no single write holds Redis for long. A
 	// request that would record more is refused with 400 before it is
@@ -252,6 +255,7 @@ func Default() Config {
 
 		MaxRequestMessages:     4096,
 		MaxRequestContentParts: 4096,
+		MaxRequestTools:        4096,
 		MaxTurnMessages:        256,
 	}
 }

@@ -94,6 +94,7 @@ func TestDefaultValues(t *testing.T) {
 		{"max_body_bytes", d.MaxBodyBytes, int64(20 << 20)},
 		{"max_request_messages", d.MaxRequestMessages, 4096},
 		{"max_request_content_parts", d.MaxRequestContentParts, 4096},
+		{"max_request_tools", d.MaxRequestTools, 4096},
 		{"max_turn_messages", d.MaxTurnMessages, 256},
 		{"upstream.passthrough", d.Upstream.Passthrough, []string(nil)},
 		{"max_inflight_bytes", d.MaxInflightBytes, int64(256 << 20)},
@@ -469,6 +470,7 @@ func TestValidation(t *testing.T) {
 		{"client idle_timeout", func(c *Config) { c.Client.IdleTimeout = 0 }, `client.idle_timeout: 0s must be positive`},
 		{"max_request_messages", func(c *Config) { c.MaxRequestMessages = 0 }, `max_request_messages: 0 must be positive`},
 		{"max_request_content_parts", func(c *Config) { c.MaxRequestContentParts = -1 }, `max_request_content_parts: -1 must be positive`},
+		{"max_request_tools", func(c *Config) { c.MaxRequestTools = 0 }, `max_request_tools: 0 must be positive`},
 		{"max_turn_messages", func(c *Config) { c.MaxTurnMessages = 0 }, `max_turn_messages: 0 must be positive`},
 
 		{"passthrough patterns", func(c *Config) {

@@ -202,7 +202,7 @@ func (c Config) Validate() error {
 	for _, n := range []struct {
 		key   string
 		value int
-	}{{"max_request_messages", c.MaxRequestMessages}, {"max_request_content_parts", c.MaxRequestContentParts}, {"max_turn_messages", c.MaxTurnMessages}} {
+	}{{"max_request_messages", c.MaxRequestMessages}, {"max_request_content_parts", c.MaxRequestContentParts}, {"max_request_tools", c.MaxRequestTools}, {"max_turn_messages", c.MaxTurnMessages}} {
 		if n.value <= 0 {
 			v.addf(n.key, n.value, "must be positive")
 		}

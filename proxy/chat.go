@@ -43,6 +43,7 @@ type inMessage struct {
 type limits struct {
 	Messages int // messages
 	Parts    int // content parts, all messages together
+	Tools    int // tools, and tool calls of all messages together
 }
 
 // parseChat reads and validates a chat completion request. Errors are
@@ -86,6 +87,14 @@ func parseChat(body []byte, lim limits) (*chatRequest, *apiError) {
 		}
 	}
 	c.Tools = fields["tools"]
+	// Counting the tools' tokens decodes them one by one: bounded first,
+	// like the messages below.
+	if n := bytes.TrimSpace(c.Tools); lim.Tools > 0 && len(n) > 0 && n[0] == '[' {
+		if got := wire.ArrayLen(n); got > lim.Tools {
+			return nil, badRequest("too_many_tools", "tools",
+				fmt.Sprintf("tools has %d tools; this proxy accepts at most %d per request (max_request_tools)", got, lim.Tools))
+		}
+	}
 
 	raw, ok := fields["messages"]
 	if !ok || wire.IsNull(raw) {
@@ -108,7 +117,7 @@ func parseChat(body []byte, lim limits) (*chatRequest, *apiError) {
 		return nil, badRequest("empty_array", "messages", "messages must contain at least one message")
 	}
 	c.Messages = make([]inMessage, len(msgs))
-	parts := wire.Parts{Limit: lim.Parts}
+	parts := wire.Parts{Limit: lim.Parts, ToolCallLimit: lim.Tools}
 	for i, m := range msgs {
 		msg, err := wire.ParseCounted(m, fmt.Sprintf("messages[%d]", i), &parts)
 		if err != nil {

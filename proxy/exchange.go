@@ -165,7 +165,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		writeError(cw, badRequest("invalid_request_body", "", "could not read the request body"))
 		return
 	}
-	req, aerr := parseChat(body, limits{Messages: p.opt.MaxRequestMessages, Parts: p.opt.MaxContentParts})
+	req, aerr := parseChat(body, limits{Messages: p.opt.MaxRequestMessages, Parts: p.opt.MaxContentParts, Tools: p.opt.MaxRequestTools})
 	if aerr != nil {
 		writeError(cw, aerr)
 		return

@@ -94,6 +94,9 @@ type Options struct {
 	// MaxRequestMessages and MaxContentParts bound a chat request's
 	// messages and its content parts (all messages together); 0: no bound.
 	MaxRequestMessages, MaxContentParts int
+	// MaxRequestTools bounds a chat request's tools, and the tool calls of
+	// its messages (all together); 0: no bound.
+	MaxRequestTools int
 	// MaxTurnMessages bounds the request messages one turn records, so no
 	// single store write grows with the request; a request that would
 	// record more is refused before it is forwarded. 0: no bound.

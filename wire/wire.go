@@ -164,16 +164,21 @@ func ParseMessage(raw json.RawMessage, param string) (history.Message, *Error) {
 	return ParseCounted(raw, param, nil)
 }
 
-// Parts counts the content parts of a request's messages against a limit.
+// Parts counts the content parts and the tool calls of a request's
+// messages against limits.
 type Parts struct {
-	Limit int // 0: no limit
+	Limit int // content parts; 0: no limit
 	Used  int
+	// ToolCallLimit bounds the tool calls (0: no limit); ToolCalls counts
+	// them.
+	ToolCallLimit, ToolCalls int
 }
 
-// ParseCounted is ParseMessage counting the message's content parts in
-// parts (nil: not counted). Past parts.Limit it answers 400
-// too_many_content_parts before decoding them, so an oversized array costs
-// no allocation per part.
+// ParseCounted is ParseMessage counting the message's content parts and
+// tool calls in parts (nil: not counted). Past parts.Limit it answers 400
+// too_many_content_parts, past parts.ToolCallLimit too_many_tool_calls,
+// before decoding them, so an oversized array costs no allocation per
+// element.
 func ParseCounted(raw json.RawMessage, param string, parts *Parts) (history.Message, *Error) {
 	// A map, not a struct: encoding/json matches struct fields ignoring
 	// case, so {"role":"system","Role":"user"} would read as a user message
@@ -213,6 +218,12 @@ func ParseCounted(raw json.RawMessage, param string, parts *Parts) (history.Mess
 	if len(m.ToolCalls) > 0 && !IsNull(m.ToolCalls) {
 		if m.Role != history.RoleAssistant || bytes.TrimSpace(m.ToolCalls)[0] != '[' {
 			return history.Message{}, BadRequest("invalid_type", param+".tool_calls", param+".tool_calls must be an array on an assistant message")
+		}
+		if parts != nil {
+			if parts.ToolCalls += ArrayLen(bytes.TrimSpace(m.ToolCalls)); parts.ToolCallLimit > 0 && parts.ToolCalls > parts.ToolCallLimit {
+				return history.Message{}, BadRequest("too_many_tool_calls", param+".tool_calls", fmt.Sprintf(
+					"the messages up to %s carry %d tool calls; at most %d are accepted per request (max_request_tools)", param, parts.ToolCalls, parts.ToolCallLimit))
+			}
 		}
 		msg.ToolCalls = m.ToolCalls
 	}
