@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -48,6 +49,7 @@ type gatewayRequest struct {
 	RequestURI string // as sent on the wire
 	Path       string // decoded
 	Header     http.Header
+	Trailer    http.Header // request trailers, read after the body
 }
 
 func newGateway(t *testing.T) *gateway {
@@ -61,9 +63,17 @@ func newGateway(t *testing.T) *gateway {
 		pr.Out.URL.RawPath = strings.TrimPrefix(pr.In.URL.RawPath, "/tenant-a")
 	}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The body is read first: trailers arrive after it.
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
 		g.mu.Lock()
-		g.reqs = append(g.reqs, gatewayRequest{Method: r.Method, RequestURI: r.RequestURI, Path: r.URL.Path, Header: r.Header.Clone()})
+		g.reqs = append(g.reqs, gatewayRequest{Method: r.Method, RequestURI: r.RequestURI, Path: r.URL.Path, Header: r.Header.Clone(), Trailer: r.Trailer.Clone()})
 		g.mu.Unlock()
+		r.Trailer = nil
 		// Routed as many servers do: decoded and cleaned.
 		if p := path.Clean(r.URL.Path); !strings.HasPrefix(p, tenantBase+"/") && p != tenantBase {
 			w.Header().Set("Content-Type", "application/json")
@@ -536,5 +546,43 @@ func TestRequestLimitsCoverTools(t *testing.T) {
 		require.Equal(t, http.StatusBadRequest, r.Status, r.Body[:min(len(r.Body), 300)])
 		code, _ := openAIError(t, r.Body)
 		require.Equal(t, tc.code, code)
+	}
+}
+
+// TestClientTrailersStayBehind: a chunked request body may end in
+// trailers, header fields sent after the body. The client's Authorization,
+// its OpenAI-Organization and OpenAI-Project and the proxy's own headers
+// are dropped as headers; sent as trailers they must not reach the
+// upstream either (a server may merge trailers into the headers).
+func TestClientTrailersStayBehind(t *testing.T) {
+	gw := newGateway(t)
+	p := start(t, heldKeyEnv(gw.URL))
+	for _, c := range []struct{ target, body string }{
+		{"/v1/chat/completions", chatJSON(userJSON("hi"))},
+		{"/v1/embeddings", `{"model":"text-embedding-3-small","input":"x"}`},
+	} {
+		t.Run(c.target, func(t *testing.T) {
+			// An io.Reader of unknown length: the body is sent chunked,
+			// with the trailers after it.
+			req, err := http.NewRequest(http.MethodPost, "http://"+p.addrs.Proxy+c.target, io.MultiReader(strings.NewReader(c.body)))
+			require.NoError(t, err)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("X-Session-User", "u1")
+			req.Trailer = http.Header{
+				"Authorization":       {"Bearer sk-client"},
+				"Openai-Organization": {"org-client"},
+				"Openai-Project":      {"proj-client"},
+				"X-Session-Id":        {"a:b:c"},
+			}
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			got := gw.last(t)
+			require.Equal(t, []string{"Bearer " + heldKey}, got.Header.Values("Authorization"))
+			require.Empty(t, got.Trailer, "trailers the upstream received")
+			require.Empty(t, got.Header.Values("Trailer"))
+		})
 	}
 }

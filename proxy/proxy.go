@@ -334,6 +334,11 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	for _, h := range proxyHeaders {
 		pr.Out.Header.Del(h)
 	}
+	// A chunked body may end in trailers, fields the header rules below
+	// never see (an Authorization or OpenAI-Organization sent after the
+	// body); a chat body read whole has them filled in by the time it is
+	// forwarded. The API uses no request trailers: none are forwarded.
+	pr.Out.Trailer = nil
 	if p.opt.APIKey != "" {
 		pr.Out.Header.Set("Authorization", "Bearer "+p.opt.APIKey)
 		pr.Out.Header.Del(headerOrganization)
