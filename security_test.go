@@ -586,3 +586,36 @@ func TestClientTrailersStayBehind(t *testing.T) {
 		})
 	}
 }
+
+// TestHeldKeyBillsTheConfiguredOrganizationWhateverTheSpelling: servers
+// that hand headers to apps as CGI variables (WSGI, Rack, PHP) read
+// OpenAI_Organization as OpenAI-Organization, in any letter case. No
+// spelling of the client's organization or project passes with the held
+// key.
+func TestHeldKeyBillsTheConfiguredOrganizationWhateverTheSpelling(t *testing.T) {
+	gw := newGateway(t)
+	p := start(t, heldKeyEnv(gw.URL), configFile(t, "upstream:\n  organization: org-proxy\n")...)
+	client := map[string]string{
+		"openai-organization": "org-client-1", "OPENAI_ORGANIZATION": "org-client-2", "OpenAI_Organization": "org-client-3",
+		"openai_project": "proj-client-1", "OpenAI_Project": "proj-client-2", "X-Session-User": "u1",
+	}
+	for _, c := range []struct{ method, target, body string }{
+		{http.MethodPost, "/v1/chat/completions", chatJSON(userJSON("hi"))},
+		{http.MethodGet, "/v1/models", ""},
+	} {
+		r := p.send(t, c.method, c.target, c.body, client)
+		require.Equal(t, http.StatusOK, r.Status, r.Body)
+		got := gw.last(t).Header
+		var org, proj []string
+		for k, v := range got {
+			switch strings.ToLower(strings.ReplaceAll(k, "_", "-")) {
+			case "openai-organization":
+				org = append(org, v...)
+			case "openai-project":
+				proj = append(proj, v...)
+			}
+		}
+		require.Equal(t, []string{"org-proxy"}, org, "%s %s: %v", c.method, c.target, got)
+		require.Empty(t, proj, "%s %s: %v", c.method, c.target, got)
+	}
+}

@@ -341,19 +341,32 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.Out.Trailer = nil
 	if p.opt.APIKey != "" {
 		pr.Out.Header.Set("Authorization", "Bearer "+p.opt.APIKey)
-		pr.Out.Header.Del(headerOrganization)
-		pr.Out.Header.Del(headerProject)
+		dropHeader(pr.Out.Header, headerOrganization)
+		dropHeader(pr.Out.Header, headerProject)
 	}
 	if p.opt.Organization != "" {
+		dropHeader(pr.Out.Header, headerOrganization)
 		pr.Out.Header.Set(headerOrganization, p.opt.Organization)
 	}
 	if p.opt.Project != "" {
+		dropHeader(pr.Out.Header, headerProject)
 		pr.Out.Header.Set(headerProject, p.opt.Project)
 	}
 	if exchangeFrom(pr.In.Context()) != nil {
 		// The proxy reads the reply: ask for it uncompressed so a client's
 		// Accept-Encoding: gzip cannot blind the observer.
 		pr.Out.Header.Set("Accept-Encoding", "identity")
+	}
+}
+
+// dropHeader deletes name from h in every spelling a server may read as
+// it: servers that hand headers to apps as CGI variables (WSGI, Rack, PHP)
+// read OpenAI_Organization as OpenAI-Organization.
+func dropHeader(h http.Header, name string) {
+	for k := range h {
+		if len(k) == len(name) && strings.EqualFold(strings.ReplaceAll(k, "_", "-"), name) {
+			delete(h, k)
+		}
 	}
 }
 
