@@ -154,10 +154,12 @@ func notFound(code, msg string) *wire.Error {
 	return &wire.Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: code, Message: msg}
 }
 
+// storeFailed answers 503 for a store error. The cause goes to the log,
+// not the answer: it may name the store's addresses.
 func (a *API) storeFailed(w http.ResponseWriter, op string, err error) {
 	a.log.Error("admin: store failed", "op", op, "err", err)
 	writeError(w, &wire.Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "history_unavailable",
-		Message: "the conversation history store failed: " + err.Error()})
+		Message: "the conversation history store failed to " + op + "; the proxy's log says why"})
 }
 
 func (a *API) ctx(r *http.Request, scale time.Duration) (context.Context, context.CancelFunc) {

@@ -126,3 +126,41 @@ func TestFlatView(t *testing.T) {
 		}
 	}
 }
+
+// TestEraseUserOverManyPages: a user with more sessions than one page of
+// the list loses them all.
+func TestEraseUserOverManyPages(t *testing.T) {
+	ctx := context.Background()
+	s := history.NewMemory()
+	const n = maxLimit + 120
+	for i := 0; i < n; i++ {
+		msgs := []history.Message{{Role: history.RoleUser, Content: "hi"}}
+		if _, err := s.Append(ctx, fmt.Sprintf("c%d:dan:a", i), history.Turn{Messages: msgs, NowMs: int64(1000 + i%7)}, history.Policy{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Append(ctx, "c:eve:a", history.Turn{Messages: []history.Message{{Role: history.RoleUser, Content: "hi"}}, NowMs: 1}, history.Policy{}); err != nil {
+		t.Fatal(err)
+	}
+	srv := newTestAPI(t, s)
+	req, _ := http.NewRequest(http.MethodDelete, srv.URL+"/admin/v1/users/dan", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out UserErased
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if out.Sessions != n {
+		t.Errorf("got %d sessions erased, want %d", out.Sessions, n)
+	}
+	page, err := s.Sessions(ctx, history.SessionQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if page.Total != 1 || page.Sessions[0].ID != "c:eve:a" {
+		t.Errorf("left: got %+v, want only c:eve:a", page)
+	}
+}

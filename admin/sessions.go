@@ -322,10 +322,11 @@ func (a *API) eraseUser(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := a.ctx(r, 4)
 	defer cancel()
 	out := UserErased{User: user, Erased: []Erased{}}
+	q := history.SessionQuery{User: user, Limit: maxLimit}
 	for {
-		// Each round erases what it lists, so the first page is always the
-		// next one.
-		page, err := a.opt.Store.Sessions(ctx, history.SessionQuery{User: user, Limit: maxLimit})
+		// A cursor is a position in the order, not an offset, so erasing
+		// what a page listed does not move the next page.
+		page, err := a.opt.Store.Sessions(ctx, q)
 		if err != nil {
 			a.storeFailed(w, "list sessions", err)
 			return
@@ -338,9 +339,10 @@ func (a *API) eraseUser(w http.ResponseWriter, r *http.Request) {
 			}
 			out.Erased = append(out.Erased, e)
 		}
-		if page.NextCursor == "" || len(page.Sessions) == 0 {
+		if page.NextCursor == "" {
 			break
 		}
+		q.Cursor = page.NextCursor
 	}
 	out.Sessions = len(out.Erased)
 	if out.Sessions == 0 {
