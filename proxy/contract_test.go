@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -115,7 +117,14 @@ func TestEveryErrorBodyHasParam(t *testing.T) {
 		{"invalid_json", "/v1/chat/completions", `[1]`, sid, 400, "invalid_json", nil},
 		{"invalid_request_body", "/v1/chat/completions", "{\"a\":\"\xff\"}", sid, 400, "invalid_request_body", nil},
 		{"missing messages", "/v1/chat/completions", `{"model":"m"}`, sid, 400, "missing_required_parameter", "messages"},
-		{"invalid_session_id", "/v1/chat/completions", chatBody(user("x")), hdr{"X-Session-ID": "a b"}, 400, "invalid_session_id", nil},
+		// The README: param names the field at fault; a session header or
+		// the body's user field is one, a path prefix is not.
+		{"invalid_session_id", "/v1/chat/completions", chatBody(user("x")), hdr{"X-Session-ID": "a b"}, 400, "invalid_session_id", "X-Session-ID"},
+		{"invalid_session_id, part header", "/v1/chat/completions", chatBody(user("x")), hdr{"X-Session-User": "a b"}, 400, "invalid_session_id", "X-Session-User"},
+		{"invalid_session_id, body user", "/v1/chat/completions", `{"model":"m","user":"a b","messages":[` + user("x") + `]}`, nil, 400, "invalid_session_id", "user"},
+		{"invalid_session_id, path prefix", "/s/web/erin/v1/chat/completions", chatBody(user("x")), nil, 400, "invalid_session_id", nil},
+		{"invalid_session_id, path part", "/s/web/a%20b/sales/v1/chat/completions", chatBody(user("x")), nil, 400, "invalid_session_id", nil},
+		{"invalid_session_id, passthrough", "/v1/embeddings", `{}`, hdr{"X-Session-Agent": "a:b"}, 400, "invalid_session_id", "X-Session-Agent"},
 		{"missing_session", "/v1/chat/completions", chatBody(user("x")), nil, 400, "missing_session", nil},
 		{"bad X-History", "/v1/chat/completions", chatBody(user("x")), hdr{"X-Session-ID": "c:u:a", "X-History": "sometimes"}, 400, "invalid_value", "X-History"},
 		{"request_too_large", "/v1/chat/completions", chatBody(user(strings.Repeat("x", 2<<10))), sid, 413, "request_too_large", nil},
@@ -203,6 +212,48 @@ func TestSessionEchoedOnBodyErrors(t *testing.T) {
 	r := h.do(t, "/v1/chat/completions", `{"user":"u","messages":"x"}`, nil)
 	require.Equal(t, http.StatusBadRequest, r.StatusCode)
 	require.Empty(t, r.Header.Get("X-Session-ID"))
+}
+
+// TestSessionEchoedBeforeRouting: answers the proxy gives before a
+// handler runs (a path outside /v1, a call outside the allow-list, a path
+// with no canonical form) still carry the session the request named, as
+// the README promises for every answer to a request with a session.
+func TestSessionEchoedBeforeRouting(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.Passthrough = []string{"POST /v1/chat/completions"} })
+	for _, c := range []struct {
+		name, method, path string
+		hdr                map[string]string
+		status             int
+		code, want         string
+	}{
+		{"unknown_url, id header", http.MethodGet, "/v2/models", map[string]string{"X-Session-ID": "c:u:a"}, 404, "unknown_url", "c:u:a"},
+		{"unknown_url, user header", http.MethodGet, "/v2/models", map[string]string{"X-Session-User": "u"}, 404, "unknown_url", "api:u:default"},
+		{"endpoint_not_allowed, id header", http.MethodGet, "/v1/files", map[string]string{"X-Session-ID": "c:u:a"}, 403, "endpoint_not_allowed", "c:u:a"},
+		{"endpoint_not_allowed, path prefix", http.MethodGet, "/s/web/erin/sales/v1/files", nil, 403, "endpoint_not_allowed", "web:erin:sales"},
+		{"endpoint_not_allowed, prefix and agent header", http.MethodGet, "/s/web/erin/sales/v1/files", map[string]string{"X-Session-Agent": "billing"}, 403, "endpoint_not_allowed", "web:erin:billing"},
+		// X-Session-ID names all three parts whatever the path says.
+		{"invalid_path, id header", http.MethodGet, "/v1/a%2Fb", map[string]string{"X-Session-ID": "c:u:a"}, 400, "invalid_path", "c:u:a"},
+		{"bad prefix, id header", http.MethodGet, "/s/web/erin/v1/models", map[string]string{"X-Session-ID": "c:u:a"}, 400, "invalid_session_id", "c:u:a"},
+		// A broken path may have named parts: without X-Session-ID the
+		// session is not known.
+		{"invalid_path, user header", http.MethodGet, "/v1/a%2Fb", map[string]string{"X-Session-User": "u"}, 400, "invalid_path", ""},
+		{"no session", http.MethodGet, "/v1/files", nil, 403, "endpoint_not_allowed", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			req, err := http.NewRequest(c.method, h.srv.URL+c.path, nil)
+			require.NoError(t, err)
+			for k, v := range c.hdr {
+				req.Header.Set(k, v)
+			}
+			r, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			defer r.Body.Close()
+			require.Equal(t, c.status, r.StatusCode)
+			require.Equal(t, c.code, errorBody(t, r)["code"])
+			require.Equal(t, c.want, r.Header.Get("X-Session-ID"))
+		})
+	}
+	require.Empty(t, h.up.Requests())
 }
 
 // TestHistorySessionHeader: X-History-Session names the id that holds the
@@ -366,4 +417,40 @@ func TestReadmeListsEveryErrorCode(t *testing.T) {
 			t.Errorf("README.md does not mention error code %s (%s)", code, where)
 		}
 	}
+}
+
+// TestReadmeHistoryValues: the README's X-History table and its row in the
+// errors table list the same values, and they are the ones the proxy
+// accepts.
+func TestReadmeHistoryValues(t *testing.T) {
+	data, err := os.ReadFile("../README.md")
+	require.NoError(t, err)
+	readme := string(data)
+	values := func(text string) []string {
+		var vs []string
+		for _, m := range regexp.MustCompile("`([a-z-]+)`").FindAllStringSubmatch(text, -1) {
+			vs = append(vs, m[1])
+		}
+		slices.Sort(vs)
+		return slices.Compact(vs)
+	}
+	start := strings.Index(readme, "| `X-History` | meaning |")
+	require.Positive(t, start, "README has no X-History table")
+	table := readme[start:]
+	table = table[:strings.Index(table, "\n\n")]
+	var documented []string
+	for _, row := range strings.Split(table, "\n")[2:] {
+		documented = append(documented, values(strings.Split(row, "|")[1])...)
+	}
+	slices.Sort(documented)
+	for _, v := range documented {
+		_, err := historyMode(http.Header{"X-History": {v}})
+		require.Nil(t, err, "the README documents X-History: %s, which the proxy refuses", v)
+	}
+	for _, v := range []string{historyOn, historyOff, historyReadOnly, historyNew} {
+		require.Contains(t, documented, v, "the README's X-History table lacks %s", v)
+	}
+	row := regexp.MustCompile("(?m)^\\| an `X-History` value other than (.*?) \\|").FindStringSubmatch(readme)
+	require.NotNil(t, row, "README's errors table has no X-History row")
+	require.Equal(t, documented, values(row[1]), "the errors table's X-History row")
 }

@@ -248,17 +248,20 @@ func (p *Proxy) Handler() http.Handler {
 	mux.HandleFunc("/v1/", p.passthrough)
 	mux.HandleFunc("/v1", p.passthrough) // the base itself; the mux would redirect it, losing a /s/ prefix
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		p.echoSession(w, r.Header, pathSessionFrom(r.Context()))
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
 			Message: "historyproxy serves the OpenAI API under /v1/ (or /s/{channel}/{user}/{agent}/v1/); " + r.Method + " " + quote(r.URL.Path) + " is not part of it"})
 	})
 	return p.stallBound(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		dec, esc, err := canonicalPath(r.URL.EscapedPath())
 		if err != nil {
+			p.echoFullSession(w, r.Header)
 			writeError(w, err)
 			return
 		}
 		ps, rest, err := parsePathSession(dec)
 		if err != nil {
+			p.echoFullSession(w, r.Header)
 			writeError(w, err)
 			return
 		}
@@ -280,11 +283,32 @@ func (p *Proxy) Handler() http.Handler {
 		r = r.WithContext(ctx)
 		r.URL = &u
 		if (dec == "/v1" || strings.HasPrefix(dec, "/v1/")) && !p.allow.allows(r) {
+			p.echoSession(w, r.Header, ps)
 			writeError(w, notAllowed(r.Method, dec))
 			return
 		}
 		mux.ServeHTTP(w, r)
 	}))
+}
+
+// echoSession names the session in X-Session-ID on an answer given before
+// a handler resolved it (404 unknown_url, 403 endpoint_not_allowed): every
+// answer to a request with a session carries its id. A bad session header
+// only means there is no id to echo; the answer is about the path.
+func (p *Proxy) echoSession(w http.ResponseWriter, h http.Header, ps pathSession) {
+	if s, ok, err := resolveSession(h, ps, "", p.opt.DefaultChannel, p.opt.DefaultAgent); err == nil && ok {
+		w.Header().Set(headerSessionID, s.ID())
+	}
+}
+
+// echoFullSession is echoSession for a path that could not be read: only
+// X-Session-ID, which names all three parts whatever the path says, gives
+// a session then. Part headers are not enough, since the broken path may
+// have named the other parts.
+func (p *Proxy) echoFullSession(w http.ResponseWriter, h http.Header) {
+	if len(h.Values(headerSessionID)) > 0 {
+		p.echoSession(w, h, pathSession{})
+	}
 }
 
 type pathSessionKey struct{}

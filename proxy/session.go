@@ -45,14 +45,14 @@ type pathSession struct {
 func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent string) (s Session, ok bool, err *apiError) {
 	if v := h.Values(headerSessionID); len(v) > 0 {
 		if len(v) > 1 {
-			return s, false, invalidSession("X-Session-ID is given more than once")
+			return s, false, invalidSession(headerSessionID, "X-Session-ID is given more than once")
 		}
 		parts := strings.Split(v[0], ":")
 		if len(parts) != 3 {
-			return s, false, invalidSession("X-Session-ID must be channel:user:agent, got " + quote(v[0]))
+			return s, false, invalidSession(headerSessionID, "X-Session-ID must be channel:user:agent, got "+quote(v[0]))
 		}
 		s = Session{parts[0], parts[1], parts[2]}
-		if err := s.validate("X-Session-ID"); err != nil {
+		if err := s.validate(headerSessionID); err != nil {
 			return s, false, err
 		}
 		return s, true, nil
@@ -68,7 +68,7 @@ func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent
 		{&s.Agent, headerSessionAgent, p.Agent, defAgent, ""},
 	} {
 		if v, set := single(h, part.header); set {
-			if err := validatePart(part.header, v); err != nil {
+			if err := validatePart(part.header, part.header, v); err != nil {
 				return s, false, err
 			}
 			*part.dst = v
@@ -78,7 +78,7 @@ func resolveSession(h http.Header, p pathSession, bodyUser, defChannel, defAgent
 		case p.ok: // parsePathSession validated its parts
 			*part.dst = part.path
 		case part.body != "":
-			if err := validatePart(`the request's "user" field`, part.body); err != nil {
+			if err := validatePart(`the request's "user" field`, "user", part.body); err != nil {
 				return s, false, err
 			}
 			*part.dst = part.body
@@ -107,11 +107,11 @@ func parsePathSession(urlPath string) (p pathSession, rest string, err *apiError
 	}
 	segs := strings.SplitN(urlPath[len("/s/"):], "/", 4)
 	if len(segs) < 4 {
-		return p, urlPath, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., got " + quote(urlPath))
+		return p, urlPath, invalidSession("", "path prefix must be /s/{channel}/{user}/{agent}/v1/..., got "+quote(urlPath))
 	}
 	p = pathSession{Channel: segs[0], User: segs[1], Agent: segs[2], ok: true}
 	for _, c := range []struct{ name, val string }{{"path channel", p.Channel}, {"path user", p.User}, {"path agent", p.Agent}} {
-		if err := validatePart(c.name, c.val); err != nil {
+		if err := validatePart(c.name, "", c.val); err != nil {
 			return p, urlPath, err
 		}
 	}
@@ -125,14 +125,14 @@ func parsePathSession(urlPath string) (p pathSession, rest string, err *apiError
 	// The rest must be the API's own path: /s/web/erin/v1/... misses a
 	// part, and a 404 for it would hide why.
 	if rest != "/v1" && !strings.HasPrefix(rest, "/v1/") {
-		return pathSession{}, urlPath, invalidSession("path prefix must be /s/{channel}/{user}/{agent}/v1/..., with all three parts, got " + quote(urlPath))
+		return pathSession{}, urlPath, invalidSession("", "path prefix must be /s/{channel}/{user}/{agent}/v1/..., with all three parts, got "+quote(urlPath))
 	}
 	return p, rest, nil
 }
 
-func (s Session) validate(where string) *apiError {
+func (s Session) validate(header string) *apiError {
 	for _, v := range []string{s.Channel, s.User, s.Agent} {
-		if err := validatePart(where, v); err != nil {
+		if err := validatePart(header, header, v); err != nil {
 			return err
 		}
 	}
@@ -140,16 +140,18 @@ func (s Session) validate(where string) *apiError {
 }
 
 // validatePart enforces history.CheckPart: the rules of a session id part
-// are the store's, shared with the admin API.
-func validatePart(where, v string) *apiError {
+// are the store's, shared with the admin API. where names the source in
+// the message; param is the error's param: the header or body field at
+// fault, "" for the path, which is no field.
+func validatePart(where, param, v string) *apiError {
 	if err := history.CheckPart(v); err != nil {
-		return invalidSession(where + ": " + err.Error())
+		return invalidSession(param, where+": "+err.Error())
 	}
 	return nil
 }
 
-func invalidSession(msg string) *apiError {
-	return badRequest("invalid_session_id", "", msg)
+func invalidSession(param, msg string) *apiError {
+	return badRequest("invalid_session_id", param, msg)
 }
 
 // quote shows a value in an error, bounded so a huge header cannot bloat it.
