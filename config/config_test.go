@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -526,9 +527,60 @@ func joined(err error) []error {
 func TestValidationFromYAMLNamesPath(t *testing.T) {
 	path := writeConfig(t, "agents:\n  support:\n    mode: sometimes\n")
 	err := loadErr(t, []string{"-config", path}, nil)
-	want := `agents.support.mode: "sometimes" is not one of per_user, shared, off`
+	want := path + ` line 3: agents.support.mode: "sometimes" is not one of per_user, shared, off`
 	if err.Error() != want {
 		t.Errorf("got %q, want %q", err, want)
+	}
+}
+
+// TestFileValueProblemsNameTheLine: a value of the right kind that the
+// file sets but validation refuses is reported with the file's line, as
+// the README says of every problem in the file; a value an environment
+// variable or flag set instead is reported under that name, without a line.
+func TestFileValueProblemsNameTheLine(t *testing.T) {
+	for _, c := range []struct {
+		name, yaml string
+		vars       map[string]string
+		args       []string
+		want       []string // each a whole error; the file's path is put before "line"
+	}{
+		{"enum", "log:\n  format: text\n  level: loud\n", nil, nil,
+			[]string{`line 3: log.level: "loud" is not one of debug, info, warn, error`}},
+		{"negative duration", "drain_timeout: -5s\n", nil, nil,
+			[]string{`line 1: drain_timeout: -5s must be positive`}},
+		{"session part", "session:\n  require: true\n  default_channel: \"a b\"\n", nil, nil,
+			[]string{`line 3: session.default_channel: "a b" is not a valid session part (1 to 128 bytes of letters, digits and ._@+-=)`}},
+		{"list entry", "upstream:\n  passthrough:\n    - \"GET /v1/models\"\n    - \"GET /files\"\n", nil, nil,
+			[]string{`line 4: upstream.passthrough[1]: "GET /files" must be [METHOD ]/v1/path, a pattern on the client's path, or *`}},
+		{"combination with the environment", "redis:\n  tls: true\n", map[string]string{"HISTORYPROXY_REDIS_URL": "redis://r:6379/0"}, nil,
+			[]string{`line 2: redis.tls: true cannot be used with redis.url: a URL asks for TLS with rediss://`}},
+		{"variable named in the file", "upstream:\n  api_key_env: MISSING_KEY\n", nil, nil,
+			[]string{`line 2: upstream.api_key_env: environment variable "MISSING_KEY" is empty or unset`}},
+		{"hash label key", "metrics:\n  session_label: hash\n  session_label_key_env: SHORT\n", map[string]string{"SHORT": "abc"}, nil,
+			[]string{`line 3: metrics.session_label_key_env: environment variable "SHORT" holds 3 bytes, want at least 16`}},
+		{"overridden by a variable", "log:\n  level: loud\n", map[string]string{"HISTORYPROXY_LOG_LEVEL": "shouty"}, nil,
+			[]string{`HISTORYPROXY_LOG_LEVEL: "shouty" is not one of debug, info, warn, error`}},
+		{"overridden by a flag", "log:\n  level: loud\n", nil, []string{"-log-level", "shouty"},
+			[]string{`-log-level: "shouty" is not one of debug, info, warn, error`}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := writeConfig(t, c.yaml)
+			err := loadErr(t, append([]string{"-config", path}, c.args...), c.vars)
+			var got []string
+			for _, e := range joined(err) {
+				got = append(got, e.Error())
+			}
+			var want []string
+			for _, w := range c.want {
+				if strings.HasPrefix(w, "line ") {
+					w = path + " " + w
+				}
+				want = append(want, w)
+			}
+			if !slices.Equal(got, want) {
+				t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+			}
+		})
 	}
 }
 
@@ -844,7 +896,7 @@ func TestSecretsFromEnv(t *testing.T) {
 	t.Run("session label key too short", func(t *testing.T) {
 		path := writeConfig(t, "metrics: {session_label: hash, session_label_key_env: LABEL_KEY}")
 		err := loadErr(t, []string{"-config", path}, map[string]string{"LABEL_KEY": "short"})
-		want := `metrics.session_label_key_env: environment variable "LABEL_KEY" holds 5 bytes, want at least 16`
+		want := path + ` line 1: metrics.session_label_key_env: environment variable "LABEL_KEY" holds 5 bytes, want at least 16`
 		if err.Error() != want {
 			t.Errorf("got %q, want %q", err, want)
 		}
@@ -852,7 +904,7 @@ func TestSecretsFromEnv(t *testing.T) {
 	t.Run("redis password env empty", func(t *testing.T) {
 		path := writeConfig(t, "redis: {sentinel_master: m, sentinel_addrs: ['s:26379'], password_env: REDIS_PW}")
 		err := loadErr(t, []string{"-config", path}, nil)
-		want := `redis.password_env: environment variable "REDIS_PW" is empty or unset`
+		want := path + ` line 1: redis.password_env: environment variable "REDIS_PW" is empty or unset`
 		if err.Error() != want {
 			t.Errorf("got %q, want %q", err, want)
 		}

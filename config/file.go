@@ -19,44 +19,51 @@ import (
 // ("cannot unmarshal !!int into time.Duration"), which mean nothing to
 // someone editing the file, so the document is checked against Config
 // before it is decoded.
-func loadFile(cfg *Config, path string) []error {
+//
+// where maps the YAML path of every key the file sets (store.timeout,
+// upstream.passthrough[1]) to the file and line that set it, so that a
+// problem validation finds later in a value from the file names its line.
+func loadFile(cfg *Config, path string) (errs []error, where map[string]string) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return []error{fmt.Errorf("read config file: %w", err)}
+		return []error{fmt.Errorf("read config file: %w", err)}, nil
 	}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		// A syntax error: yaml.v3 says where ("yaml: line 3: ...").
-		return []error{fmt.Errorf("config file %s: %w", path, err)}
+		return []error{fmt.Errorf("config file %s: %w", path, err)}, nil
 	}
 	if doc.Kind == 0 { // an empty file
-		return nil
+		return nil, nil
 	}
-	fc := fileChecker{path: path}
+	fc := fileChecker{path: path, where: map[string]string{}}
 	fc.check(&doc, reflect.TypeFor[Config](), "")
 	// Decode even when the check found problems, so that the values that
 	// are right still reach validation and all problems show at once.
 	// Whatever the decoder rejects, the check has reported in better words.
 	dec := doc.Decode(cfg)
 	if len(fc.errs) == 0 && dec != nil {
-		return []error{fmt.Errorf("config file %s: %w", path, dec)}
+		return []error{fmt.Errorf("config file %s: %w", path, dec)}, fc.where
 	}
-	return fc.errs
+	return fc.errs, fc.where
 }
 
 // fileChecker walks a YAML document alongside the type it decodes into.
 type fileChecker struct {
-	path string
-	errs []error
+	path  string
+	errs  []error
+	where map[string]string // YAML path -> "file line N"
 }
+
+// at is how a problem on node n's line is located: "file line N".
+func (fc *fileChecker) at(n *yaml.Node) string { return fmt.Sprintf("%s line %d", fc.path, n.Line) }
 
 var durationType = reflect.TypeFor[time.Duration]()
 
 // addf records a problem with the key at field (a YAML path) on node n's
 // line.
 func (fc *fileChecker) addf(field string, n *yaml.Node, format string, args ...any) {
-	fc.errs = append(fc.errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...),
-		Where: fmt.Sprintf("%s line %d", fc.path, n.Line)})
+	fc.errs = append(fc.errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...), Where: fc.at(n)})
 }
 
 func (fc *fileChecker) check(n *yaml.Node, t reflect.Type, field string) {
@@ -111,7 +118,9 @@ func (fc *fileChecker) check(n *yaml.Node, t reflect.Type, field string) {
 			return
 		}
 		for i, e := range n.Content {
-			fc.check(e, t.Elem(), fmt.Sprintf("%s[%d]", field, i))
+			elem := fmt.Sprintf("%s[%d]", field, i)
+			fc.where[elem] = fc.at(e)
+			fc.check(e, t.Elem(), elem)
 		}
 	default:
 		fc.scalar(n, t, field)
@@ -151,6 +160,7 @@ func (fc *fileChecker) mapping(n *yaml.Node, field string, each func(key string,
 			continue
 		}
 		seen[k.Value] = k.Line
+		fc.where[join(field, k.Value)] = fc.at(k)
 		each(k.Value, v)
 	}
 }

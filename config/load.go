@@ -287,8 +287,12 @@ func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *C
 	if set[configSetting] {
 		path = values[configSetting].raw
 	}
+	// inFile maps a YAML path the file sets to its file and line.
+	var inFile map[string]string
 	if path != "" {
-		errs = append(errs, loadFile(&cfg, path)...)
+		var fileErrs []error
+		fileErrs, inFile = loadFile(&cfg, path)
+		errs = append(errs, fileErrs...)
 	}
 
 	for _, s := range settings {
@@ -313,7 +317,8 @@ func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *C
 	}
 
 	// Problems of the merged values are named after the source of the
-	// value: the file's own problems already were.
+	// value, the flag or variable that set it, else the file's line: the
+	// file's own problems already were.
 	var merged []error
 	if name := cfg.Upstream.APIKeyEnv; name != "" {
 		cfg.Upstream.APIKey = getenv(name)
@@ -330,7 +335,7 @@ func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *C
 	if name := cfg.Metrics.SessionLabelKeyEnv; name != "" {
 		cfg.Metrics.SessionLabelKey = getenv(name)
 		if n := len(cfg.Metrics.SessionLabelKey); n < minSessionLabelKey {
-			errs = append(errs, fmt.Errorf("metrics.session_label_key_env: environment variable %q holds %d bytes, want at least %d", name, n, minSessionLabelKey))
+			merged = append(merged, &FieldError{Field: "metrics.session_label_key_env", Msg: fmt.Sprintf("environment variable %q holds %d bytes, want at least %d", name, n, minSessionLabelKey)})
 		}
 	}
 	if name := cfg.Redis.PasswordEnv; name != "" {
@@ -348,6 +353,8 @@ func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *C
 		if errors.As(err, &fe) {
 			if src, ok := source[fe.Field]; ok {
 				fe.Field = src
+			} else if at, ok := inFile[fe.Field]; ok {
+				fe.Where = at
 			}
 		}
 	}
