@@ -645,6 +645,11 @@ func TestFileErrorsSpeakYAML(t *testing.T) {
 			`line 2: defaults.max_tokens: "lots" is not a whole number`},
 		{"integer with a unit", "max_body_bytes: 20MiB\n",
 			`line 1: max_body_bytes: "20MiB" is not a whole number`},
+		// yaml.v3 would cut 4000.7 to 4000 without a word.
+		{"fraction for a whole number", "defaults:\n  max_tokens: 4000.7\n",
+			`line 2: defaults.max_tokens: 4000.7 is not a whole number`},
+		{"fraction for a context window", "models:\n  m:\n    context_window: 1.5\n",
+			`line 3: models.m.context_window: 1.5 is not a whole number`},
 		{"boolean", "session:\n  require: perhaps\n",
 			`line 2: session.require: "perhaps" is not true or false`},
 		{"price", "models:\n  m: {input: cheap}\n",

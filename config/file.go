@@ -1,7 +1,9 @@
 package config
 
 import (
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"reflect"
 	"strconv"
@@ -195,7 +197,16 @@ func (fc *fileChecker) scalar(n *yaml.Node, t reflect.Type, field string) {
 		fc.addf(field, n, "must be %s", want)
 		return
 	}
-	if err := n.Decode(reflect.New(t).Interface()); err != nil {
+	err := n.Decode(reflect.New(t).Interface())
+	if err == nil && n.Tag == "!!float" && (t.Kind() == reflect.Int || t.Kind() == reflect.Int64) {
+		// yaml.v3 cuts a fraction off silently (4000.7 becomes 4000);
+		// only a float with none (1e6) is a whole number.
+		var f float64
+		if n.Decode(&f) == nil && f != math.Trunc(f) {
+			err = errors.New("fraction")
+		}
+	}
+	if err != nil {
 		shown := n.Value
 		if n.Tag == "!!str" {
 			shown = strconv.Quote(n.Value)
