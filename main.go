@@ -73,8 +73,8 @@ var commands = []command{
 	{
 		name: "healthcheck", args: "[flags]",
 		summary: "ask the admin listener's /healthz (of the address the flags, environment and file configure) and exit 1 unless it answers 200; the container's HEALTHCHECK, since the image has no curl",
-		run: func(_ context.Context, args []string, getenv func(string) string, _ io.Writer) error {
-			if err := healthcheck(args, getenv); err != nil {
+		run: func(_ context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+			if err := healthcheck(args, getenv, stdout); err != nil {
 				return fmt.Errorf("healthcheck: %w", err)
 			}
 			return nil
@@ -102,7 +102,19 @@ var commands = []command{
 	},
 	{
 		name: "version", summary: "print the version and exit (also -version)",
-		run: func(_ context.Context, _ []string, _ func(string) string, stdout io.Writer) error {
+		run: func(_ context.Context, args []string, _ func(string) string, stdout io.Writer) error {
+			// No flags, but -h shows the usage as every command's does.
+			fs := flag.NewFlagSet("historyproxy version", flag.ContinueOnError)
+			fs.SetOutput(io.Discard)
+			if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+				fmt.Fprintf(stdout, "Usage: historyproxy version\n\nPrints the version, the Go release and the platform of this build (also -version).\n")
+				return err
+			} else if err != nil {
+				return fmt.Errorf("version: %w", err)
+			}
+			if fs.NArg() > 0 {
+				return fmt.Errorf("version: unexpected argument %q: it takes none", fs.Arg(0))
+			}
 			_, err := fmt.Fprintln(stdout, versionLine())
 			return err
 		},
@@ -553,9 +565,12 @@ func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
 }
 
 // healthcheck asks the admin listener's /healthz; it exits non-zero when
-// the process does not answer.
-func healthcheck(args []string, getenv func(string) string) error {
-	cfg, err := config.Load(args, getenv, io.Discard)
+// the process does not answer. -h writes its usage to usage.
+func healthcheck(args []string, getenv func(string) string, usage io.Writer) error {
+	cfg, _, err := config.LoadCommand(config.Command{
+		Name:    "healthcheck",
+		Summary: "Asks the admin listener's /healthz and exits 1 unless it answers 200: the container's HEALTHCHECK, since the image has no curl.",
+	}, args, getenv, usage)
 	if err != nil {
 		return err
 	}

@@ -257,7 +257,7 @@ func TestReadyzReportsTheStore(t *testing.T) {
 func TestHealthcheckMode(t *testing.T) {
 	up := fakeai.New(t)
 	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL})
-	require.NoError(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }))
+	require.NoError(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }, io.Discard))
 	p.shutdown(t)
-	require.Error(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }))
+	require.Error(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }, io.Discard))
 }

@@ -139,3 +139,21 @@ func TestHealthcheckCommand(t *testing.T) {
 	err := cli(context.Background(), []string{"healthcheck"}, getenv, &bytes.Buffer{}, &bytes.Buffer{})
 	require.ErrorContains(t, err, "healthcheck:")
 }
+
+// TestCommandHelp: historyproxy NAME -h shows that command's usage, as the
+// README says, for every command (healthcheck's names the flags that say
+// where the admin listener is).
+func TestCommandHelp(t *testing.T) {
+	for _, c := range commands {
+		t.Run(c.name, func(t *testing.T) {
+			out, err := runCommand(t, nil, c.name, "-h")
+			require.ErrorIs(t, err, flag.ErrHelp)
+			require.Contains(t, out, "Usage: historyproxy "+c.name)
+			if c.name == "healthcheck" {
+				require.Contains(t, out, "-admin-listen")
+			}
+		})
+	}
+	_, err := runCommand(t, nil, "version", "extra")
+	require.ErrorContains(t, err, "extra")
+}

@@ -381,10 +381,15 @@ func printCommandUsage(w io.Writer, c Command, own *flag.FlagSet) {
 		fmt.Fprintf(w, " %s", c.Args)
 	}
 	fmt.Fprintf(w, "\n\n%s\n\n", c.Summary)
-	own.SetOutput(w)
-	fmt.Fprintf(w, "Flags of %s:\n", c.Name)
-	own.PrintDefaults()
-	fmt.Fprintf(w, "\nIt reads the store the proxy is configured with:\n\n")
+	hasOwn := false
+	own.VisitAll(func(*flag.Flag) { hasOwn = true })
+	if hasOwn {
+		own.SetOutput(w)
+		fmt.Fprintf(w, "Flags of %s:\n", c.Name)
+		own.PrintDefaults()
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "It is configured as the proxy is, by the flags, variables and file below:\n\n")
 }
 
 // printUsage writes every flag with its variable and default.
