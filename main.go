@@ -166,7 +166,7 @@ type addrs struct{ Proxy, Admin string }
 // listeners, builds the store, metrics and proxy, serves until ctx is done,
 // then drains. ready (may be nil) learns the bound addresses, so a test can
 // listen on port 0.
-func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer, ready func(addrs)) error {
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer, ready func(addrs)) (err error) {
 	cfg, err := config.Load(args, getenv, stderr)
 	if err != nil {
 		return err
@@ -175,6 +175,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
+	// From here on, what stops the program goes to the log, in its
+	// format (a JSON log stays JSON on every line), and main does not
+	// print it again.
+	defer func() {
+		var logged loggedError
+		if err != nil && !errors.As(err, &logged) {
+			log.Error("historyproxy stopped", "err", err)
+			err = loggedError{err}
+		}
+	}()
 	// go-redis logs to the process's stderr with its own format; route it
 	// through slog so a JSON log stays JSON. The logger is process-wide.
 	redis.SetLogger(redisLogger{log.With("component", "redis")})

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -156,4 +157,30 @@ func TestCommandHelp(t *testing.T) {
 	}
 	_, err := runCommand(t, nil, "version", "extra")
 	require.ErrorContains(t, err, "extra")
+}
+
+// TestRefusalToStartIsLogged: when the program refuses to start after its
+// log is set up (store.require_at_start with Redis down), the reason goes
+// to the log in its format, so that a JSON log stays JSON on every line,
+// and main does not print it again.
+func TestRefusalToStartIsLogged(t *testing.T) {
+	down := redistest.Start(t)
+	down.Stop(t)
+	path := t.TempDir() + "/c.yaml"
+	require.NoError(t, writeFile(path, "store: {require_at_start: true, timeout: 300ms}\n"))
+	var stderr syncBuffer
+	err := run(context.Background(), []string{"-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0", "-config", path, "-log-format", "json"},
+		func(k string) string { return map[string]string{"HISTORYPROXY_REDIS_URL": down.URL}[k] }, &stderr, nil)
+	require.ErrorContains(t, err, "store.require_at_start")
+	var logged loggedError
+	require.ErrorAs(t, err, &logged, "main would print the reason again, in plain text")
+	var found bool
+	for _, line := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+		var rec map[string]any
+		require.NoError(t, json.Unmarshal([]byte(line), &rec), "not JSON: %s", line)
+		if rec["level"] == "ERROR" && strings.Contains(fmt.Sprint(rec["err"]), "store.require_at_start") {
+			found = true
+		}
+	}
+	require.True(t, found, "the reason is not in the log:\n%s", stderr.String())
 }
