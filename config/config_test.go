@@ -255,6 +255,15 @@ func TestConfigPath(t *testing.T) {
 		if !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("got %v, want an error wrapping os.ErrNotExist", err)
 		}
+		// The message names the setting the way it was given, so that a
+		// path from a forgotten variable can be traced.
+		if want := `-config: cannot read "` + missing + `": no such file or directory`; err.Error() != want {
+			t.Errorf("got %q, want %q", err, want)
+		}
+		err = loadErr(t, nil, map[string]string{"HISTORYPROXY_CONFIG": missing})
+		if want := `HISTORYPROXY_CONFIG: cannot read "` + missing + `": no such file or directory`; err.Error() != want {
+			t.Errorf("got %q, want %q", err, want)
+		}
 	})
 	t.Run("empty file", func(t *testing.T) {
 		got := load(t, []string{"-config", writeConfig(t, "")}, nil)

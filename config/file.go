@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"os"
 	"reflect"
@@ -25,10 +26,17 @@ import (
 // where maps the YAML path of every key the file sets (store.timeout,
 // upstream.passthrough[1]) to the file and line that set it, so that a
 // problem validation finds later in a value from the file names its line.
-func loadFile(cfg *Config, path string) (errs []error, where map[string]string) {
+//
+// given is how the path was given (-config or HISTORYPROXY_CONFIG), which
+// a file that cannot be read is reported under.
+func loadFile(cfg *Config, path, given string) (errs []error, where map[string]string) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return []error{fmt.Errorf("read config file: %w", err)}, nil
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // the path is in the message already
+		}
+		return []error{fmt.Errorf("%s: cannot read %q: %w", given, path, err)}, nil
 	}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {

@@ -283,15 +283,15 @@ func loadArgs(args []string, getenv func(string) string, usage io.Writer, cmd *C
 	// that a problem with its value is reported under that name.
 	source := map[string]string{}
 
-	path := getenv(EnvPrefix + "CONFIG")
+	path, given := getenv(EnvPrefix+"CONFIG"), EnvPrefix+"CONFIG"
 	if set[configSetting] {
-		path = values[configSetting].raw
+		path, given = values[configSetting].raw, "-"+configSetting
 	}
 	// inFile maps a YAML path the file sets to its file and line.
 	var inFile map[string]string
 	if path != "" {
 		var fileErrs []error
-		fileErrs, inFile = loadFile(&cfg, path)
+		fileErrs, inFile = loadFile(&cfg, path, given)
 		errs = append(errs, fileErrs...)
 	}
 
