@@ -221,6 +221,12 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	} else {
 		x.writeKey = "hp-w-" + newID()
 	}
+	if x.record {
+		// The key the turn is stored under. A write that timed out may
+		// land all the same; a client that retries with this key (a 503
+		// failing closed, a cut stream) gets its turn stored once.
+		cw.Header().Set(headerMessageID, x.idemKey)
+	}
 
 	// Counting stops when the client is gone, unless the turn is being
 	// recorded (then it is bounded by the meter's limit).
@@ -500,6 +506,10 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	if x.stored == "" {
 		return nil
 	}
+	if x.reply != nil && x.reply.Truncated {
+		p.log.Warn("upstream stream too large to read: what was assembled is recorded as incomplete, the rest relayed unread",
+			"session", x.stored, "max_event_bytes", maxEventBytes, "max_reply_bytes", maxStreamReplyBytes)
+	}
 	// The client waits for this write: tokenize little more, estimate the
 	// rest. Counting comes before the store's deadline starts.
 	x.meter.Cap(replyPathBytes)
@@ -598,7 +608,7 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 		ToolCalls: r.toolCallsJSON(), User: x.session.User, Model: x.req.Model, CreatedMs: now,
 		RequestID: x.requestID, Status: history.StatusComplete,
 	}
-	if !complete {
+	if !complete || r.Truncated {
 		m.Status = history.StatusIncomplete
 	}
 	if m.Content == "" && (m.ToolCalls != nil || m.Refusal != "" || r.ContentNull) {

@@ -63,6 +63,14 @@ func (g *gzipStreamBody) decode() {
 		g.obs.in = append(g.obs.in, buf[:n]...)
 		_ = g.obs.frame() // its finish only notes [DONE]
 		g.obs.out = g.obs.out[:0]
+		if !g.done && g.obs.overBound() {
+			// Too much to hold (a gzip bomb, an event that never ends):
+			// stop reading; the relaying side goes on, and records what
+			// was assembled as incomplete.
+			g.obs.reply.Truncated = true
+			g.obs.in = nil
+			return
+		}
 		if err != nil {
 			if err == io.EOF && g.obs.lastDone() {
 				g.done = true

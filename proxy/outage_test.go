@@ -3,12 +3,14 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -376,4 +378,54 @@ func TestRetryQueueCountsARepeatOnce(t *testing.T) {
 	require.EqualValues(t, 2, s.MessageCount)
 	require.EqualValues(t, 2, s.Totals.Requests, "the first write once, the repeat once")
 	require.EqualValues(t, 20, s.Totals.PromptTokens)
+}
+
+// landsButTimesOut is a store whose writes land but answer a timeout, as
+// a Redis that took the script after the proxy's deadline had passed.
+type landsButTimesOut struct {
+	Store
+	fail atomic.Bool
+}
+
+func (s *landsButTimesOut) Append(ctx context.Context, session string, t history.Turn, p history.Policy) (history.AppendResult, error) {
+	res, err := s.Store.Append(ctx, session, t, p)
+	if err == nil && s.fail.Swap(false) {
+		return res, fmt.Errorf("append: %w", context.DeadlineExceeded)
+	}
+	return res, err
+}
+
+// TestFailClosedRetryOfALandedWriteStoresOnce: failing closed, a write
+// that timed out but landed answers 503 (or cuts the stream) and names the
+// turn's key; a retry that carries it stores nothing twice.
+func TestFailClosedRetryOfALandedWriteStoresOnce(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stream=%t", stream), func(t *testing.T) {
+			store := &landsButTimesOut{}
+			h := newHarness(t, func(o *Options) { store.Store = o.Store; o.Store = store; o.FailClosed = true })
+			body := fmt.Sprintf(`{"model":"gpt-4o-mini","stream":%t,"messages":[%s]}`, stream, user("hi"))
+			session := fmt.Sprintf("c:landed%t:a", stream)
+			store.fail.Store(true)
+			first := h.do(t, "/v1/chat/completions", body, map[string]string{"X-Session-ID": session})
+			raw, err := io.ReadAll(first.Body) // a cut stream ends in an error
+			require.Equal(t, stream, err != nil, "%v", err)
+			got := string(raw)
+			key := first.Header.Get("X-Message-ID")
+			require.NotEmpty(t, key, "the answer names the turn's key")
+			if stream {
+				require.NotContains(t, got, "[DONE]", "the stream is cut before its end")
+			} else {
+				require.Equal(t, http.StatusServiceUnavailable, first.StatusCode)
+				assertOpenAIError(t, got, "history_unavailable")
+				require.Contains(t, got, "X-Message-ID: "+key)
+			}
+			require.Len(t, h.stored(t, session), 2, "the write landed")
+
+			retry := h.do(t, "/v1/chat/completions", body, map[string]string{"X-Session-ID": session, "X-Message-ID": key})
+			readAll(t, retry)
+			require.Equal(t, http.StatusOK, retry.StatusCode)
+			require.Equal(t, key, retry.Header.Get("X-Message-ID"))
+			require.Len(t, h.stored(t, session), 2, "the retry stores the turn once")
+		})
+	}
 }

@@ -437,7 +437,14 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	var ne net.Error
 	switch {
 	case errors.Is(err, errStore):
-		writeError(w, storeUnavailable())
+		e := storeUnavailable()
+		if x := exchangeFrom(r.Context()); x != nil && x.record {
+			// The write failed or timed out; a timed-out write may still
+			// land, so a blind retry could store the turn twice.
+			e.Message = "the conversation history store did not take this turn, so the answer is withheld; it may have been stored all the same: retry with the header " +
+				headerMessageID + ": " + x.idemKey + " and it is stored once"
+		}
+		writeError(w, e)
 	case r.Context().Err() != nil:
 		// The client went away; nobody reads an answer. 499 as nginx logs it.
 		w.WriteHeader(499)

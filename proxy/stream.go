@@ -48,6 +48,10 @@ type reply struct {
 	FinishReason string
 	Usage        *usageJSON
 	FirstToken   time.Time // first content, refusal or tool-call delta
+	// size is the bytes assembled from stream deltas; Truncated is set
+	// when the stream passed a bound and the rest was not read.
+	size      int
+	Truncated bool
 }
 
 type toolCall struct {
@@ -94,9 +98,11 @@ func (r *reply) add(c *chunk, now time.Time) {
 		}
 		if d.Content != nil {
 			r.Content.WriteString(*d.Content)
+			r.size += len(*d.Content)
 		}
 		if d.Refusal != nil {
 			r.Refusal.WriteString(*d.Refusal)
+			r.size += len(*d.Refusal)
 		}
 		for _, tc := range d.ToolCalls {
 			call := r.callFor(tc.Index, tc.ID)
@@ -111,6 +117,7 @@ func (r *reply) add(c *chunk, now time.Time) {
 			}
 			call.Name += tc.Function.Name
 			call.Args.WriteString(tc.Function.Arguments)
+			r.size += len(tc.Function.Name) + len(tc.Function.Arguments)
 		}
 		if ch.FinishReason != nil && *ch.FinishReason != "" {
 			r.FinishReason = *ch.FinishReason
@@ -243,10 +250,31 @@ type streamBody struct {
 	// read so far. An LF that comes next completes that CR LF line ending
 	// and is handed on (or dropped, dropLF, with a dropped event) with it.
 	crEdge, dropLF bool
+	// maxEvent and maxReply bound what is held to read the stream: an
+	// event not ended yet, and the reply assembled. Past either, the turn
+	// is recorded with what was assembled (incomplete) and the rest of the
+	// stream is relayed unread (raw).
+	maxEvent, maxReply int
+	raw                bool
 }
 
+// Bounds of a stream the proxy reads (see streamBody.maxEvent).
+const (
+	// maxEventBytes is far above any event of the API (a few KB); an
+	// event this long that has not ended may never end.
+	maxEventBytes = 8 << 20
+	// maxStreamReplyBytes is the bound of a whole reply (maxReplyBytes).
+	maxStreamReplyBytes = maxReplyBytes
+)
+
 func newStreamBody(src io.ReadCloser, hideUsage bool, r *reply, now func() time.Time, finish func(bool) error) *streamBody {
-	return &streamBody{src: src, hideUsage: hideUsage, reply: r, now: now, finish: finish, readBuf: make([]byte, 32<<10)}
+	return &streamBody{src: src, hideUsage: hideUsage, reply: r, now: now, finish: finish, readBuf: make([]byte, 32<<10),
+		maxEvent: maxEventBytes, maxReply: maxStreamReplyBytes}
+}
+
+// overBound reports whether reading the stream passed a bound.
+func (b *streamBody) overBound() bool {
+	return len(b.in) > b.maxEvent || b.reply.size > b.maxReply
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -256,9 +284,31 @@ func (b *streamBody) Read(p []byte) (int, error) {
 		}
 		b.out, b.outPos = b.out[:0], 0
 		n, err := b.src.Read(b.readBuf)
+		if b.raw {
+			b.out = append(b.out, b.readBuf[:n]...)
+			b.err = err
+			continue
+		}
 		b.in = append(b.in, b.readBuf[:n]...)
 		if ferr := b.frame(); ferr != nil {
 			b.err = ferr
+			continue
+		}
+		if !b.done && b.overBound() {
+			// Too much to hold: the turn is recorded now with what was
+			// assembled, before anything more reaches the client, and the
+			// rest is relayed as it comes.
+			b.reply.Truncated = true
+			if ferr := b.end(false); ferr != nil {
+				b.in, b.err = b.in[:0], ferr
+				continue
+			}
+			b.raw = true
+			b.out = append(b.out, b.in...)
+			b.in = nil
+			if err != nil {
+				b.err = err
+			}
 			continue
 		}
 		if err != nil {
