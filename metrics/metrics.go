@@ -429,14 +429,18 @@ func (m *Metrics) observe(r Request, l labels) {
 	// shows 0 rather than "no data" and rate() sees their first increase.
 	unpriced := m.unpriced.WithLabelValues(model)
 	estimated := m.estimated.WithLabelValues(channel, agent, model)
+	// Cost too, at 0 until a billed, priced request adds to it (a model
+	// with no price costs 0, and historyproxy_unpriced_requests_total says so).
+	var costNanos int64
 	switch {
 	case !r.Billed:
 		// Nothing was billed: no cost, and not an unbilled request either.
 	case r.Priced:
-		m.cost.add(max(r.CostNanos, 0), channel, agent, model)
+		costNanos = max(r.CostNanos, 0)
 	case r.PromptTokens > 0 || r.CompletionTokens > 0:
 		unpriced.Inc()
 	}
+	m.cost.add(costNanos, channel, agent, model)
 	if r.Billed && r.Estimated {
 		estimated.Inc()
 	}

@@ -90,3 +90,27 @@ func TestSeriesExistAtZero(t *testing.T) {
 		t.Errorf("truncated: got %v, want 1", got)
 	}
 }
+
+// TestCostExistsAtZero: historyproxy_cost_usd_total is one of the counters
+// of a channel, agent and model, and exists at 0 from their first request
+// as the token types do, also when that request was not billed (a 429) or
+// its model has no price (it costs 0, as the README says).
+func TestCostExistsAtZero(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg, 0)
+	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Reached: true, Code: 429})
+	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "my-llama", Reached: true, Billed: true, Code: 200, PromptTokens: 5})
+	for _, model := range []string{"gpt-4o", "my-llama"} {
+		labels := map[string]string{"channel": "web", "agent": "support", "model": model}
+		if _, ok := series(t, reg, "historyproxy_tokens_total", map[string]string{"channel": "web", "agent": "support", "model": model, "type": "prompt"}); !ok {
+			t.Fatalf("%s: no token series", model)
+		}
+		if v, ok := series(t, reg, "historyproxy_cost_usd_total", labels); !ok || v != 0 {
+			t.Errorf("historyproxy_cost_usd_total%v: got %v (present %v), want 0", labels, v, ok)
+		}
+	}
+	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Reached: true, Billed: true, Code: 200, PromptTokens: 5, Priced: true, CostNanos: 500})
+	if v, _ := series(t, reg, "historyproxy_cost_usd_total", map[string]string{"channel": "web", "agent": "support", "model": "gpt-4o"}); v != 500e-9 {
+		t.Errorf("cost after a billed request: got %v, want 5e-07", v)
+	}
+}
