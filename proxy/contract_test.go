@@ -454,3 +454,35 @@ func TestReadmeHistoryValues(t *testing.T) {
 	require.NotNil(t, row, "README's errors table has no X-History row")
 	require.Equal(t, documented, values(row[1]), "the errors table's X-History row")
 }
+
+// TestHistorySessionAbsentWhenNothingKept: X-History-Session is absent
+// from an answer that read and recorded nothing (the README), such as a
+// turn refused as too large, or a 503 of fail_closed before anything was
+// read; X-Session-ID still names the session.
+func TestHistorySessionAbsentWhenNothingKept(t *testing.T) {
+	t.Run("turn_too_large", func(t *testing.T) {
+		h := newHarness(t, func(o *Options) { o.MaxTurnMessages = 1 })
+		r := h.do(t, "/v1/chat/completions", chatBody(user("a"), user("b")), map[string]string{"X-Session-ID": "c:u:a"})
+		require.Equal(t, http.StatusBadRequest, r.StatusCode)
+		require.Equal(t, "turn_too_large", errorBody(t, r)["code"])
+		require.Equal(t, "c:u:a", r.Header.Get("X-Session-ID"))
+		require.Empty(t, r.Header.Values("X-History-Session"))
+	})
+	t.Run("fail_closed", func(t *testing.T) {
+		rs := redistest.Start(t)
+		_, srv := redisProxy(t, rs, fakeai.New(t), func(o *Options) { o.FailClosed = true })
+		rs.Stop(t)
+		for i := 0; i < 2; i++ { // the history read fails, then the ping before it
+			req, err := http.NewRequest(http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user("x"))))
+			require.NoError(t, err)
+			req.Header.Set("X-Session-ID", "c:u:a")
+			r, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			require.Equal(t, http.StatusServiceUnavailable, r.StatusCode)
+			require.Equal(t, "history_unavailable", errorBody(t, r)["code"])
+			r.Body.Close()
+			require.Equal(t, "c:u:a", r.Header.Get("X-Session-ID"))
+			require.Empty(t, r.Header.Values("X-History-Session"), "request %d", i)
+		}
+	})
+}

@@ -191,9 +191,6 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 			if x.agent.Mode == ModeShared {
 				x.stored = Session{sess.Channel, sharedUser, sess.Agent}.ID()
 			}
-			// The id whose keys hold the conversation: in a shared agent
-			// it is not the user's own, and redis-cli needs it.
-			cw.Header().Set(headerHistorySession, x.stored)
 		}
 	}
 	x.record = x.stored != "" && hist != historyReadOnly
@@ -208,6 +205,12 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 					"Send fewer messages after the last assistant message, or X-History: read-only to record nothing", n, p.opt.MaxTurnMessages)))
 			return
 		}
+	}
+	if x.stored != "" {
+		// The id whose keys hold the conversation: in a shared agent it
+		// is not the user's own, and redis-cli needs it. Only an answer
+		// that reads or records it names it (not a refusal).
+		cw.Header().Set(headerHistorySession, x.stored)
 	}
 	x.newConversation = x.record && hist == historyNew
 	x.idemKey = r.Header.Get(headerIdempotency)
@@ -242,6 +245,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		inject, x.degraded = p.selectHistory(r.Context(), x)
 		if x.degraded {
 			if p.opt.FailClosed {
+				cw.Header().Del(headerHistorySession) // nothing read, nothing to record
 				writeError(cw, storeUnavailable())
 				return
 			}
@@ -252,6 +256,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	if p.opt.FailClosed && x.stored != "" && !p.storeOK.Load() && !p.storeAnswers(r.Context()) {
 		// The store failed last time and still does not answer: with
 		// nowhere to record the turn, nothing is forwarded.
+		cw.Header().Del(headerHistorySession)
 		writeError(cw, storeUnavailable())
 		return
 	}
