@@ -619,3 +619,49 @@ func TestHeldKeyBillsTheConfiguredOrganizationWhateverTheSpelling(t *testing.T) 
 		require.Empty(t, proj, "%s %s: %v", c.method, c.target, got)
 	}
 }
+
+// TestHeldKeyStaysUnderTheBasePathWhateverTheReading: paths that the
+// allow-list lets through (GET /v1/models/{model...} takes any rest) but
+// that a server behind the proxy may read as dot segments or separators
+// are refused: a chain of servers that decodes three times; a server that
+// normalises Unicode compatibility forms (NFKC reads U+FF0E FULLWIDTH FULL
+// STOP as ".", U+2025 TWO DOT LEADER as "..", U+FF0F as "/", U+FF05 as
+// "%"); Windows and IIS, which drop a segment's trailing dots and spaces
+// ("..." and ".. " read as "..", "completions." as "completions").
+func TestHeldKeyStaysUnderTheBasePathWhateverTheReading(t *testing.T) {
+	gw := newGateway(t)
+	p := start(t, heldKeyEnv(gw.URL))
+	const fw = "%EF%BC%8E" // U+FF0E
+	for _, target := range []string{
+		"/v1/models/%25252e%25252e/%25252e%25252e/%25252e%25252e/internal",
+		"/v1/models/x%25252f..%25252f..%25252f..%25252finternal",
+		"/v1/models/" + fw + fw + "/" + fw + fw + "/" + fw + fw + "/internal",
+		"/v1/models/%E2%80%A5/%E2%80%A5/%E2%80%A5/internal",
+		"/v1/models/x%EF%BC%8F..%EF%BC%8F..%EF%BC%8F..%EF%BC%8Finternal",
+		"/v1/models/%EF%BC%852e%EF%BC%852e/%EF%BC%852e%EF%BC%852e/internal",
+		"/v1/models/.../.../.../internal",
+		"/v1/models/..%20/..%20/..%20/internal",
+	} {
+		t.Run(target, func(t *testing.T) {
+			r := p.send(t, http.MethodGet, target, "", nil)
+			require.Equal(t, http.StatusBadRequest, r.Status, r.Body)
+			code, _ := openAIError(t, r.Body)
+			require.Equal(t, "invalid_path", code)
+		})
+	}
+	require.Empty(t, gw.requests(), "nothing reached the gateway")
+
+	// Without a held key everything passes, but no reading of the chat
+	// path escapes the chat handler.
+	rs := redistest.Start(t)
+	p2 := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": gw.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, "-session-require")
+	for _, target := range []string{"/v1/chat/completions.", "/v1/chat/completions%20", "/v1/chat/completions%E2%80%A4"} {
+		r := p2.send(t, http.MethodPost, target, chatJSON(userJSON("hi")), nil)
+		require.Equal(t, http.StatusBadRequest, r.Status, "%s: %s", target, r.Body)
+	}
+	require.Empty(t, gw.requests(), "nothing reached the gateway")
+
+	// Dots and non-ASCII letters inside a segment still pass.
+	p.send(t, http.MethodGet, "/v1/models/llama-3.1..8b-%C3%A9", "", nil)
+	require.Equal(t, tenantBase+"/models/llama-3.1..8b-%C3%A9", gw.last(t).RequestURI)
+}

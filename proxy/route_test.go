@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
+	"unicode"
 
 	"github.com/stretchr/testify/require"
 )
@@ -34,6 +35,18 @@ func TestCanonicalPath(t *testing.T) {
 		{"encoded slash", "/v1/chat%2Fcompletions", "", ""},
 		{"encoded slash lower", "/v1/..%2f..%2finternal", "", ""},
 		{"double encoded slash", "/v1/chat%252Fcompletions", "", ""},
+		{"triple encoded dot-dot", "/v1/%25252e%25252e/internal", "", ""},
+		{"four times encoded slash", "/v1/chat%2525252Fcompletions", "", ""},
+		{"encoded percent before a bad escape", "/v1/files/100%25zz", "/v1/files/100%zz", "/v1/files/100%25zz"},
+		{"fullwidth full stops", "/v1/%EF%BC%8E%EF%BC%8E/internal", "", ""},
+		{"two dot leader", "/v1/%E2%80%A5/internal", "", ""},
+		{"fullwidth solidus", "/v1/chat%EF%BC%8Fcompletions", "", ""},
+		{"fullwidth percent", "/v1/%EF%BC%852e%EF%BC%852e/internal", "", ""},
+		{"small reverse solidus", "/v1/..%EF%B9%A8internal", "", ""},
+		{"three dots", "/v1/.../internal", "", ""},
+		{"dot-dot and a space", "/v1/..%20/internal", "", ""},
+		{"trailing dot", "/v1/chat/completions.", "", ""},
+		{"trailing space", "/v1/chat/completions%20", "", ""},
 		{"backslash", `/v1/chat\completions`, "", ""},
 		{"encoded backslash", "/v1/..%5c..%5cinternal", "", ""},
 		{"semicolon", "/v1/chat/completions;x", "", ""},
@@ -99,4 +112,25 @@ func TestEndpointsAllow(t *testing.T) {
 	}
 	_, err = newEndpoints([]string{"GET /v1/models", "GET /v1/models"})
 	require.ErrorContains(t, err, "GET /v1/models")
+}
+
+// TestNFKCSeparators: the table holds exactly the characters whose NFKC
+// form contains ".", "/", "\", ";" or "%" (listed from Python's
+// unicodedata, Unicode 14), and nothing of the ASCII range or letters
+// around them.
+func TestNFKCSeparators(t *testing.T) {
+	want := []rune{0x37e, 0x2024, 0x2025, 0x2026, 0x2100, 0x2101, 0x2105, 0x2106,
+		0x2488, 0x2489, 0x248a, 0x248b, 0x248c, 0x248d, 0x248e, 0x248f, 0x2490, 0x2491, 0x2492, 0x2493,
+		0x2494, 0x2495, 0x2496, 0x2497, 0x2498, 0x2499, 0x249a, 0x249b, 0x33c2, 0x33c7, 0x33d8,
+		0xfe14, 0xfe19, 0xfe30, 0xfe52, 0xfe54, 0xfe68, 0xfe6a, 0xff05, 0xff0e, 0xff0f, 0xff1b, 0xff3c, 0x1f100}
+	var got []rune
+	for r := rune(0); r <= 0x10ffff; r++ {
+		if unicode.Is(nfkcSeparators, r) {
+			got = append(got, r)
+		}
+	}
+	require.Equal(t, want, got)
+	for _, s := range []string{"gpt-4o", "été", "模型", "ｇｐｔ"} {
+		require.True(t, plainSegment(s), s)
+	}
 }
