@@ -665,3 +665,43 @@ func TestHeldKeyStaysUnderTheBasePathWhateverTheReading(t *testing.T) {
 	p.send(t, http.MethodGet, "/v1/models/llama-3.1..8b-%C3%A9", "", nil)
 	require.Equal(t, tenantBase+"/models/llama-3.1..8b-%C3%A9", gw.last(t).RequestURI)
 }
+
+// TestHeldKeyAllowListHoldsAgainstOverrides: the allow-list decides on the
+// method and the path, so nothing that makes a server behind the proxy
+// route on another method or path passes with the held key: Symfony and
+// Laravel serve a POST with X-HTTP-Method-Override: GET (or ?_method=GET,
+// PHP reading ".method" as "_method" too) as a GET, Express's
+// method-override and Google's front ends do the same with the header, and
+// IIS rewrites and older Symfony route on X-Original-URL and X-Rewrite-URL.
+// POST /v1/chat/completions read as GET lists every app's stored
+// completions, which the allow-list refuses.
+func TestHeldKeyAllowListHoldsAgainstOverrides(t *testing.T) {
+	gw := newGateway(t)
+	p := start(t, heldKeyEnv(gw.URL))
+	overrides := map[string]string{
+		"X-HTTP-Method-Override": "GET", "X-HTTP-Method": "GET", "X-Method-Override": "GET", "X_HTTP_Method_Override": "GET",
+		"X-Original-URL": "/tenant-a/v1/files", "X-Rewrite-URL": "/tenant-a/v1/files", "X-Session-User": "u1",
+	}
+	for _, c := range []struct{ method, target, body string }{
+		{http.MethodPost, "/v1/chat/completions", chatJSON(userJSON("hi"))},
+		{http.MethodPost, "/v1/embeddings", `{"model":"text-embedding-3-small","input":"x"}`},
+		{http.MethodGet, "/v1/models", ""},
+	} {
+		r := p.send(t, c.method, c.target, c.body, overrides)
+		require.Equal(t, http.StatusOK, r.Status, r.Body)
+		got := gw.last(t).Header
+		for k := range got {
+			switch strings.ToLower(strings.ReplaceAll(k, "_", "-")) {
+			case "x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url":
+				t.Errorf("%s %s: the upstream got %s: %s", c.method, c.target, k, got.Get(k))
+			}
+		}
+	}
+	for _, target := range []string{"/v1/chat/completions?_method=GET", "/v1/chat/completions?x=1&.method=GET", "/v1/embeddings?x=1&_method=DELETE"} {
+		r := p.send(t, http.MethodPost, target, chatJSON(userJSON("hi")), map[string]string{"X-Session-User": "u1"})
+		require.Equal(t, http.StatusForbidden, r.Status, "%s: %s", target, r.Body)
+		code, _ := openAIError(t, r.Body)
+		require.Equal(t, "endpoint_not_allowed", code)
+	}
+	require.Len(t, gw.requests(), 3, "no method override in the query reached the gateway")
+}

@@ -287,6 +287,11 @@ func (p *Proxy) Handler() http.Handler {
 			writeError(w, notAllowed(r.Method, dec))
 			return
 		}
+		if p.allow != nil && methodInQuery(r.URL.RawQuery) {
+			writeError(w, &apiError{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "endpoint_not_allowed",
+				Message: "a _method query parameter would make the upstream read this call as another one; this proxy forwards none (upstream.passthrough)"})
+			return
+		}
 		mux.ServeHTTP(w, r)
 	}))
 }
@@ -363,6 +368,13 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	// body); a chat body read whole has them filled in by the time it is
 	// forwarded. The API uses no request trailers: none are forwarded.
 	pr.Out.Trailer = nil
+	if p.allow != nil {
+		// The allow-list decided on this method and path: no header may
+		// make the upstream route on others.
+		for _, h := range overrideHeaders {
+			dropHeader(pr.Out.Header, h)
+		}
+	}
 	if p.opt.APIKey != "" {
 		pr.Out.Header.Set("Authorization", "Bearer "+p.opt.APIKey)
 		dropHeader(pr.Out.Header, headerOrganization)
@@ -381,6 +393,30 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 		// Accept-Encoding: gzip cannot blind the observer.
 		pr.Out.Header.Set("Accept-Encoding", "identity")
 	}
+}
+
+// overrideHeaders make servers route a request on another method or path
+// than its own: Symfony and Laravel, Express's method-override and
+// Google's front ends read the method headers, IIS rewrites and older
+// Symfony the URL ones.
+var overrideHeaders = []string{"X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL", "X-Rewrite-URL"}
+
+// methodInQuery reports whether a query carries a _method parameter, which
+// Laravel and Symfony (and Express's method-override, when set up so) read
+// as the request's method. PHP reads a "." or " " in a parameter's name as
+// "_", so ".method" is one too.
+func methodInQuery(raw string) bool {
+	if raw == "" {
+		return false
+	}
+	q, _ := url.ParseQuery(raw) // what parses is what a server reads
+	for k := range q {
+		k = strings.TrimLeft(k, " ")
+		if k, _, _ = strings.Cut(k, "["); len(k) == len("_method") && strings.EqualFold(strings.NewReplacer(".", "_", " ", "_").Replace(k), "_method") {
+			return true
+		}
+	}
+	return false
 }
 
 // dropHeader deletes name from h in every spelling a server may read as

@@ -134,3 +134,23 @@ func TestNFKCSeparators(t *testing.T) {
 		require.True(t, plainSegment(s), s)
 	}
 }
+
+func TestMethodInQuery(t *testing.T) {
+	for _, tc := range []struct {
+		query string
+		want  bool
+	}{
+		{"", false},
+		{"api-version=2024-06-01", false},
+		{"method=GET", false},
+		{"_method=GET", true},
+		{"a=1&_method=DELETE", true},
+		{".method=GET", true},
+		{"_METHOD=GET", true},
+		{"_method[]=GET", true},
+		{"%5Fmethod=GET", true},
+		{"x_method=GET", false},
+	} {
+		require.Equal(t, tc.want, methodInQuery(tc.query), tc.query)
+	}
+}
