@@ -159,6 +159,7 @@ func TestSDKSurfacesProxyErrors(t *testing.T) {
 	require.ErrorAs(t, err, &apiErr)
 	require.Equal(t, http.StatusBadRequest, apiErr.StatusCode)
 	require.Equal(t, "invalid_session_id", apiErr.Code)
+	require.Equal(t, "X-Session-ID", apiErr.Param, "the SDK shows which field was at fault")
 	require.Empty(t, up.Requests())
 	require.Contains(t, p.stderr.String(), "conversations are kept in memory", "the in-memory store warns")
 }
