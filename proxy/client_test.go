@@ -22,14 +22,20 @@ func stallTimeout(d time.Duration) func(*Options) {
 	return func(o *Options) { o.ClientWriteTimeout = d }
 }
 
+// withServer restarts the harness's server with set applied to its
+// configuration.
+func (h *harness) withServer(t *testing.T, set func(*http.Server)) {
+	h.srv.Close()
+	h.srv = httptest.NewUnstartedServer(h.px.Handler())
+	set(h.srv.Config)
+	h.srv.Start()
+	t.Cleanup(h.srv.Close)
+}
+
 // withReadTimeout restarts the harness's server with a ReadTimeout, as
 // main sets client.read_timeout.
 func (h *harness) withReadTimeout(t *testing.T, d time.Duration) {
-	h.srv.Close()
-	h.srv = httptest.NewUnstartedServer(h.px.Handler())
-	h.srv.Config.ReadTimeout = d
-	h.srv.Start()
-	t.Cleanup(h.srv.Close)
+	h.withServer(t, func(s *http.Server) { s.ReadTimeout = d })
 }
 
 // TestTrickledBodyIsCut: a client that sends its body a byte at a time is
@@ -63,18 +69,35 @@ func TestTrickledBodyIsCut(t *testing.T) {
 // TestStalledReaderDoesNotHoldAStream: a client that stops reading a
 // stream holds it at most ClientWriteTimeout; the handler then ends and
 // records what was generated as incomplete.
+//
+// A write can only wait once the socket buffers between the proxy and the
+// client are full. Left to the kernel, the proxy's send buffer grows to
+// tcp_wmem's maximum (4 MiB here): the proxy would relay 4 MB of deltas
+// (JSON encoded by the fake upstream, decoded by the proxy) before its
+// first write could block, seconds of CPU under -race, past any fixed wait
+// on a loaded machine. Both ends' buffers are set small, so a write blocks
+// after some 100 KiB whatever the machine's load.
 func TestStalledReaderDoesNotHoldAStream(t *testing.T) {
 	h := newHarness(t, stallTimeout(300*time.Millisecond))
-	// 16 MiB of deltas: more than the loopback socket buffers hold.
+	h.withServer(t, func(s *http.Server) {
+		s.ConnState = func(c net.Conn, st http.ConnState) {
+			if st != http.StateNew {
+				return
+			}
+			if err := c.(*net.TCPConn).SetWriteBuffer(4 << 10); err != nil {
+				t.Errorf("set the send buffer: %v", err) // not FailNow: a server goroutine
+			}
+		}
+	})
+	// 1 MiB of deltas, ten times what the buffers hold.
 	deltas := make([]string, 256)
 	for i := range deltas {
-		deltas[i] = strings.Repeat(" word", 64<<10/5)
+		deltas[i] = strings.Repeat(" word", 4<<10/5)
 	}
 	h.up.Enqueue(fakeai.Reply{Deltas: deltas})
 	conn, err := net.Dial("tcp", h.srv.Listener.Addr().String())
 	require.NoError(t, err)
 	defer conn.Close()
-	// A small receive buffer, so the proxy's writes block soon.
 	require.NoError(t, conn.(*net.TCPConn).SetReadBuffer(4<<10))
 	body := `{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a lot"}]}`
 	_, err = fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Session-ID: c:stall:a\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
@@ -87,10 +110,18 @@ func TestStalledReaderDoesNotHoldAStream(t *testing.T) {
 	_, err = io.ReadFull(resp.Body, make([]byte, 512))
 	require.NoError(t, err)
 
+	// The connection stays open and unread: only the write deadline can
+	// end the handler. The wait is generous; the handler ends some 300 ms
+	// after its buffers fill.
+	var msgs []history.Message
 	require.Eventually(t, func() bool {
-		msgs := h.stored(t, "c:stall:a")
-		return len(msgs) == 2 && msgs[1].Status == history.StatusIncomplete
-	}, 20*time.Second, 50*time.Millisecond, "the stalled stream ends and is recorded as cut")
+		msgs = h.stored(t, "c:stall:a")
+		return len(msgs) == 2
+	}, time.Minute, 20*time.Millisecond, "the stalled stream ends and is recorded")
+	require.Equal(t, history.StatusIncomplete, msgs[1].Status, "recorded as cut")
+	full := strings.Join(deltas, "")
+	require.True(t, strings.HasPrefix(full, msgs[1].Content), "what was generated before the stall")
+	require.Less(t, len(msgs[1].Content), len(full)/2, "cut long before the end")
 }
 
 // TestStreamsBeingReadAreNotCut: a stream that lasts far longer than both
