@@ -163,6 +163,11 @@ func toNanos(usdPerMillion float64) int64 {
 // table or the config names it, since a guess from a similar name can be
 // off many times over (gpt-5.2-pro costs 12 times gpt-5.2).
 func (c *Catalog) resolve(model string) (string, bool) {
+	if _, ok := c.models[model]; ok {
+		// Named as it is, a fine-tune too: the config may price one
+		// fine-tune apart from the others of its base.
+		return model, true
+	}
 	if base, ok := strings.CutPrefix(model, "ft:"); ok {
 		// ft:<base>[:org[:suffix[:id]]]: priced as a fine-tune of base. A
 		// base with no fine-tune price is not priced as the base model,
@@ -210,7 +215,7 @@ func matchesLayout(s, layout string) bool {
 }
 
 // Lookup returns the entry for model and whether there is one. A model is
-// found by its own name; else without a snapshot date at its end
+// found by its own name (a fine-tune's whole name included); else without a snapshot date at its end
 // ("gpt-4o-2024-08-06" is gpt-4o, "gpt-3.5-turbo-0125" is gpt-3.5-turbo, but
 // a snapshot priced apart, such as gpt-3.5-turbo-1106, is named in the
 // table); a fine-tune ("ft:gpt-4o-mini-2024-07-18:org:name:id") is found as

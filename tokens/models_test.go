@@ -298,3 +298,41 @@ func TestNewCatalogDoesNotAliasBuiltins(t *testing.T) {
 		t.Errorf("an override leaked into a later catalog: got %+v", got)
 	}
 }
+
+// TestConfiguredFineTuneByItsFullName: a fine-tune that the config names in
+// full ("unpriced until the table or the config names it") takes that
+// price. The lookup cut the organisation and id off before it looked, so a
+// config entry for one fine-tune was never read: the model stayed at its
+// base's fine-tune price, or unpriced when the base has none.
+func TestConfiguredFineTuneByItsFullName(t *testing.T) {
+	const (
+		ownPriced = "ft:gpt-4o-mini-2024-07-18:acme:support:abc123" // ft:gpt-4o-mini is built in
+		noBase    = "ft:gpt-5-mini-2025-08-07:acme::def456"         // no fine-tune price for gpt-5-mini
+	)
+	c := NewCatalog(map[string]Model{
+		ownPriced: {ContextWindow: 64_000, Input: 7, Output: 9},
+		noBase:    {Input: 0.5, CachedInput: 0.05, Output: 4},
+	})
+	u := Usage{Prompt: 1_000_000, Completion: 1_000_000}
+	for _, tc := range []struct {
+		model     string
+		wantNanos int64
+		wantWin   int
+	}{
+		{ownPriced, (7 + 9) * 1e9, 64_000},
+		{noBase, (0.5 + 4) * 1e9, 0},
+		// Another fine-tune of the same base still falls back to ft:gpt-4o-mini.
+		{"ft:gpt-4o-mini-2024-07-18:acme:other:xyz", (0.30 + 1.20) * 1e9, 128_000},
+	} {
+		t.Run(tc.model, func(t *testing.T) {
+			nanos, ok := c.Cost(tc.model, u)
+			if !ok || nanos != tc.wantNanos {
+				t.Errorf("Cost(%s, 1M in + 1M out) = %d, %v; want %d, true", tc.model, nanos, ok, tc.wantNanos)
+			}
+			m, ok := c.Lookup(tc.model)
+			if !ok || m.ContextWindow != tc.wantWin {
+				t.Errorf("Lookup(%s) = %+v, %v; want context window %d", tc.model, m, ok, tc.wantWin)
+			}
+		})
+	}
+}
