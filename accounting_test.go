@@ -291,3 +291,74 @@ func TestFinePricesRefusedAtStart(t *testing.T) {
 		func(string) string { return "" }, io.Discard, nil)
 	require.ErrorContains(t, err, "models.my-model.input: 0.0004 has more than 3 decimals")
 }
+
+// agreeing checks that the session's all-time totals in Redis equal its
+// Prometheus series, and that its channel, agent and model series hold the
+// same (the session is their only traffic), once sent requests have been
+// observed. It returns the Redis totals.
+func agreeing(t *testing.T, p *program, rs *redistest.Server, session, channel, agent, model string, sent int) map[string]int64 {
+	t.Helper()
+	var m map[string]float64
+	require.Eventually(t, func() bool {
+		m = scrapeMetrics(t, p.addrs.Admin)
+		n := 0.0
+		for k, v := range m {
+			if strings.HasPrefix(k, "historyproxy_requests_total{") {
+				n += v
+			}
+		}
+		return n == float64(sent)
+	}, 10*time.Second, 10*time.Millisecond, "every request observed")
+	hash, err := rs.Client(t).HGetAll(context.Background(), "hp:{"+session+"}:session").Result()
+	require.NoError(t, err)
+	redis := map[string]int64{}
+	for _, f := range []string{"prompt_tokens", "completion_tokens", "cached_tokens", "history_tokens", "requests", "cost_nanos"} {
+		if v := hash[f]; v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			require.NoError(t, err, f)
+			redis[f] = n
+		}
+	}
+	labels := `agent="` + agent + `",channel="` + channel + `",model="` + model + `"`
+	for typ, field := range map[string]string{"prompt": "prompt_tokens", "completion": "completion_tokens", "cached": "cached_tokens", "history": "history_tokens"} {
+		require.Equal(t, float64(redis[field]), m[`historyproxy_session_tokens_total{session="`+session+`",type="`+typ+`"}`], "session %s tokens: Prometheus against Redis %s", typ, field)
+		require.Equal(t, float64(redis[field]), m[`historyproxy_tokens_total{`+labels+`,type="`+typ+`"}`], "%s tokens: Prometheus against Redis %s", typ, field)
+	}
+	require.Equal(t, float64(redis["cost_nanos"])/1e9, m[`historyproxy_session_cost_usd_total{session="`+session+`"}`], "session cost: Prometheus against Redis")
+	require.Equal(t, float64(redis["cost_nanos"])/1e9, m[`historyproxy_cost_usd_total{`+labels+`}`], "cost: Prometheus against Redis")
+	return redis
+}
+
+// TestReplyCutAfterHeadersCountsNowhere: an upstream that answers 200 and
+// then breaks off the body of a whole reply gets the client a 502, and the
+// proxy read no reply, so nothing is billed (README, What counts), neither
+// in Redis nor in Prometheus. Prometheus counted an estimate of it while
+// Redis did not.
+func TestReplyCutAfterHeadersCountsNowhere(t *testing.T) {
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL})
+	ctx := context.Background()
+	const session = "chat:carol:support"
+	params := func(text string) openai.ChatCompletionNewParams {
+		return openai.ChatCompletionNewParams{Model: "gpt-4o-mini", Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(text)}}
+	}
+
+	up.Enqueue(fakeai.Reply{Content: "Hello Carol.", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 20}})
+	_, err := p.client(session).Chat.Completions.New(ctx, params("Hi, I am Carol."))
+	require.NoError(t, err)
+
+	// The headers promise more body than comes: the connection ends early.
+	partial := []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hel`)
+	up.Enqueue(fakeai.Reply{Raw: partial, Header: http.Header{"Content-Length": {strconv.Itoa(len(partial) + 500)}}})
+	_, err = p.client(session).Chat.Completions.New(ctx, params("Still there?"))
+	var apiErr *openai.Error
+	require.ErrorAs(t, err, &apiErr)
+	require.Equal(t, http.StatusBadGateway, apiErr.StatusCode)
+
+	redis := agreeing(t, p, rs, session, "chat", "support", "gpt-4o-mini", 2)
+	want := map[string]int64{"prompt_tokens": 100, "completion_tokens": 20, "cached_tokens": 0, "history_tokens": 0, "requests": 1, "cost_nanos": 100*150 + 20*600}
+	for f, v := range want {
+		require.Equal(t, v, redis[f], "Redis %s: the first request only", f)
+	}
+}

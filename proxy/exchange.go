@@ -455,6 +455,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	if err != nil {
 		resp.Body.Close()
 		x.upstreamEnd = p.now()
+		// No reply was read, so nothing is billed: not recorded, and not
+		// counted in the metrics either.
+		x.reply = nil
 		return fmt.Errorf("read upstream reply: %w", err)
 	}
 	if len(body) > maxReplyBytes {
