@@ -362,3 +362,18 @@ func TestReplyCutAfterHeadersCountsNowhere(t *testing.T) {
 		require.Equal(t, v, redis[f], "Redis %s: the first request only", f)
 	}
 }
+
+// TestNaNPriceRefusedAtStart: a price of .nan (YAML's not-a-number) passed
+// every check (not negative, not above the maximum, no decimals in "NaN")
+// and became a cost of -2^63 nano-USD per token, counted negative in Redis
+// and dropped by Prometheus. It stops start-up like any other bad price.
+func TestNaNPriceRefusedAtStart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(path, []byte("models:\n  my-model:\n    input: .nan\n    output: 0.6\n"), 0o600))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Should it start after all, it stops at once and the check below fails.
+	err := run(ctx, []string{"-config", path, "-listen", "127.0.0.1:0", "-admin-listen", "127.0.0.1:0"},
+		func(string) string { return "" }, io.Discard, func(addrs) { cancel() })
+	require.ErrorContains(t, err, "models.my-model.input: NaN is not a number")
+}

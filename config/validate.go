@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -173,6 +174,8 @@ func (c Config) Validate() error {
 			price float64
 		}{{"input", m.Input}, {"cached_input", m.CachedInput}, {"output", m.Output}} {
 			switch {
+			case math.IsNaN(p.price): // passes every comparison below
+				v.addf(field+"."+p.key, p.price, "is not a number")
 			case p.price < 0:
 				v.addf(field+"."+p.key, p.price, "is negative")
 			case p.price > maxPrice:
