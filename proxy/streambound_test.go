@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"fmt"
 	"io"
 	"strings"
@@ -128,4 +129,58 @@ func TestTruncatedReplyIsIncomplete(t *testing.T) {
 	m, ok := x.assistant(0, true)
 	require.True(t, ok)
 	require.Equal(t, history.StatusIncomplete, m.Status)
+}
+
+// TestGzipStreamBodyBounds: a stream gzipped although the proxy asked for
+// identity is decoded on the side within the same bounds. Its compressed
+// bytes all reach the client unchanged, while the decoder stops at the
+// bound (a few KB of gzip can expand to gigabytes); the turn is stored as
+// incomplete with what was assembled.
+func TestGzipStreamBodyBounds(t *testing.T) {
+	delta := "data: " + fmt.Sprintf(`{"choices":[{"index":0,"delta":{"content":%q},"finish_reason":null}]}`, strings.Repeat("y", 1024)) + "\n\n"
+	cases := []struct {
+		name string
+		tail func(w io.Writer)
+	}{
+		{name: "an event that never ends", tail: func(w io.Writer) {
+			_, _ = io.WriteString(w, `data: {"choices":[{"index":0,"delta":{"content":"`)
+			_, _ = w.Write(bytes.Repeat([]byte{'x'}, 1<<20))
+		}},
+		{name: "a reply that never ends", tail: func(w io.Writer) {
+			for range 1024 {
+				_, _ = io.WriteString(w, delta)
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var zipped bytes.Buffer
+			zw := gzip.NewWriter(&zipped)
+			_, _ = io.WriteString(zw, sbEvents(sbRole, sbHello))
+			tc.tail(zw)
+			require.NoError(t, zw.Close())
+
+			var read int
+			f := &sbFinish{read: &read}
+			rp := &reply{}
+			g := newGzipStreamBody(io.NopCloser(bytes.NewReader(zipped.Bytes())), rp, sbNow, f.finish)
+			g.obs.maxEvent, g.obs.maxReply = 64<<10, 64<<10 // before the first byte reaches the decoder
+
+			got, err := sbRelay(g, 4096, &read)
+			require.NoError(t, err)
+			require.Equal(t, zipped.Bytes(), got, "relayed unchanged")
+			require.Equal(t, 1, f.calls)
+			require.False(t, f.complete)
+			require.True(t, rp.Truncated, "the decoder stopped at the bound")
+			require.True(t, strings.HasPrefix(rp.Content.String(), "Hello"))
+			require.LessOrEqual(t, rp.Content.Len(), 64<<10+2*len(g.buf), "the reply assembled is bounded")
+			require.NoError(t, g.Close())
+			require.Equal(t, 1, f.calls)
+
+			x := &exchange{reply: rp, req: &chatRequest{}}
+			m, ok := x.assistant(0, f.complete)
+			require.True(t, ok)
+			require.Equal(t, history.StatusIncomplete, m.Status)
+		})
+	}
 }
