@@ -377,3 +377,56 @@ func TestNaNPriceRefusedAtStart(t *testing.T) {
 		func(string) string { return "" }, io.Discard, func(addrs) { cancel() })
 	require.ErrorContains(t, err, "models.my-model.input: NaN is not a number")
 }
+
+// TestEstimatedUsageCountsEveryChoice: without usage from the upstream, a
+// request with n = 2 is estimated at what was generated, both choices, as
+// the API bills them; only choice 0 is recorded. The estimate counted
+// choice 0 alone.
+func TestEstimatedUsageCountsEveryChoice(t *testing.T) {
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL})
+	ctx := context.Background()
+	counter, err := tokens.New("")
+	require.NoError(t, err)
+	const model, first, second = "gpt-4o-mini", "Hello there, world.", "Good morning to you, friend."
+	chunk := func(index int, delta string) string {
+		return `data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":` +
+			strconv.Itoa(index) + `,"delta":{"content":"` + delta + `"},"finish_reason":null}]}` + "\n\n"
+	}
+	tests := []struct {
+		name   string
+		stream bool
+		reply  fakeai.Reply
+	}{
+		{"whole reply", false, fakeai.Reply{Raw: []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[` +
+			`{"index":0,"message":{"role":"assistant","content":"` + first + `"},"finish_reason":"stop"},` +
+			`{"index":1,"message":{"role":"assistant","content":"` + second + `"},"finish_reason":"stop"}]}`)}},
+		{"stream", true, fakeai.Reply{Raw: []byte(chunk(0, "Hello there,") + chunk(1, "Good morning") + chunk(1, " to you, friend.") + chunk(0, " world.") +
+			`data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{},"finish_reason":"stop"}]}` + "\n\n" +
+			"data: [DONE]\n\n"), Header: http.Header{"Content-Type": {"text/event-stream"}}}},
+	}
+	sent := 0
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			agent := strings.ReplaceAll(tc.name, " ", "-") // series of their own
+			session := "chat:n2:" + agent
+			params := openai.ChatCompletionNewParams{Model: model, N: openai.Int(2),
+				Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Greet me twice.")}}
+			up.Enqueue(tc.reply)
+			sent++
+			if tc.stream {
+				s := p.client(session).Chat.Completions.NewStreaming(ctx, params)
+				for s.Next() {
+				}
+				require.NoError(t, s.Err())
+			} else {
+				_, err := p.client(session).Chat.Completions.New(ctx, params)
+				require.NoError(t, err)
+			}
+			redis := agreeing(t, p, rs, session, "chat", agent, model, sent)
+			want := int64(counter.Text(model, first) + counter.Text(model, second))
+			require.Equal(t, want, redis["completion_tokens"], "both choices were generated and billed")
+		})
+	}
+}

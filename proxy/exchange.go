@@ -634,9 +634,9 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 // with several choices sharing it, it is counted here.
 func (p *Proxy) replyTokens(x *exchange, a history.Message, u tokens.Usage) int {
 	switch {
-	case u.Estimated:
-		// The estimate counted what was generated; a stored message also
-		// carries its framing when it is replayed.
+	case u.Estimated && len(x.reply.others) == 0:
+		// The estimate counted what was generated (choice 0 alone here); a
+		// stored message also carries its framing when it is replayed.
 		return int(u.Completion) + tokens.TokensPerMessage + p.opt.Counter.Text(x.req.Model, history.RoleAssistant)
 	case x.req.N <= 1 && a.Status == history.StatusComplete && u.Completion > 0:
 		return int(u.Completion-u.Reasoning) + tokens.TokensPerMessage
@@ -661,8 +661,12 @@ func (p *Proxy) usage(x *exchange) tokens.Usage {
 		u = tokens.Usage{Prompt: int64(p.requestTokens(x) + x.historyTokens), Estimated: true}
 		if a, ok := x.assistant(0, true); ok {
 			// As the API counts completion_tokens: what was generated, not
-			// the message framing.
+			// the message framing, in every choice (n > 1).
 			u.Completion = int64(x.meter.Completion(tokenMessage(a)))
+			for _, o := range x.reply.others {
+				u.Completion += int64(x.meter.Completion(tokens.Message{
+					Content: o.Content.String(), Refusal: o.Refusal.String(), ToolCalls: o.toolCallsJSON()}))
+			}
 		}
 	}
 	x.usage = &u

@@ -52,6 +52,34 @@ type reply struct {
 	// when the stream passed a bound and the rest was not read.
 	size      int
 	Truncated bool
+	// others are the choices past 0 (n > 1), by index. They are not
+	// recorded; they are assembled to estimate the usage when the
+	// upstream sends none, since the API bills every choice.
+	others map[int]*reply
+}
+
+// maxChoices bounds the choices assembled from one reply: the API's n is
+// at most 128. Choices past it are not counted in an estimate.
+const maxChoices = 128
+
+// choice returns the reply of choice i: r itself for 0, else one of
+// r.others, made on first use; nil past maxChoices.
+func (r *reply) choice(i int) *reply {
+	if i == 0 {
+		return r
+	}
+	if o, ok := r.others[i]; ok {
+		return o
+	}
+	if i < 0 || len(r.others) >= maxChoices-1 {
+		return nil
+	}
+	if r.others == nil {
+		r.others = map[int]*reply{}
+	}
+	o := &reply{}
+	r.others[i] = o
+	return o
 }
 
 type toolCall struct {
@@ -83,29 +111,31 @@ type chunk struct {
 
 // add merges one chunk into the reply. Tool-call argument fragments are
 // appended by index, as the API streams them. Choices other than 0 (n > 1)
-// are ignored: the proxy records choice 0.
+// go to r.others (see there): the proxy records choice 0. size counts the
+// bytes of every choice.
 func (r *reply) add(c *chunk, now time.Time) {
 	if c.Usage != nil {
 		r.Usage = c.Usage
 	}
 	for _, ch := range c.Choices {
-		if ch.Index != 0 {
+		cr := r.choice(ch.Index)
+		if cr == nil {
 			continue
 		}
 		d := ch.Delta
-		if r.FirstToken.IsZero() && ((d.Content != nil && *d.Content != "") || (d.Refusal != nil && *d.Refusal != "") || len(d.ToolCalls) > 0) {
+		if ch.Index == 0 && r.FirstToken.IsZero() && ((d.Content != nil && *d.Content != "") || (d.Refusal != nil && *d.Refusal != "") || len(d.ToolCalls) > 0) {
 			r.FirstToken = now
 		}
 		if d.Content != nil {
-			r.Content.WriteString(*d.Content)
+			cr.Content.WriteString(*d.Content)
 			r.size += len(*d.Content)
 		}
 		if d.Refusal != nil {
-			r.Refusal.WriteString(*d.Refusal)
+			cr.Refusal.WriteString(*d.Refusal)
 			r.size += len(*d.Refusal)
 		}
 		for _, tc := range d.ToolCalls {
-			call := r.callFor(tc.Index, tc.ID)
+			call := cr.callFor(tc.Index, tc.ID)
 			if call == nil {
 				continue
 			}
@@ -120,7 +150,7 @@ func (r *reply) add(c *chunk, now time.Time) {
 			r.size += len(tc.Function.Name) + len(tc.Function.Arguments)
 		}
 		if ch.FinishReason != nil && *ch.FinishReason != "" {
-			r.FinishReason = *ch.FinishReason
+			cr.FinishReason = *ch.FinishReason
 		}
 	}
 }
@@ -204,22 +234,23 @@ func parseReply(body []byte) (*reply, bool) {
 	}
 	r := &reply{Usage: resp.Usage}
 	for _, c := range resp.Choices {
-		if c.Index != 0 {
+		cr := r.choice(c.Index)
+		if cr == nil {
 			continue
 		}
 		m := c.Message
 		if m.Content != nil {
-			r.Content.WriteString(*m.Content)
+			cr.Content.WriteString(*m.Content)
 		} else {
-			r.ContentNull = true
+			cr.ContentNull = true
 		}
 		if m.Refusal != nil {
-			r.Refusal.WriteString(*m.Refusal)
+			cr.Refusal.WriteString(*m.Refusal)
 		}
 		if len(m.ToolCalls) > 0 && !wire.IsNull(m.ToolCalls) {
-			r.ToolCalls = m.ToolCalls
+			cr.ToolCalls = m.ToolCalls
 		}
-		r.FinishReason = c.FinishReason
+		cr.FinishReason = c.FinishReason
 	}
 	return r, true
 }
