@@ -2,6 +2,8 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
 	"io"
 	"net/http"
@@ -429,4 +431,40 @@ func TestEstimatedUsageCountsEveryChoice(t *testing.T) {
 			require.Equal(t, want, redis["completion_tokens"], "both choices were generated and billed")
 		})
 	}
+}
+
+// TestXGzipWholeReplyIsRecordedAndBilled: x-gzip is gzip (RFC 9110), and
+// the proxy reads a stream in either; a whole reply in x-gzip was neither
+// decoded nor recorded nor billed, anywhere.
+func TestXGzipWholeReplyIsRecordedAndBilled(t *testing.T) {
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL})
+	const session = "chat:erin:support"
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	_, err := zw.Write([]byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Packed."},"finish_reason":"stop"}],"usage":{"prompt_tokens":40,"completion_tokens":3,"total_tokens":43}}`))
+	require.NoError(t, err)
+	require.NoError(t, zw.Close())
+	up.Enqueue(fakeai.Reply{Raw: zipped.Bytes(), Header: http.Header{"Content-Encoding": {"x-gzip"}}})
+
+	req, err := http.NewRequest(http.MethodPost, "http://"+p.addrs.Proxy+"/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Pack it."}]}`))
+	require.NoError(t, err)
+	req.Header.Set("X-Session-ID", session)
+	resp, err := http.DefaultTransport.RoundTrip(req) // no transparent decoding: the bytes as relayed
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, zipped.Bytes(), body, "relayed as it came")
+
+	redis := agreeing(t, p, rs, session, "chat", "support", "gpt-4o-mini", 1)
+	for f, v := range map[string]int64{"prompt_tokens": 40, "completion_tokens": 3, "requests": 1, "cost_nanos": 40*150 + 3*600} {
+		require.Equal(t, v, redis[f], "Redis %s", f)
+	}
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{"+session+"}:messages").Result()
+	require.NoError(t, err)
+	require.EqualValues(t, 2, n, "the turn is recorded")
 }

@@ -493,7 +493,8 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 // compresses although the proxy asked for identity is decoded on the side,
 // while the client still gets the bytes as they came.
 func decoded(h http.Header, body []byte) []byte {
-	if !strings.EqualFold(h.Get("Content-Encoding"), "gzip") {
+	// x-gzip is gzip (RFC 9110, section 8.4.1.3), as for streams.
+	if enc := h.Get("Content-Encoding"); !strings.EqualFold(enc, "gzip") && !strings.EqualFold(enc, "x-gzip") {
 		return body
 	}
 	zr, err := gzip.NewReader(bytes.NewReader(body))
