@@ -56,7 +56,14 @@ type reply struct {
 	// recorded; they are assembled to estimate the usage when the
 	// upstream sends none, since the API bills every choice.
 	others map[int]*reply
+	// othersSize is the bytes held in others; past maxOtherChoicesBytes
+	// their deltas are no longer held (an estimate then falls short).
+	othersSize int
 }
+
+// maxOtherChoicesBytes bounds the bytes of the choices past 0 held for an
+// estimate, beside choice 0's own bound.
+const maxOtherChoicesBytes = 8 << 20
 
 // maxChoices bounds the choices assembled from one reply: the API's n is
 // at most 128. Choices past it are not counted in an estimate.
@@ -111,28 +118,30 @@ type chunk struct {
 
 // add merges one chunk into the reply. Tool-call argument fragments are
 // appended by index, as the API streams them. Choices other than 0 (n > 1)
-// go to r.others (see there): the proxy records choice 0. size counts the
-// bytes of every choice.
+// go to r.others (see there): the proxy records choice 0. r.size counts
+// choice 0's bytes, which the stream's bound applies to; the other choices
+// are bounded apart (maxOtherChoicesBytes), so they never cut choice 0.
 func (r *reply) add(c *chunk, now time.Time) {
 	if c.Usage != nil {
 		r.Usage = c.Usage
 	}
 	for _, ch := range c.Choices {
 		cr := r.choice(ch.Index)
-		if cr == nil {
+		if cr == nil || (cr != r && r.othersSize > maxOtherChoicesBytes) {
 			continue
 		}
+		before := cr.size
 		d := ch.Delta
 		if ch.Index == 0 && r.FirstToken.IsZero() && ((d.Content != nil && *d.Content != "") || (d.Refusal != nil && *d.Refusal != "") || len(d.ToolCalls) > 0) {
 			r.FirstToken = now
 		}
 		if d.Content != nil {
 			cr.Content.WriteString(*d.Content)
-			r.size += len(*d.Content)
+			cr.size += len(*d.Content)
 		}
 		if d.Refusal != nil {
 			cr.Refusal.WriteString(*d.Refusal)
-			r.size += len(*d.Refusal)
+			cr.size += len(*d.Refusal)
 		}
 		for _, tc := range d.ToolCalls {
 			call := cr.callFor(tc.Index, tc.ID)
@@ -147,10 +156,13 @@ func (r *reply) add(c *chunk, now time.Time) {
 			}
 			call.Name += tc.Function.Name
 			call.Args.WriteString(tc.Function.Arguments)
-			r.size += len(tc.Function.Name) + len(tc.Function.Arguments)
+			cr.size += len(tc.Function.Name) + len(tc.Function.Arguments)
 		}
 		if ch.FinishReason != nil && *ch.FinishReason != "" {
 			cr.FinishReason = *ch.FinishReason
+		}
+		if cr != r {
+			r.othersSize += cr.size - before
 		}
 	}
 }
