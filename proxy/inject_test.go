@@ -265,3 +265,28 @@ func validOrder(ms []history.Message, results []string, answered bool) error {
 	}
 	return nil
 }
+
+// BenchmarkArrange: arrange a 20-message window of plain turns, and one
+// with a tool step answered by the request.
+func BenchmarkArrange(b *testing.B) {
+	plain := at(strings.Repeat("u:q a:a ", 10))
+	tools := at(strings.Repeat("u:q a:a ", 7) + "u:q c:x t:x a:a u:q c:y")
+	for _, bc := range []struct {
+		name   string
+		window []history.Message
+		a      answer
+	}{
+		{"plain", plain, answer{key: "k"}},
+		{"tools", tools, answer{results: []string{"y"}, key: "k"}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				msgs, _, _ := arrange(bc.window, bc.a)
+				if len(msgs) == 0 {
+					b.Fatal("nothing arranged")
+				}
+			}
+		})
+	}
+}

@@ -653,3 +653,24 @@ func TestGzipStreamBody(t *testing.T) {
 		require.NoError(t, b.Close())
 	})
 }
+
+// TestOpaqueStreamBody: a stream in an encoding the proxy cannot read is
+// relayed unchanged and the turn recorded, without the reply, at its end;
+// a failed record ends the stream with the error.
+func TestOpaqueStreamBody(t *testing.T) {
+	in := []byte("\x28\xb5\x2f\xfd not really zstd")
+	for _, finishErr := range []error{nil, errors.New("store down")} {
+		src := &sbReader{data: bytes.Clone(in), sizes: []int{5}}
+		var read int
+		f := &sbFinish{read: &read, err: finishErr}
+		b := &opaqueStreamBody{src: src, finish: f.finish}
+		got, err := sbRelay(b, 8, &read)
+		require.ErrorIs(t, err, finishErr)
+		require.Equal(t, in, got)
+		require.Equal(t, 1, f.calls)
+		require.False(t, f.complete)
+		require.NoError(t, b.Close())
+		require.Equal(t, 1, f.calls, "Close after the end does not record again")
+		require.Equal(t, 1, src.closed)
+	}
+}
