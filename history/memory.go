@@ -31,6 +31,9 @@ type MemoryStore struct {
 	maxBytes int64 // 0: no cap
 	bytes    int64 // estimated size of everything held
 	log      *slog.Logger
+	// turns are the sessions' turn leases (see TakeTurn).
+	turns map[string]*memTurn
+	obs   LiveObserver
 }
 
 // MemoryOption configures a MemoryStore.
@@ -47,6 +50,11 @@ func WithMaxBytes(n int64) MemoryOption {
 // WithLogger sets where the store logs when its cap bites.
 func WithLogger(l *slog.Logger) MemoryOption {
 	return func(s *MemoryStore) { s.log = l }
+}
+
+// WithMemoryLiveObserver counts the store's leases and deltas.
+func WithMemoryLiveObserver(o LiveObserver) MemoryOption {
+	return func(s *MemoryStore) { s.obs = o }
 }
 
 // memSession mirrors the keys of one session in Redis.
@@ -113,6 +121,8 @@ func NewMemory(opts ...MemoryOption) *MemoryStore {
 		index:    map[string]int64{},
 		now:      time.Now,
 		log:      slog.New(slog.DiscardHandler),
+		turns:    map[string]*memTurn{},
+		obs:      noObserver{},
 	}
 	for _, o := range opts {
 		o(s)
@@ -241,13 +251,26 @@ func (s *MemoryStore) Window(ctx context.Context, session string, n int, nowMs i
 	return w, nil
 }
 
-// Append writes a turn atomically; see RedisStore.Append.
+// Append writes a turn atomically; see RedisStore.Append. A turn with a
+// Lease releases it, handing it to the next waiting request.
 func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Policy) (AppendResult, error) {
 	if session == "" {
 		return AppendResult{}, fmt.Errorf("append turn: %w", ErrEmptySession)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	r := s.appendTurn(session, t, p)
+	if t.Lease != nil {
+		s.handOff(session, t.Lease.token)
+	}
+	s.mu.Unlock()
+	if t.Lease != nil {
+		t.Lease.ended()
+	}
+	return r, nil
+}
+
+// appendTurn is Append's write. s.mu must be held.
+func (s *MemoryStore) appendTurn(session string, t Turn, p Policy) AppendResult {
 	now := s.now()
 	t = prepareTurn(t, now)
 
@@ -291,7 +314,7 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		if t.WriteKey != "" && seen(t.WriteKey) || t.WriteKey == "" && seen(t.IdempotencyKey) {
 			// This very write retried, or a repeat that counts nothing.
 			s.sessions[session] = ss
-			return AppendResult{ConversationID: ss.conversation, Duplicate: true}, nil
+			return AppendResult{ConversationID: ss.conversation, Duplicate: true}
 		}
 		// A repeat of a recorded request with a write key: no second
 		// turn, but its upstream call is billed, so its usage counts.
@@ -311,7 +334,7 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	}
 	r := AppendResult{ConversationID: ss.conversation, Duplicate: dup}
 	if len(t.Messages) == 0 || dup {
-		return r, nil
+		return r
 	}
 
 	idle := p.IdleTimeout.Milliseconds()
@@ -361,7 +384,7 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		s.trim(ss, t.NowMs-max(p.Retention.Milliseconds(), 1))
 	}
 	s.enforceCap(session)
-	return r, nil
+	return r
 }
 
 // trim drops ended conversations whose last turn is before cutoff from the

@@ -151,6 +151,11 @@ type Turn struct {
 	// active conversation unless that one was idle at ArrivedMs, in which
 	// case it starts a new one.
 	ConversationID string
+	// Lease, when not nil, is the session's turn lease the request holds
+	// (TakeTurn): the append releases it in the same write, so the next
+	// waiting request reads a history that has this turn. It is released
+	// whether the turn is written or found a duplicate.
+	Lease *Lease
 	// NewConversation starts a new conversation with the turn's messages,
 	// ending the current one (kept for audit), whatever the idle timeout
 	// says: a client's "new chat". A duplicate turn starts nothing, so a

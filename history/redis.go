@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"time"
 
@@ -43,17 +44,26 @@ const DefaultPrefix = "hp"
 //
 // It is safe for concurrent use.
 type RedisStore struct {
-	client redis.UniversalClient
-	prefix string
+	client   redis.UniversalClient
+	prefix   string
+	leaseTTL time.Duration
+	obs      LiveObserver
+	log      *slog.Logger
+	wake     *waker
 }
 
 // NewRedis returns a store that keeps its keys under prefix (DefaultPrefix
-// when empty).
-func NewRedis(client redis.UniversalClient, prefix string) *RedisStore {
+// when empty). Close stops what it starts on its own.
+func NewRedis(client redis.UniversalClient, prefix string, opts ...RedisOption) *RedisStore {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	return &RedisStore{client: client, prefix: prefix}
+	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler)}
+	for _, o := range opts {
+		o(s)
+	}
+	s.wake = &waker{client: client, log: s.log, subs: map[string]*wakeSub{}}
+	return s
 }
 
 func (s *RedisStore) key(id, name string) string  { return s.prefix + ":{" + id + "}:" + name }
@@ -138,131 +148,144 @@ if not r[1] then return {h[1], {}} end
 return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 `)
 
-// appendScript writes one turn.
+// appendScript writes one turn, and gives back the turn lease the
+// request held, if any.
 //
-// KEYS: session, conversations, messages, idem.
+// KEYS: session, conversations, messages, idem, lease, queue, waiters,
+// live, watched.
 // ARGV: now ms, idle ms, retention ms, idempotency key, idempotency cutoff
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
 // the turn was read from (or ""), derived title, 1 to start a new
-// conversation, message count, write key, then per message its number of
-// field/value strings followed by them.
+// conversation, message count, write key, lease token (or ""), generation,
+// wake channel, then per message its number of field/value strings
+// followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
-var appendScript = redis.NewScript(`
-local now = tonumber(ARGV[1])
-local idle = tonumber(ARGV[2])
-local retention = tonumber(ARGV[3])
-local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained')
-local conv = h[1] or ''
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
-local dup = false
-if ARGV[4] ~= '' then
-  local w = ARGV[18]
-  -- This very write, retried after its answer was lost: nothing to do.
-  if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2} end
-  dup = redis.call('ZSCORE', KEYS[4], ARGV[4]) ~= false
-  -- Another write's repeat, without a write key: nothing either.
-  if dup and w == '' then return {conv, 2} end
-  if not dup then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4]) end
-  if w ~= '' then redis.call('ZADD', KEYS[4], ARGV[1], w) end
-  redis.call('PEXPIRE', KEYS[4], ARGV[6])
-  -- Otherwise a repeat of a recorded request: no second turn, but its
-  -- upstream call is billed, so its usage counts (below).
-end
-local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
--- Every total is written, 0 included, so HGETALL shows each field the
--- README lists from a session's first turn on.
-for i = 1, 6 do redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
--- A session written before costs were kept in nano-USD has cost_micros:
--- fold it into cost_nanos, times 1000 by appending three zeros to the
--- integer (exact, where a Lua number is not beyond 2^53).
-local micros = redis.call('HGET', KEYS[1], 'cost_micros')
-if micros then
-  if micros ~= '0' then redis.call('HINCRBY', KEYS[1], 'cost_nanos', micros .. '000') end
-  redis.call('HDEL', KEYS[1], 'cost_micros')
-end
-redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
-local n = tonumber(ARGV[17])
-if dup then n = 0 end
-if n == 0 then
-  -- A turn that records no message (read-only, or a repeat's usage) may
-  -- be the session's first: its fields still all exist.
-  if not h[1] then
-    redis.call('HSETNX', KEYS[1], 'conversation', '')
-    redis.call('HSETNX', KEYS[1], 'is_active', '0')
-    redis.call('HSETNX', KEYS[1], 'last_active_ms', '0')
-    redis.call('HINCRBY', KEYS[1], 'messages', 0)
-    redis.call('HINCRBY', KEYS[1], 'conversations', 0)
-    redis.call('HSETNX', KEYS[1], 'retained', '1')
+var appendScript = redis.NewScript(luaLease + `
+local function write()
+  local now = tonumber(ARGV[1])
+  local idle = tonumber(ARGV[2])
+  local retention = tonumber(ARGV[3])
+  local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained')
+  local conv = h[1] or ''
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
+  local dup = false
+  if ARGV[4] ~= '' then
+    local w = ARGV[18]
+    -- This very write, retried after its answer was lost: nothing to do.
+    if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2} end
+    dup = redis.call('ZSCORE', KEYS[4], ARGV[4]) ~= false
+    -- Another write's repeat, without a write key: nothing either.
+    if dup and w == '' then return {conv, 2} end
+    if not dup then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4]) end
+    if w ~= '' then redis.call('ZADD', KEYS[4], ARGV[1], w) end
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+    -- Otherwise a repeat of a recorded request: no second turn, but its
+    -- upstream call is billed, so its usage counts (below).
   end
-  if dup then return {conv, 2} end
-  return {conv, 0}
-end
-local last = tonumber(h[2] or '0')
-local arrived = tonumber(ARGV[13])
-local read = ARGV[14]
--- kept reports whether conversation c still has messages: retention
--- removes them, and one written by an older layout is not in the stream.
-local function kept(c)
-  if c == '' then return false end
-  local r = redis.call('HMGET', KEYS[2], c .. ':start', c .. ':last')
-  return r[1] and #redis.call('XRANGE', KEYS[3], r[1], r[2], 'COUNT', 1) > 0
-end
-local new = 0
-if ARGV[16] == '1' then
-  -- A new conversation asked for: the read one does not matter.
-  read = ''
-  h[3] = '0'
-end
-if read ~= '' and kept(read) then
-  -- The turn was answered from this conversation: it belongs there,
-  -- however long the reply took or the tool ran, and even when a newer
-  -- one began meanwhile (without making it current again).
-  conv = read
-elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) then
-  -- An expired conversation is not refilled: a new turn starts a new one.
-  conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
-  redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
-  redis.call('HSET', KEYS[2], conv .. ':created_ms', ARGV[1])
-  new = 1
-end
-if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
-local res = {conv, new}
-local i = 19
-for m = 1, n do
-  local k = tonumber(ARGV[i])
-  local fields = {'conversation', conv}
-  for j = 1, k do fields[j + 2] = ARGV[i + j] end
-  res[m + 2] = redis.call('XADD', KEYS[3], '*', unpack(fields))
-  i = i + k + 1
-end
-if new == 1 then redis.call('HSET', KEYS[2], conv .. ':start', res[3]) end
-redis.call('HSET', KEYS[2], conv .. ':last', res[n + 2])
-redis.call('HINCRBY', KEYS[2], conv .. ':messages', n)
-if now > tonumber(redis.call('HGET', KEYS[2], conv .. ':last_ms') or '0') then
-  redis.call('HSET', KEYS[2], conv .. ':last_ms', ARGV[1])
-end
-if ARGV[15] ~= '' then redis.call('HSETNX', KEYS[2], conv .. ':auto_title', ARGV[15]) end
-redis.call('HINCRBY', KEYS[1], 'messages', n)
-redis.call('HSETNX', KEYS[1], 'retained', '1')
-if retention > 0 then
-  -- The stream expires with the session's last activity; before that,
-  -- ended conversations whose last turn is older than the retention are
-  -- trimmed from its start, oldest first.
-  redis.call('PEXPIRE', KEYS[3], retention)
-  local cur = tonumber(string.sub(h[1] or conv, 2))
-  if new == 1 then cur = tonumber(string.sub(conv, 2)) end
-  local k = tonumber(h[4] or '1')
-  local k0 = k
-  while k < cur do
-    local lm = redis.call('HGET', KEYS[2], 'c' .. k .. ':last_ms')
-    if lm and tonumber(lm) >= now - retention then break end
-    k = k + 1
+  local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
+  -- Every total is written, 0 included, so HGETALL shows each field the
+  -- README lists from a session's first turn on.
+  for i = 1, 6 do redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
+  -- A session written before costs were kept in nano-USD has cost_micros:
+  -- fold it into cost_nanos, times 1000 by appending three zeros to the
+  -- integer (exact, where a Lua number is not beyond 2^53).
+  local micros = redis.call('HGET', KEYS[1], 'cost_micros')
+  if micros then
+    if micros ~= '0' then redis.call('HINCRBY', KEYS[1], 'cost_nanos', micros .. '000') end
+    redis.call('HDEL', KEYS[1], 'cost_micros')
   end
-  if k > k0 then
-    local s = redis.call('HGET', KEYS[2], 'c' .. k .. ':start')
-    if s then redis.call('XTRIM', KEYS[3], 'MINID', s) end
-    redis.call('HSET', KEYS[1], 'retained', k)
+  redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
+  local n = tonumber(ARGV[17])
+  if dup then n = 0 end
+  if n == 0 then
+    -- A turn that records no message (read-only, or a repeat's usage) may
+    -- be the session's first: its fields still all exist.
+    if not h[1] then
+      redis.call('HSETNX', KEYS[1], 'conversation', '')
+      redis.call('HSETNX', KEYS[1], 'is_active', '0')
+      redis.call('HSETNX', KEYS[1], 'last_active_ms', '0')
+      redis.call('HINCRBY', KEYS[1], 'messages', 0)
+      redis.call('HINCRBY', KEYS[1], 'conversations', 0)
+      redis.call('HSETNX', KEYS[1], 'retained', '1')
+    end
+    if dup then return {conv, 2} end
+    return {conv, 0}
   end
+  local last = tonumber(h[2] or '0')
+  local arrived = tonumber(ARGV[13])
+  local read = ARGV[14]
+  -- kept reports whether conversation c still has messages: retention
+  -- removes them, and one written by an older layout is not in the stream.
+  local function kept(c)
+    if c == '' then return false end
+    local r = redis.call('HMGET', KEYS[2], c .. ':start', c .. ':last')
+    return r[1] and #redis.call('XRANGE', KEYS[3], r[1], r[2], 'COUNT', 1) > 0
+  end
+  local new = 0
+  if ARGV[16] == '1' then
+    -- A new conversation asked for: the read one does not matter.
+    read = ''
+    h[3] = '0'
+  end
+  if read ~= '' and kept(read) then
+    -- The turn was answered from this conversation: it belongs there,
+    -- however long the reply took or the tool ran, and even when a newer
+    -- one began meanwhile (without making it current again).
+    conv = read
+  elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) then
+    -- An expired conversation is not refilled: a new turn starts a new one.
+    conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
+    redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
+    redis.call('HSET', KEYS[2], conv .. ':created_ms', ARGV[1])
+    new = 1
+  end
+  if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
+  local res = {conv, new}
+  local i = 22
+  for m = 1, n do
+    local k = tonumber(ARGV[i])
+    local fields = {'conversation', conv}
+    for j = 1, k do fields[j + 2] = ARGV[i + j] end
+    res[m + 2] = redis.call('XADD', KEYS[3], '*', unpack(fields))
+    i = i + k + 1
+  end
+  if new == 1 then redis.call('HSET', KEYS[2], conv .. ':start', res[3]) end
+  redis.call('HSET', KEYS[2], conv .. ':last', res[n + 2])
+  redis.call('HINCRBY', KEYS[2], conv .. ':messages', n)
+  if now > tonumber(redis.call('HGET', KEYS[2], conv .. ':last_ms') or '0') then
+    redis.call('HSET', KEYS[2], conv .. ':last_ms', ARGV[1])
+  end
+  if ARGV[15] ~= '' then redis.call('HSETNX', KEYS[2], conv .. ':auto_title', ARGV[15]) end
+  redis.call('HINCRBY', KEYS[1], 'messages', n)
+  redis.call('HSETNX', KEYS[1], 'retained', '1')
+  if retention > 0 then
+    -- The stream expires with the session's last activity; before that,
+    -- ended conversations whose last turn is older than the retention are
+    -- trimmed from its start, oldest first.
+    redis.call('PEXPIRE', KEYS[3], retention)
+    local cur = tonumber(string.sub(h[1] or conv, 2))
+    if new == 1 then cur = tonumber(string.sub(conv, 2)) end
+    local k = tonumber(h[4] or '1')
+    local k0 = k
+    while k < cur do
+      local lm = redis.call('HGET', KEYS[2], 'c' .. k .. ':last_ms')
+      if lm and tonumber(lm) >= now - retention then break end
+      k = k + 1
+    end
+    if k > k0 then
+      local s = redis.call('HGET', KEYS[2], 'c' .. k .. ':start')
+      if s then redis.call('XTRIM', KEYS[3], 'MINID', s) end
+      redis.call('HSET', KEYS[1], 'retained', k)
+    end
+  end
+  return res
+end
+local res = write()
+if ARGV[19] ~= '' then
+  -- The turn is written: the next waiting request reads it.
+  local last = ''
+  if #res > 2 then last = res[#res] end
+  release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last)
 end
 return res
 `)
@@ -312,12 +335,17 @@ func (s *RedisStore) Append(ctx context.Context, session string, t Turn, p Polic
 		return AppendResult{}, fmt.Errorf("append turn: %w", ErrEmptySession)
 	}
 	t = prepareTurn(t, time.Now())
-	res, err := s.runPipelined(ctx, appendScript, s.sessionKeys(session), appendArgs(t, p), func(pipe redis.Pipeliner) {
+	keys, args := s.appendCall(session, t, p)
+	res, err := s.runPipelined(ctx, appendScript, keys, args, func(pipe redis.Pipeliner) {
 		s.queueIndex(ctx, pipe, session, t)
 	})
 	if err != nil {
+		// The lease stays with the request: it may release it, or let it
+		// expire; a write that landed although its answer was lost
+		// released it already.
 		return AppendResult{}, fmt.Errorf("append turn %s: %w", session, err)
 	}
+	t.Lease.ended()
 	r, err := parseAppend(res)
 	if err != nil {
 		return AppendResult{}, fmt.Errorf("append turn %s: %w", session, err)
@@ -406,7 +434,13 @@ func prepareTurn(t Turn, now time.Time) Turn {
 	return t
 }
 
-func appendArgs(t Turn, p Policy) []any {
+// appendCall is appendScript's keys and arguments for a turn.
+func (s *RedisStore) appendCall(session string, t Turn, p Policy) (keys []string, args []any) {
+	token, gen := t.Lease.args()
+	return append(s.sessionKeys(session), s.leaseKeys(session)...), appendArgs(t, p, token, gen, s.wakeChannel(session))
+}
+
+func appendArgs(t Turn, p Policy, token, gen, channel string) []any {
 	retention := p.Retention.Milliseconds()
 	if p.Retention > 0 && retention == 0 {
 		retention = 1
@@ -430,6 +464,9 @@ func appendArgs(t Turn, p Policy) []any {
 		boolArg(t.NewConversation),
 		len(t.Messages),
 		t.WriteKey,
+		token,
+		gen,
+		channel,
 	}
 	for _, m := range t.Messages {
 		fields := encodeMessage(m)

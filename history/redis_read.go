@@ -97,13 +97,14 @@ return conv
 // eraseScript deletes every key of a session: the fixed ones, and any
 // stream of the layout before one stream per session (KEYS[5:]).
 //
-// KEYS: session, conversations, messages, idem, legacy keys...
+// KEYS: session, conversations, messages, idem, lease, queue, waiters,
+// live, watched, legacy keys...
 // Returns {session existed (0|1), conversations, messages stored}.
 var eraseScript = redis.NewScript(`
 local found = redis.call('EXISTS', KEYS[1])
 local convs = tonumber(redis.call('HGET', KEYS[1], 'conversations') or '0')
 local n = redis.call('XLEN', KEYS[3])
-for i = 5, #KEYS do
+for i = 10, #KEYS do
   if redis.call('TYPE', KEYS[i]).ok == 'stream' then n = n + redis.call('XLEN', KEYS[i]) end
 end
 redis.call('DEL', unpack(KEYS))
@@ -444,7 +445,9 @@ func (s *RedisStore) Erase(ctx context.Context, session string) (Erased, error) 
 	if session == "" {
 		return Erased{}, fmt.Errorf("erase session: %w", ErrEmptySession)
 	}
-	keys := s.sessionKeys(session)
+	// A request holding the lease goes on (its append releases nothing);
+	// waiters re-queue when they next check.
+	keys := append(s.sessionKeys(session), s.leaseKeys(session)...)
 	legacy := s.key(session, "convs")
 	old, err := s.client.ZRange(ctx, legacy, 0, -1).Result()
 	if err != nil && !redis.HasErrorPrefix(err, "WRONGTYPE") {

@@ -309,7 +309,8 @@ func fillConversation(b *testing.B, s *RedisStore, session string, n int, p Poli
 				},
 				NowMs: t0 + int64(j),
 			}, time.Now())
-			appendScript.EvalSha(ctx, pipe, s.sessionKeys(session), appendArgs(t, p)...)
+			keys, args := s.appendCall(session, t, p)
+			appendScript.EvalSha(ctx, pipe, keys, args...)
 			s.queueIndex(ctx, pipe, session, t)
 		}
 		_, err := pipe.Exec(ctx)

@@ -1,0 +1,437 @@
+package history
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+)
+
+// ErrBusy is returned by TakeTurn when the session's turn lease is held by
+// another request and the caller would not wait (TurnOptions.Wait is 0),
+// or waited TurnOptions.Wait in vain.
+var ErrBusy = errors.New("session busy: another request is generating its turn")
+
+// DefaultLeaseTTL is how long a turn lease lasts without being renewed:
+// when its holder dies, the next request takes over this long after the
+// holder's last renewal at most.
+const DefaultLeaseTTL = 10 * time.Second
+
+// beatEvery is the most time between two renewals of a held lease, also
+// how soon the holder learns that a watch began (and publishes the reply
+// so far). A lease is renewed at least three times per TTL.
+const beatEvery = time.Second
+
+// maxLiveReply bounds what a lease keeps of its reply to publish it to
+// watchers (the text and tool calls so far). Past it the reply's deltas
+// stop; the message recorded at the end carries the whole reply.
+const maxLiveReply = 256 << 10
+
+// minDeltaGap is the least time between two deltas written for one reply:
+// fragments that arrive meanwhile are merged into the next one, so a fast
+// stream costs the store at most a write every minDeltaGap.
+const minDeltaGap = 20 * time.Millisecond
+
+// TurnOptions say how TakeTurn takes a session's turn lease.
+type TurnOptions struct {
+	// Hold keeps the lease until the turn is appended with it (Turn.Lease)
+	// or released: the request records a turn. Without it the request
+	// waits its turn and reads, then passes the lease on at once
+	// (X-History: read-only records nothing, so no one need wait for it).
+	Hold bool
+	// Wait bounds the wait for a busy session; past it TakeTurn returns
+	// ErrBusy. Zero returns ErrBusy at once (ordering: reject).
+	Wait time.Duration
+	// OpTimeout bounds each store operation of the wait (a request may
+	// make several while it waits); zero means 2 s.
+	OpTimeout time.Duration
+}
+
+func (o TurnOptions) opTimeout() time.Duration {
+	if o.OpTimeout <= 0 {
+		return 2 * time.Second
+	}
+	return o.OpTimeout
+}
+
+// LiveObserver counts what the live side of a store does; a nil one
+// counts nothing.
+type LiveObserver interface {
+	// GenerationStarted and GenerationEnded bracket each lease held by
+	// this process.
+	GenerationStarted()
+	GenerationEnded()
+	// DeltasPublished counts the reply fragments written for watchers,
+	// DeltasDropped those given up (past maxLiveReply, or a failed write).
+	DeltasPublished(n int)
+	DeltasDropped(n int)
+}
+
+type noObserver struct{}
+
+func (noObserver) GenerationStarted()  {}
+func (noObserver) GenerationEnded()    {}
+func (noObserver) DeltasPublished(int) {}
+func (noObserver) DeltasDropped(int)   {}
+
+// Delta is a fragment of a reply being generated, as watchers see it.
+type Delta struct {
+	Content   string          `json:"content,omitempty"`
+	Refusal   string          `json:"refusal,omitempty"`
+	ToolCalls []ToolCallDelta `json:"tool_calls,omitempty"`
+	// Replace says the delta holds the whole reply so far, not a
+	// fragment: a watcher drops what it assembled and starts from this.
+	// The first delta a watcher gets of a reply it joined late is one.
+	Replace bool `json:"replace,omitempty"`
+}
+
+// ToolCallDelta is a fragment of one tool call; fragments with the same
+// Index belong to one call, their Name and Arguments are concatenated.
+type ToolCallDelta struct {
+	Index     int    `json:"index"`
+	ID        string `json:"id,omitempty"`
+	Type      string `json:"type,omitempty"`
+	Name      string `json:"name,omitempty"`
+	Arguments string `json:"arguments,omitempty"`
+}
+
+// json is the delta as watchers get it.
+func (d *Delta) json() string {
+	b, _ := json.Marshal(d) // strings and ints only: cannot fail
+	return string(b)
+}
+
+func (d *Delta) empty() bool {
+	return d.Content == "" && d.Refusal == "" && len(d.ToolCalls) == 0
+}
+
+func (d *Delta) size() int {
+	n := len(d.Content) + len(d.Refusal)
+	for _, c := range d.ToolCalls {
+		n += len(c.ID) + len(c.Type) + len(c.Name) + len(c.Arguments) + 16
+	}
+	return n
+}
+
+// merge appends o's fragments to d, tool calls merged by index.
+func (d *Delta) merge(o Delta) {
+	d.Content += o.Content
+	d.Refusal += o.Refusal
+	for _, c := range o.ToolCalls {
+		i := len(d.ToolCalls) - 1
+		for ; i >= 0 && d.ToolCalls[i].Index != c.Index; i-- {
+		}
+		if i < 0 {
+			d.ToolCalls = append(d.ToolCalls, c)
+			continue
+		}
+		t := &d.ToolCalls[i]
+		if c.ID != "" {
+			t.ID = c.ID
+		}
+		if c.Type != "" {
+			t.Type = c.Type
+		}
+		t.Name += c.Name
+		t.Arguments += c.Arguments
+	}
+}
+
+// leaseBackend is what a store does for a lease it granted.
+type leaseBackend interface {
+	// beat renews the lease and, with d, adds d to the session's live
+	// stream. It reports whether the lease is still held and the session's
+	// watch mark ("" when no one watches; a new value when a watch began,
+	// which asks for the whole reply so far).
+	beat(ctx context.Context, l *Lease, d *Delta) (held bool, mark string, err error)
+	// release gives the lease up (or the place in the queue of a waiter
+	// that may have been granted it unawares).
+	release(ctx context.Context, l *Lease) error
+}
+
+// Lease is a session's turn lease, taken by TakeTurn: while it is held no
+// other request of the session reads or records history (under ordering),
+// and its reply streams to the session's watchers through Publish. It ends
+// when a turn is appended with it (Turn.Lease) or when Release is called;
+// a lease whose holder dies expires on its own in Redis.
+//
+// Its methods are safe for concurrent use; a nil *Lease does nothing.
+type Lease struct {
+	session   string
+	token     string // secret: only the holder can renew or release
+	gen       string // the generation's public id, in watch events
+	backend   leaseBackend
+	interval  time.Duration
+	opTimeout time.Duration
+	obs       LiveObserver
+	log       *slog.Logger
+
+	mu       sync.Mutex
+	released bool
+	mark     string // the watch mark last seen; "" when not watched
+	replace  bool   // the next delta is the whole reply so far
+	all      Delta  // the reply so far, up to maxLiveReply
+	over     bool   // the reply passed maxLiveReply: no more deltas
+	pending  Delta  // fragments not written yet (only while watched)
+	wake     chan struct{}
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func newLease(session string, b leaseBackend, mark string, ttl, opTimeout time.Duration, obs LiveObserver, log *slog.Logger) *Lease {
+	if obs == nil {
+		obs = noObserver{}
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	l := &Lease{session: session, token: newToken(), gen: "g" + newToken()[:16], backend: b,
+		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, obs: obs, log: log, mark: mark,
+		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	if l.interval <= 0 {
+		l.interval = beatEvery
+	}
+	return l
+}
+
+// start begins renewing the lease; call it once the lease is granted.
+func (l *Lease) start() {
+	l.obs.GenerationStarted()
+	go l.run() // ends when the lease is released
+}
+
+// Session is the session whose lease this is.
+func (l *Lease) Session() string {
+	if l == nil {
+		return ""
+	}
+	return l.session
+}
+
+// Generation is the public id of the generation the lease stands for: the
+// id watchers see on its deltas and on its complete event.
+func (l *Lease) Generation() string {
+	if l == nil {
+		return ""
+	}
+	return l.gen
+}
+
+// Publish hands a fragment of the reply to the session's watchers. It
+// never blocks: fragments are merged and written by the lease's own
+// goroutine, at most one write in flight and one every minDeltaGap, and
+// only while someone watches. Past maxLiveReply they are dropped.
+func (l *Lease) Publish(d Delta) {
+	if l == nil || d.empty() {
+		return
+	}
+	l.mu.Lock()
+	if l.released || l.over {
+		l.mu.Unlock()
+		return
+	}
+	if l.all.size()+d.size() > maxLiveReply {
+		// Watchers get the whole reply with the message at the end.
+		l.over = true
+		l.pending = Delta{}
+		l.mu.Unlock()
+		l.obs.DeltasDropped(1)
+		return
+	}
+	l.all.merge(d)
+	watched := l.mark != ""
+	if watched && !l.replace {
+		l.pending.merge(d)
+	}
+	l.mu.Unlock()
+	if watched {
+		select {
+		case l.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// next takes what the next write should carry: nil when nothing is to
+// be written (no one watches, or nothing new).
+func (l *Lease) next() *Delta {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released || l.mark == "" || l.over {
+		return nil
+	}
+	if l.replace {
+		l.replace = false
+		l.pending = Delta{}
+		if l.all.empty() {
+			return nil
+		}
+		d := l.all
+		d.ToolCalls = append([]ToolCallDelta(nil), d.ToolCalls...)
+		d.Replace = true
+		return &d
+	}
+	if l.pending.empty() {
+		return nil
+	}
+	d := l.pending
+	l.pending = Delta{}
+	return &d
+}
+
+// run renews the lease every interval and writes the deltas; it stops
+// when the lease is released or lost.
+func (l *Lease) run() {
+	defer close(l.done)
+	t := time.NewTimer(l.interval)
+	defer t.Stop()
+	for {
+		beat := false
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			beat = true
+		case <-l.wake:
+		}
+		for {
+			d := l.next()
+			if d == nil && !beat {
+				break
+			}
+			beat = false
+			ok, held := l.beatOnce(d)
+			if !held {
+				return
+			}
+			if !ok || d == nil {
+				// A failed write waits for the next renewal; a renewal
+				// that found a new watch loops once more to send it the
+				// reply so far.
+				if !ok {
+					break
+				}
+				continue
+			}
+			// Merge the fragments of the next minDeltaGap into one write.
+			gap := time.NewTimer(minDeltaGap)
+			select {
+			case <-l.stop:
+				gap.Stop()
+				return
+			case <-gap.C:
+			}
+			select {
+			case <-l.wake:
+			default:
+			}
+		}
+		t.Reset(l.interval)
+	}
+}
+
+// beatOnce renews the lease, writing d when not nil. ok is false when the
+// store failed; held is false when the lease is gone.
+func (l *Lease) beatOnce(d *Delta) (ok, held bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.opTimeout)
+	held, mark, err := l.backend.beat(ctx, l, d)
+	cancel()
+	if err != nil {
+		l.log.Warn("turn lease: renewal failed", "session", l.session, "err", err)
+		if d != nil {
+			l.obs.DeltasDropped(1)
+			l.mu.Lock()
+			l.replace = true // the next write makes up for this one
+			l.mu.Unlock()
+		}
+		return false, true
+	}
+	if !held {
+		// Its TTL passed (the store was unreachable that long) or the
+		// session was erased: another request may be generating.
+		l.log.Warn("turn lease lost before its turn was recorded: another request of the session may have started", "session", l.session)
+		l.mu.Lock()
+		l.over = true
+		l.mu.Unlock()
+		return true, false
+	}
+	if d != nil {
+		l.obs.DeltasPublished(1)
+	}
+	l.mu.Lock()
+	if mark != "" && mark != l.mark {
+		// A watch began (or the mark expired and came back): send the
+		// whole reply so far, whatever the watcher missed.
+		l.replace = true
+	}
+	if mark == "" {
+		l.replace, l.pending = false, Delta{}
+	}
+	l.mark = mark
+	l.mu.Unlock()
+	return true, true
+}
+
+// ended marks the lease released (by the store, in the turn's append, or
+// by Release) and stops its renewals. It reports whether it was held
+// until now.
+func (l *Lease) ended() bool {
+	if l == nil {
+		return false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released {
+		return false
+	}
+	l.released = true
+	l.all, l.pending = Delta{}, Delta{}
+	close(l.stop)
+	l.obs.GenerationEnded()
+	return true
+}
+
+// Release gives the lease up when no turn was appended with it (the
+// upstream failed, nothing was recorded): the next waiting request of the
+// session goes on. It is safe to call after an append released the lease,
+// and more than once. The release is bounded by ctx; if it fails, the
+// lease expires on its own.
+func (l *Lease) Release(ctx context.Context) error {
+	if l == nil || !l.ended() {
+		return nil
+	}
+	return l.backend.release(ctx, l)
+}
+
+// Released reports whether the lease has ended.
+func (l *Lease) Released() bool {
+	if l == nil {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.released
+}
+
+// leaseArgs are what an append passes to release the lease in its own
+// script: the token and the generation; empty without a lease.
+func (l *Lease) args() (token, gen string) {
+	if l == nil {
+		return "", ""
+	}
+	return l.token, l.gen
+}
+
+// validMark reports whether s may be a watch mark (digits).
+func validMark(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }
