@@ -139,8 +139,8 @@ end
 // ARGV: n, now ms, idle timeout ms, token, lease TTL ms, hold (1: keep
 // the lease; 0: only wait for the turn, then pass it on), reject (1: do
 // not queue), wake channel.
-// Returns {0, lease PTTL} when busy, else {1, conversation or '',
-// entries newest first, watch mark or ''}.
+// Returns {0, lease PTTL} when busy, else {1, conversation or ”,
+// entries newest first, watch mark or ”}.
 var takeScript = redis.NewScript(luaLib + luaLease + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
@@ -200,7 +200,7 @@ return 0
 // reply's delta to its live stream.
 //
 // KEYS: lease, live, watched. ARGV: token, TTL ms, generation, delta JSON
-// ('' none). Returns {1 if held, watch mark or ''}.
+// (” none). Returns {1 if held, watch mark or ”}.
 var beatScript = redis.NewScript(luaLease + `
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, ''} end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
