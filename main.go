@@ -200,7 +200,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	defer al.Close()
 
-	store, closeStore, err := newStore(ctx, cfg, log)
+	sessionLabel, err := metrics.NewSessionLabel(cfg.Metrics.SessionLabel, []byte(cfg.Metrics.SessionLabelKey))
+	if err != nil {
+		return fmt.Errorf("metrics.session_label: %w", err)
+	}
+	reg := metrics.NewRegistry()
+	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit, metrics.WithSessionLabel(sessionLabel))
+
+	store, closeStore, err := newStore(ctx, cfg, log, met)
 	if err != nil {
 		return err
 	}
@@ -217,12 +224,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	for name, m := range cfg.Models {
 		models[name] = tokens.Model{ContextWindow: m.ContextWindow, Input: m.Input, CachedInput: m.CachedInput, Output: m.Output}
 	}
-	sessionLabel, err := metrics.NewSessionLabel(cfg.Metrics.SessionLabel, []byte(cfg.Metrics.SessionLabelKey))
-	if err != nil {
-		return fmt.Errorf("metrics.session_label: %w", err)
-	}
-	reg := metrics.NewRegistry()
-	met := metrics.New(reg, cfg.Metrics.SessionSeriesLimit, metrics.WithSessionLabel(sessionLabel))
 
 	failClosed := cfg.Store.OnError == "fail_closed"
 	upstream, err := url.Parse(cfg.Upstream.URL)
@@ -389,11 +390,13 @@ type store interface {
 	admin.Store
 }
 
-func newStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store, func(), error) {
+// newStore builds the configured store; obs counts its turn leases and
+// deltas.
+func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs history.LiveObserver) (store, func(), error) {
 	rc := cfg.Redis
 	if !rc.Enabled() {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
-		m := history.NewMemory(history.WithMaxBytes(cfg.Store.MemoryMaxBytes), history.WithLogger(log))
+		m := history.NewMemory(history.WithMaxBytes(cfg.Store.MemoryMaxBytes), history.WithLogger(log), history.WithMemoryLiveObserver(obs))
 		ctx, cancel := context.WithCancel(ctx)
 		done := make(chan struct{})
 		go func() { // stops when the store is closed
@@ -406,7 +409,9 @@ func newStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store, 
 	if err != nil {
 		return nil, nil, err
 	}
-	return history.NewRedis(client, rc.Prefix), func() { _ = client.Close() }, nil
+	s := history.NewRedis(client, rc.Prefix, history.WithLeaseTTL(cfg.Store.LeaseTTL), history.WithLiveObserver(obs),
+		history.WithRedisLogger(log.With("component", "store")))
+	return s, func() { _ = s.Close(); _ = client.Close() }, nil
 }
 
 // newRedisClient builds the client of one of the three topologies: a URL,
@@ -487,7 +492,8 @@ func storeName(rc config.Redis) string {
 
 func agent(a config.Agent) proxy.Agent {
 	return proxy.Agent{Mode: a.Mode, MaxTokens: a.MaxTokens, MaxMessages: a.MaxMessages, OutputReserve: a.OutputReserve,
-		Policy: history.Policy{IdleTimeout: a.IdleTimeout, Retention: a.Retention}}
+		Policy:   history.Policy{IdleTimeout: a.IdleTimeout, Retention: a.Retention},
+		Ordering: a.Ordering, OrderingTimeout: a.OrderingTimeout}
 }
 
 // adminAllowed says whether the conversations API may be served: always

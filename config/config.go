@@ -133,6 +133,11 @@ type Store struct {
 	// answer at start-up. False (default): start anyway, log the problem
 	// as an error, and serve as on_error says until Redis answers.
 	RequireAtStart bool `yaml:"require_at_start"`
+	// LeaseTTL is how long a session's turn lease lasts in Redis without
+	// renewal (its holder renews it while its reply runs): how long the
+	// session waits, at most, for a request whose process died. Default
+	// 10s.
+	LeaseTTL time.Duration `yaml:"lease_ttl"`
 }
 
 // Client bounds what one client connection can hold on the client port.
@@ -163,6 +168,13 @@ const (
 	ModeOff     = "off"
 )
 
+// Orderings of a session's turns (Agent.Ordering).
+const (
+	OrderingWait   = "wait"
+	OrderingReject = "reject"
+	OrderingOff    = "off"
+)
+
 // Agent is one agent's history settings. Zero fields fall back to
 // Config.Defaults.
 type Agent struct {
@@ -172,6 +184,14 @@ type Agent struct {
 	OutputReserve int           `yaml:"output_reserve"` // reserved output tokens when the request names none, default 1024
 	IdleTimeout   time.Duration `yaml:"idle_timeout"`   // 0: never idle
 	Retention     time.Duration `yaml:"retention"`      // 0: keep forever
+	// Ordering is what a request does when another request of its session
+	// is generating: wait (default) for its turn, reject (409
+	// conversation_busy at once), or off (no ordering: both read the same
+	// history).
+	Ordering string `yaml:"ordering"`
+	// OrderingTimeout bounds the wait for the turn (then 409
+	// conversation_busy). Default 60s.
+	OrderingTimeout time.Duration `yaml:"ordering_timeout"`
 }
 
 // Tokens configures counting.
@@ -227,6 +247,7 @@ func Default() Config {
 			RetryQueue:     10000,
 			Timeout:        2 * time.Second,
 			MemoryMaxBytes: 256 << 20,
+			LeaseTTL:       10 * time.Second,
 		},
 		Session: Session{
 			DefaultChannel: "api",
@@ -245,6 +266,9 @@ func Default() Config {
 			MaxTokens:     4000,
 			MaxMessages:   20,
 			OutputReserve: 1024,
+
+			Ordering:        OrderingWait,
+			OrderingTimeout: time.Minute,
 		},
 		Tokens:           Tokens{DefaultEncoding: "o200k_base"},
 		Metrics:          Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
@@ -288,6 +312,12 @@ func (c Config) Agent(name string) Agent {
 	}
 	if a.Retention == 0 {
 		a.Retention = d.Retention
+	}
+	if a.Ordering == "" {
+		a.Ordering = d.Ordering
+	}
+	if a.OrderingTimeout == 0 {
+		a.OrderingTimeout = d.OrderingTimeout
 	}
 	return a
 }

@@ -85,7 +85,8 @@ func TestDefaultValues(t *testing.T) {
 		{"client.read_timeout", d.Client.ReadTimeout, time.Minute},
 		{"client.write_timeout", d.Client.WriteTimeout, 30 * time.Second},
 		{"client.idle_timeout", d.Client.IdleTimeout, 2 * time.Minute},
-		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024}},
+		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, Ordering: OrderingWait, OrderingTimeout: time.Minute}},
+		{"store.lease_ttl", d.Store.LeaseTTL, 10 * time.Second},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},
 		{"metrics.session_label", d.Metrics.SessionLabel, "id"},
@@ -418,6 +419,13 @@ func TestValidation(t *testing.T) {
 		{"redis prefix with a closing brace", func(c *Config) { c.Redis.Prefix = "a}b" }, `redis.prefix: "a}b" must not contain { or }`},
 		{"redis prefix with colons", func(c *Config) { c.Redis.Prefix = "app:hp" }, ""},
 		{"store timeout negative", func(c *Config) { c.Store.Timeout = -time.Second }, `store.timeout: -1s must be positive`},
+		{"lease_ttl zero", func(c *Config) { c.Store.LeaseTTL = 0 }, `store.lease_ttl: 0s must be positive`},
+		{"lease_ttl too short", func(c *Config) { c.Store.LeaseTTL = 500 * time.Millisecond }, `store.lease_ttl: 500ms is under 1s`},
+		{"ordering unknown", func(c *Config) { c.Defaults.Ordering = "queue" }, `defaults.ordering: "queue" is not one of wait, reject, off`},
+		{"agent ordering unknown", func(c *Config) { c.Agents = map[string]Agent{"a": {Ordering: "lock"}} }, `agents.a.ordering: "lock" is not one of wait, reject, off`},
+		{"agent ordering inherited", func(c *Config) { c.Agents = map[string]Agent{"a": {Ordering: ""}} }, ""},
+		{"ordering_timeout zero", func(c *Config) { c.Defaults.OrderingTimeout = 0 }, `defaults.ordering_timeout: 0s must be positive`},
+		{"agent ordering_timeout negative", func(c *Config) { c.Agents = map[string]Agent{"a": {OrderingTimeout: -time.Second}} }, `agents.a.ordering_timeout: -1s is negative`},
 
 		{"default_channel colon", func(c *Config) { c.Session.DefaultChannel = "a:b" }, `session.default_channel: "a:b" is not a valid session part`},
 		{"default_agent empty", func(c *Config) { c.Session.DefaultAgent = "" }, `session.default_agent: "" is not a valid session part`},
@@ -826,7 +834,7 @@ func TestAgentMerge(t *testing.T) {
 	cfg.Agents = map[string]Agent{
 		"partial": {MaxTokens: 8000, Retention: 720 * time.Hour},
 		"mode":    {Mode: ModeOff},
-		"full":    {Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5},
+		"full":    {Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6},
 		"empty":   {},
 	}
 	for _, c := range []struct {
@@ -835,9 +843,10 @@ func TestAgentMerge(t *testing.T) {
 	}{
 		{"unlisted", cfg.Defaults},
 		{"empty", cfg.Defaults},
-		{"partial", Agent{Mode: ModePerUser, MaxTokens: 8000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Retention: 720 * time.Hour}},
-		{"mode", Agent{Mode: ModeOff, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour}},
-		{"full", Agent{Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5}},
+		{"partial", Agent{Mode: ModePerUser, MaxTokens: 8000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Retention: 720 * time.Hour,
+			Ordering: OrderingWait, OrderingTimeout: time.Minute}},
+		{"mode", Agent{Mode: ModeOff, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Ordering: OrderingWait, OrderingTimeout: time.Minute}},
+		{"full", Agent{Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := cfg.Agent(c.name); got != c.want {

@@ -21,6 +21,7 @@ import (
 var (
 	onErrorPolicies = []string{"fail_open", "fail_closed"}
 	agentModes      = []string{ModePerUser, ModeShared, ModeOff}
+	orderings       = []string{OrderingWait, OrderingReject, OrderingOff}
 	encodings       = []string{"o200k_base", "cl100k_base", "p50k_base", "r50k_base"}
 	logFormats      = []string{"text", "json"}
 	logLevels       = []string{"debug", "info", "warn", "error"}
@@ -136,6 +137,10 @@ func (c Config) Validate() error {
 		v.addf("store.memory_max_bytes", c.Store.MemoryMaxBytes, "is negative")
 	}
 	v.positive("store.timeout", c.Store.Timeout)
+	v.positive("store.lease_ttl", c.Store.LeaseTTL)
+	if c.Store.LeaseTTL > 0 && c.Store.LeaseTTL < time.Second {
+		v.addf("store.lease_ttl", c.Store.LeaseTTL, "is under 1s: a lease must outlast a few renewals and a slow store")
+	}
 
 	v.positive("client.read_timeout", c.Client.ReadTimeout)
 	v.positive("client.write_timeout", c.Client.WriteTimeout)
@@ -145,6 +150,8 @@ func (c Config) Validate() error {
 	v.sessionPart("session.default_agent", c.Session.DefaultAgent)
 
 	v.oneOf("defaults.mode", c.Defaults.Mode, agentModes)
+	v.oneOf("defaults.ordering", c.Defaults.Ordering, orderings)
+	v.positive("defaults.ordering_timeout", c.Defaults.OrderingTimeout)
 	v.agent("defaults", c.Defaults)
 	for _, name := range slices.Sorted(maps.Keys(c.Agents)) {
 		a := c.Agents[name]
@@ -154,6 +161,9 @@ func (c Config) Validate() error {
 		}
 		if a.Mode != "" { // empty inherits defaults.mode
 			v.oneOf(field+".mode", a.Mode, agentModes)
+		}
+		if a.Ordering != "" {
+			v.oneOf(field+".ordering", a.Ordering, orderings)
 		}
 		v.agent(field, a)
 	}
@@ -290,6 +300,9 @@ func (v *validator) agent(field string, a Agent) {
 	}
 	if a.Retention < 0 {
 		v.addf(field+".retention", a.Retention, "is negative")
+	}
+	if a.OrderingTimeout < 0 {
+		v.addf(field+".ordering_timeout", a.OrderingTimeout, "is negative")
 	}
 }
 

@@ -33,6 +33,8 @@ func (s *MemoryStore) TakeTurn(ctx context.Context, session string, n int, nowMs
 		return Window{}, nil, fmt.Errorf("take turn: %w", ErrEmptySession)
 	}
 	l := newLease(session, memLeaseBackend{s}, "", 0, o.opTimeout(), s.obs, s.log)
+	start := time.Now()
+	var waited time.Duration
 	s.mu.Lock()
 	t := s.turns[session]
 	if t == nil {
@@ -60,6 +62,7 @@ func (s *MemoryStore) TakeTurn(ctx context.Context, session string, n int, nowMs
 		case <-ctx.Done():
 			err = fmt.Errorf("take turn %s: %w", session, ctx.Err())
 		}
+		waited = time.Since(start)
 		if err != nil {
 			s.mu.Lock()
 			if w.granted {
@@ -74,6 +77,7 @@ func (s *MemoryStore) TakeTurn(ctx context.Context, session string, n int, nowMs
 		}
 	}
 	w, err := s.Window(ctx, session, n, nowMs, p)
+	w.Waited = waited
 	s.mu.Lock()
 	if !o.Hold {
 		// A request that records nothing holds no one up once it has read.

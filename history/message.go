@@ -176,6 +176,9 @@ type AppendResult struct {
 type Window struct {
 	ConversationID string // empty when there is no active conversation
 	Messages       []Message
+	// Waited is how long TakeTurn waited for the session's turn: 0 when
+	// the session was free.
+	Waited time.Duration
 }
 
 // Session is a session's metadata.

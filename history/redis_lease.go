@@ -231,10 +231,15 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 	keys := append(s.sessionKeys(session)[:3], s.leaseKey(session), s.queueKey(session), s.waitersKey(session), s.watchedKey(session))
 	channel := s.wakeChannel(session)
 	ttl := s.leaseTTL.Milliseconds()
-	deadline := time.Now().Add(o.Wait)
+	start := time.Now()
+	deadline := start.Add(o.Wait)
 	var wk *wakeup
 	defer func() { wk.close() }()
-	for {
+	for first := true; ; first = false {
+		var waited time.Duration
+		if !first {
+			waited = time.Since(start)
+		}
 		opCtx, cancel := context.WithTimeout(ctx, o.opTimeout())
 		res, err := takeScript.Run(opCtx, s.client, keys, n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
 			boolArg(o.Hold), boolArg(o.Wait <= 0), channel).Slice()
@@ -251,6 +256,7 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 				s.abandon(l)
 				return Window{}, nil, fmt.Errorf("take turn %s: %w", session, err)
 			}
+			w.Waited = waited
 			if !o.Hold {
 				return w, nil, nil
 			}

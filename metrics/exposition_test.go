@@ -21,6 +21,9 @@ import (
 // wantFamilies is every metric family the package exports; the tests below
 // keep it, the code and the dashboard in step.
 var wantFamilies = []string{
+	"historyproxy_active_generations",
+	"historyproxy_busy_rejections_total",
+	"historyproxy_lease_wait_seconds",
 	"historyproxy_cost_usd_total",
 	"historyproxy_estimated_usage_requests_total",
 	"historyproxy_history_injected_messages",
@@ -74,6 +77,9 @@ func exercised(t *testing.T) *prometheus.Registry {
 	m.RetryAttempt(true)
 	m.RetryDropped()
 	m.SetStoreUp(true)
+	m.ObserveLeaseWait(0)
+	m.BusyRejected("reject")
+	m.GenerationStarted()
 	return reg
 }
 

@@ -136,6 +136,8 @@ type Metrics struct {
 	retryDepth    prometheus.Gauge
 	retries       *prometheus.CounterVec // result
 	retryDropped  prometheus.Counter
+
+	live live
 }
 
 // Option changes how New builds the metrics.
@@ -262,6 +264,7 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 			Namespace: namespace, Name: "retry_dropped_total",
 			Help: "Queued turns given up on (queue full or retries exhausted): history lost.",
 		}),
+		live: newLive(),
 	}
 	// A value giving its slot back takes every series it labels with it.
 	m.models = newValueCap(maxLabelValues, labelIdle, func(v string) {
@@ -298,6 +301,7 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 		m.storeDuration, m.storeErrors, m.storeUp,
 		m.retryDepth, m.retries, m.retryDropped,
 	)
+	reg.MustRegister(m.live.collectors()...)
 	return m
 }
 

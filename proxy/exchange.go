@@ -88,6 +88,10 @@ type exchange struct {
 	// conversation is the conversation the history was read from: the
 	// turn is written there, however long the reply takes.
 	conversation string
+	// lease is the session's turn lease while this request holds it (an
+	// agent that orders turns): the turn's append gives it back, or the
+	// end of the request when nothing is appended.
+	lease *history.Lease
 
 	historyMessages, historyTokens int
 	truncated                      bool
@@ -124,6 +128,7 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	x := &exchange{start: p.now(), requestTokens: -1}
 	cw := &codeWriter{ResponseWriter: w}
 	defer p.observe(x, cw)
+	defer p.releaseLease(x)
 
 	// The session the headers and path name is known before the body is
 	// read, so that an answer about a bad body still says which session it
@@ -241,8 +246,18 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	x.msgTokens = slices.Repeat([]int{-1}, len(req.Messages))
 
 	var inject []history.Message
-	if x.stored != "" && req.lastAssistant() < 0 && !x.newConversation {
-		inject, x.degraded = p.selectHistory(r.Context(), x)
+	if reads := req.lastAssistant() < 0 && !x.newConversation; x.stored != "" && (reads || x.record) {
+		var busy error
+		inject, x.degraded, busy = p.selectHistory(r.Context(), x, reads)
+		if busy != nil {
+			p.answerBusy(cw, x, busy)
+			return
+		}
+		if r.Context().Err() != nil {
+			// The client left while its request waited for its turn.
+			cw.WriteHeader(499)
+			return
+		}
 		if x.degraded {
 			if p.opt.FailClosed {
 				cw.Header().Del(headerHistorySession) // nothing read, nothing to record
@@ -286,12 +301,16 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	p.rp.ServeHTTP(cw, r)
 }
 
-// selectHistory reads the session's window and cuts it to the budget.
-// degraded is true when the store could not be read.
-func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.Message, degraded bool) {
+// selectHistory reads the session's window and cuts it to the budget;
+// with reads false it reads nothing. When the agent orders turns, it
+// first takes the session's turn (x.lease), in the same store operation as
+// the read. degraded is true when the store could not be read; busy is
+// the history.ErrBusy that a request waiting in vain for its turn (or not
+// waiting, ordering: reject) gets.
+func (p *Proxy) selectHistory(ctx context.Context, x *exchange, reads bool) (msgs []history.Message, degraded bool, busy error) {
 	a := x.agent
-	if a.MaxMessages <= 0 || a.MaxTokens <= 0 {
-		return nil, false
+	if !reads || a.MaxMessages <= 0 || a.MaxTokens <= 0 {
+		return nil, false, p.takeTurn(ctx, x)
 	}
 	budget := a.MaxTokens
 	if m, ok := p.opt.Catalog.Lookup(x.req.Model); ok && m.ContextWindow > 0 {
@@ -309,23 +328,25 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 			budget = min(budget, m.ContextWindow-p.requestTokens(x)-reserve)
 		}
 		if budget <= 0 {
-			return nil, false
+			return nil, false, p.takeTurn(ctx, x)
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
-	defer cancel()
-	t0 := time.Now()
 	// Idleness is judged at the request's arrival, by the read here and
 	// by the append (Turn.ArrivedMs) alike.
 	// One message more than can be injected: when it is there, the
 	// history was cut by max_messages, and the metric counts it.
-	win, err := p.opt.Store.Window(ctx, x.stored, a.MaxMessages+1, x.start.UnixMilli(), a.Policy)
-	p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
-	p.storeUp(err == nil)
-	if err != nil {
-		p.log.Warn("history read failed", "session", x.stored, "err", err)
-		return nil, true
+	win, err := p.readWindow(ctx, x, a.MaxMessages+1)
+	if errors.Is(err, history.ErrBusy) {
+		return nil, false, err
 	}
+	if err != nil {
+		if ctx.Err() == nil {
+			p.log.Warn("history read failed", "session", x.stored, "err", err)
+		}
+		return nil, true, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
+	defer cancel()
 	ans := answer{results: x.req.leadingResults(), user: x.session.User, key: x.idemKey}
 	msgs, answered, dropped := arrange(win.Messages, ans)
 	if ans.results != nil && !answered && win.ConversationID == "" && a.Policy.IdleTimeout > 0 {
@@ -338,7 +359,7 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 		p.storeUp(err == nil)
 		if err != nil {
 			p.log.Warn("history read failed", "session", x.stored, "err", err)
-			return nil, true
+			return nil, true, nil
 		}
 		if m, ok, d := arrange(w.Messages, ans); ok {
 			win, msgs, answered, dropped = w, m, ok, d
@@ -360,7 +381,104 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange) (msgs []history.
 	}
 	x.historyMessages = len(msgs)
 	x.truncated = sel.Truncated || dropped
-	return msgs, false
+	return msgs, false, nil
+}
+
+// ordered reports whether the request takes its session's turn lease: its
+// agent orders turns, and it reads or records history.
+func ordered(a Agent) bool {
+	return a.Ordering == OrderingWait || a.Ordering == OrderingReject
+}
+
+// takeTurn takes the session's turn for a request that reads no window
+// (it carries its own history, starts a new conversation, or has no room
+// for history) but may record a turn. It returns only history.ErrBusy; a
+// store that fails is the append's to report.
+func (p *Proxy) takeTurn(ctx context.Context, x *exchange) error {
+	if !ordered(x.agent) || !x.record {
+		return nil
+	}
+	if _, err := p.readWindow(ctx, x, 0); errors.Is(err, history.ErrBusy) {
+		return err
+	} else if err != nil && ctx.Err() == nil {
+		p.log.Warn("turn lease: could not take it; going on without", "session", x.stored, "err", err)
+	}
+	return nil
+}
+
+// readWindow reads up to n messages of the session's window (none for n
+// 0). When the agent orders turns it first takes the session's turn, in
+// the same store operation: a request that records holds the turn
+// (x.lease) until its turn is appended; one that only reads waits for it
+// and passes it on at once.
+func (p *Proxy) readWindow(ctx context.Context, x *exchange, n int) (history.Window, error) {
+	a := x.agent
+	if !ordered(a) {
+		ctx, cancel := context.WithTimeout(ctx, p.opt.StoreTimeout)
+		defer cancel()
+		t0 := time.Now()
+		win, err := p.opt.Store.Window(ctx, x.stored, n, x.start.UnixMilli(), a.Policy)
+		p.opt.Metrics.ObserveStore("window", time.Since(t0), err)
+		p.storeUp(err == nil)
+		return win, err
+	}
+	o := history.TurnOptions{Hold: x.record, OpTimeout: p.opt.StoreTimeout}
+	if a.Ordering == OrderingWait {
+		o.Wait = a.OrderingTimeout
+		if o.Wait <= 0 {
+			o.Wait = time.Minute
+		}
+	}
+	t0 := time.Now()
+	win, lease, err := p.opt.Store.TakeTurn(ctx, x.stored, n, x.start.UnixMilli(), a.Policy, o)
+	switch {
+	case errors.Is(err, history.ErrBusy):
+		reason := "timeout"
+		if o.Wait == 0 {
+			reason = "reject"
+		}
+		p.opt.Metrics.BusyRejected(reason)
+		return win, err
+	case ctx.Err() != nil:
+		// The client left while waiting: nothing about the store.
+		return win, err
+	}
+	// The store's own time, apart from the wait for the turn.
+	p.opt.Metrics.ObserveStore("window", time.Since(t0)-win.Waited, err)
+	p.storeUp(err == nil)
+	if err == nil {
+		p.opt.Metrics.ObserveLeaseWait(win.Waited)
+	}
+	x.lease = lease
+	return win, err
+}
+
+// releaseLease gives the session's turn back at the end of a request
+// whose turn was not appended with it (the upstream failed, nothing was
+// recorded): the next waiting request goes on. After an append it costs
+// nothing.
+func (p *Proxy) releaseLease(x *exchange) {
+	if x.lease == nil || x.lease.Released() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.opt.StoreTimeout)
+	defer cancel()
+	if err := x.lease.Release(ctx); err != nil {
+		p.log.Warn("turn lease: release failed; it expires on its own", "session", x.stored, "err", err)
+	}
+}
+
+// answerBusy answers a request that did not get its session's turn: 409
+// conversation_busy, as OpenAI-shaped as the rest.
+func (p *Proxy) answerBusy(w http.ResponseWriter, x *exchange, err error) {
+	w.Header().Del(headerHistorySession) // nothing read, nothing recorded
+	w.Header().Set("Retry-After", "1")
+	msg := "another request of this conversation is being answered; retry when it is done, or send X-History: off to be answered without history"
+	if x.agent.Ordering == OrderingWait {
+		msg = fmt.Sprintf("another request of this conversation is still being answered after %s (ordering_timeout); retry later, or send X-History: off to be answered without history",
+			max(x.agent.OrderingTimeout, 0))
+	}
+	writeError(w, &apiError{Status: http.StatusConflict, Type: "invalid_request_error", Code: "conversation_busy", Message: msg})
 }
 
 // storeUp records whether the store's last answer was a success.
@@ -524,7 +642,7 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	x.meter.Cap(replyPathBytes)
 	now := p.now().UnixMilli()
 	usage := p.usage(x)
-	turn := history.Turn{IdempotencyKey: x.idemKey, WriteKey: x.writeKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Usage: history.Usage{
+	turn := history.Turn{IdempotencyKey: x.idemKey, WriteKey: x.writeKey, NowMs: now, ArrivedMs: x.start.UnixMilli(), ConversationID: x.conversation, NewConversation: x.newConversation, Lease: x.lease, Usage: history.Usage{
 		PromptTokens: usage.Prompt, CompletionTokens: usage.Completion, CachedTokens: usage.Cached,
 		HistoryTokens: int64(x.historyTokens), Requests: 1,
 	}}
@@ -543,8 +661,13 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.opt.StoreTimeout)
 	defer cancel()
+	// A turn that waits in the retry queue gives the session's turn back
+	// now (or lets it expire): the store is failing, and the requests
+	// behind it would only wait for nothing.
 	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy}
+	pending.turn.Lease = nil
 	if p.retry != nil && (p.retry.queued(x.stored) || (x.degraded && !p.storeOK.Load())) {
+		p.releaseLeaseAsync(x)
 		// Earlier turns of this session wait for the store: this one goes
 		// behind them to keep the conversation's order. Or the history
 		// read of this very request failed and nothing has succeeded
@@ -567,6 +690,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		// store counted its usage (WriteKey), here or from the retry queue.
 		return nil
 	}
+	// A write that failed may still have landed (and released the turn);
+	// else the turn is given back, without holding up the answer.
+	p.releaseLeaseAsync(x)
 	if p.opt.FailClosed {
 		p.lost.Add(1)
 		p.log.Error("history write failed: answer withheld (fail_closed)", "session", x.stored, "err", err)
@@ -580,6 +706,21 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	p.lost.Add(1)
 	p.log.Error("history write failed: turn lost", "session", x.stored, "err", err)
 	return nil
+}
+
+// releaseLeaseAsync gives the turn back on its own goroutine, for a
+// request whose store is failing: the release may wait store.timeout.
+func (p *Proxy) releaseLeaseAsync(x *exchange) {
+	l := x.lease
+	x.lease = nil
+	if l == nil || l.Released() {
+		return
+	}
+	go func() { // ends within StoreTimeout
+		ctx, cancel := context.WithTimeout(context.Background(), p.opt.StoreTimeout)
+		defer cancel()
+		_ = l.Release(ctx)
+	}()
 }
 
 // countNew returns the messages the turn records, with their token counts.

@@ -26,6 +26,9 @@ import (
 // Store is what the proxy needs of a history store.
 type Store interface {
 	Window(ctx context.Context, session string, n int, nowMs int64, p history.Policy) (history.Window, error)
+	// TakeTurn takes the session's turn lease (waiting for it as o says)
+	// and reads the window in the same store operation.
+	TakeTurn(ctx context.Context, session string, n int, nowMs int64, p history.Policy, o history.TurnOptions) (history.Window, *history.Lease, error)
 	Append(ctx context.Context, session string, t history.Turn, p history.Policy) (history.AppendResult, error)
 	Ping(ctx context.Context) error
 }
@@ -34,6 +37,11 @@ type Store interface {
 type Observer interface {
 	ObserveRequest(metrics.Request)
 	ObserveStore(op string, d time.Duration, err error)
+	// ObserveLeaseWait records how long a request waited for its
+	// session's turn (0 when the session was free); BusyRejected counts a
+	// 409 conversation_busy, by reason: "reject" or "timeout".
+	ObserveLeaseWait(d time.Duration)
+	BusyRejected(reason string)
 	RetryObserver
 }
 
@@ -44,6 +52,13 @@ const (
 	ModeOff     = "off"
 )
 
+// Orderings of a session's turns (Agent.Ordering).
+const (
+	OrderingWait   = "wait"
+	OrderingReject = "reject"
+	OrderingOff    = "off"
+)
+
 // Agent is one agent's history settings.
 type Agent struct {
 	Mode          string // per_user (or ""), shared, off
@@ -51,6 +66,12 @@ type Agent struct {
 	MaxMessages   int
 	OutputReserve int // reserved output tokens when the request names none
 	Policy        history.Policy
+	// Ordering is what a request that reads or records history does while
+	// another request of its session holds the turn: OrderingWait for it
+	// (up to OrderingTimeout, then 409), OrderingReject (409 at once), or
+	// OrderingOff ("" too): no turn lease, both read the same history.
+	Ordering        string
+	OrderingTimeout time.Duration
 }
 
 // Options configure a Proxy. Upstream, Store, Counter, Catalog and Agent
@@ -506,6 +527,8 @@ type discard struct{}
 
 func (discard) ObserveRequest(metrics.Request)            {}
 func (discard) ObserveStore(string, time.Duration, error) {}
+func (discard) ObserveLeaseWait(time.Duration)            {}
+func (discard) BusyRejected(string)                       {}
 func (discard) SetRetryQueueDepth(int)                    {}
 func (discard) RetryAttempt(bool)                         {}
 func (discard) RetryDropped()                             {}

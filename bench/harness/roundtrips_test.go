@@ -26,9 +26,11 @@ import (
 //
 // Issue 10's target is one round trip to read (the window, before
 // forwarding) and one to write (the turn, before the end of the reply is
-// relayed), the floor's two. That is what the code does today: the read
-// is one EVALSHA of the window script, the write one pipeline of the
-// append script's EVALSHA and the ZADDs of the global session indexes
+// relayed), the floor's two. That is what the code does today, with the
+// session's turn lease (ordering: wait, the default) taken and given back
+// inside those two: the read is one EVALSHA of the script that takes the
+// lease and reads the window, the write one pipeline of the append
+// script's EVALSHA (which gives the lease back) and the ZADDs of the global session indexes
 // (outside the script: they are on other Cluster slots). This test holds
 // it there: a change that adds a round trip per request fails here.
 func TestRedisRoundTrips(t *testing.T) {

@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+)
+
+func orderedAgent(string) Agent {
+	a := defaultAgent("")
+	a.Ordering, a.OrderingTimeout = OrderingWait, time.Minute
+	return a
+}
+
+// held starts a streamed turn of session that the fake upstream holds
+// after its first chunk until the returned gate is closed; it returns
+// once the first chunk arrived, and a function that reads the rest.
+func (h *harness) held(t *testing.T, session, text string) (gate chan struct{}, rest func() string) {
+	t.Helper()
+	gate = make(chan struct{})
+	h.up.Enqueue(fakeai.Reply{Content: "answer to " + text, Gate: gate, GateAfter: 1})
+	resp := h.do(t, "/v1/chat/completions", `{"model":"gpt-4o-mini","stream":true,"messages":[`+user(text)+`]}`,
+		map[string]string{"X-Session-ID": session})
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	buf := make([]byte, 1)
+	_, err := resp.Body.Read(buf) // the first chunk is through
+	require.NoError(t, err)
+	return gate, func() string { return string(buf) + readAll(t, resp) }
+}
+
+// TestReadOnlyWaitsItsTurn: a read-only request of a busy session waits
+// for the turn being generated and reads it, but holds no one up.
+func TestReadOnlyWaitsItsTurn(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.Agent = orderedAgent })
+	const session = "chat:ro:support"
+	gate, rest := h.held(t, session, "first")
+
+	got := make(chan int, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, h.srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user("peek"))))
+		req.Header.Set("X-Session-ID", session)
+		req.Header.Set("X-History", "read-only")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Error(err)
+			got <- 0
+			return
+		}
+		defer resp.Body.Close()
+		got <- len(h.up.LastChat().Chat.Messages)
+	}()
+	select {
+	case <-got:
+		t.Fatal("the read-only request did not wait for the turn being generated")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(gate)
+	require.Contains(t, rest(), "[DONE]")
+	require.Equal(t, 3, <-got, "the reader saw the turn before it (2 messages) and its own")
+	require.Len(t, h.stored(t, session), 2, "the read-only turn recorded nothing")
+
+	// The reader held no one up: the next turn goes at once.
+	resp := h.do(t, "/v1/chat/completions", chatBody(user("next")), map[string]string{"X-Session-ID": session})
+	require.Equal(t, http.StatusOK, resp.StatusCode, readAll(t, resp))
+}
+
+// TestWaiterWhoLeavesIsNotForwarded: a client that gives up while its
+// request waits for the turn is not forwarded, and leaves no one stuck.
+func TestWaiterWhoLeavesIsNotForwarded(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.Agent = orderedAgent })
+	const session = "chat:leaves:support"
+	gate, rest := h.held(t, session, "first")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user("impatient"))))
+	req.Header.Set("X-Session-ID", session)
+	done := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // it waits; then its client goes
+	cancel()
+	require.Error(t, <-done)
+	close(gate)
+	rest()
+
+	resp := h.do(t, "/v1/chat/completions", chatBody(user("second")), map[string]string{"X-Session-ID": session})
+	require.Equal(t, http.StatusOK, resp.StatusCode, readAll(t, resp))
+	var texts []string
+	for _, r := range h.up.Requests() {
+		if r.Chat != nil {
+			msgs := r.Chat.Messages
+			texts = append(texts, msgs[len(msgs)-1]["content"].(string))
+		}
+	}
+	require.Equal(t, []string{"first", "second"}, texts, "the request whose client left never reached the upstream")
+	require.Len(t, h.stored(t, session), 4)
+}
+
+// TestFailedTurnGivesTheTurnBack: a request whose upstream fails records
+// nothing and gives the session's turn back at once.
+func TestFailedTurnGivesTheTurnBack(t *testing.T) {
+	h := newHarness(t, func(o *Options) {
+		o.Agent = func(string) Agent { a := orderedAgent(""); a.Ordering = OrderingReject; return a }
+	})
+	const session = "chat:fails:support"
+	h.up.Enqueue(fakeai.Reply{Status: http.StatusTooManyRequests})
+	resp := h.do(t, "/v1/chat/completions", chatBody(user("hi")), map[string]string{"X-Session-ID": session})
+	require.Equal(t, http.StatusTooManyRequests, resp.StatusCode)
+	readAll(t, resp)
+	resp = h.do(t, "/v1/chat/completions", chatBody(user("again")), map[string]string{"X-Session-ID": session})
+	require.Equal(t, http.StatusOK, resp.StatusCode, "the failed turn's lease was given back: %s", readAll(t, resp))
+}
