@@ -70,9 +70,15 @@ type LiveObserver interface {
 	// DeltasDropped those given up (past maxLiveReply, or a failed write).
 	DeltasPublished(n int)
 	DeltasDropped(n int)
+	// WatchOpened and WatchClosed bracket each watch of this process.
+	WatchOpened()
+	WatchClosed()
 }
 
 type noObserver struct{}
+
+func (noObserver) WatchOpened() {}
+func (noObserver) WatchClosed() {}
 
 func (noObserver) GenerationStarted()  {}
 func (noObserver) GenerationEnded()    {}
@@ -288,6 +294,16 @@ func (l *Lease) next() *Delta {
 	d := l.pending
 	l.pending = Delta{}
 	return &d
+}
+
+// flush takes what has not been written yet, for the append that ends
+// the generation to write before its end: nil when there is nothing, or
+// no one watches.
+func (l *Lease) flush() *Delta {
+	if l == nil {
+		return nil
+	}
+	return l.next()
 }
 
 // run renews the lease every interval and writes the deltas; it stops

@@ -31,9 +31,12 @@ type MemoryStore struct {
 	maxBytes int64 // 0: no cap
 	bytes    int64 // estimated size of everything held
 	log      *slog.Logger
-	// turns are the sessions' turn leases (see TakeTurn).
+	// turns are the sessions' turn leases (see TakeTurn), lives their live
+	// streams (see Watch).
 	turns map[string]*memTurn
+	lives map[string]*memLive
 	obs   LiveObserver
+	hubs  *hubs
 }
 
 // MemoryOption configures a MemoryStore.
@@ -122,11 +125,13 @@ func NewMemory(opts ...MemoryOption) *MemoryStore {
 		now:      time.Now,
 		log:      slog.New(slog.DiscardHandler),
 		turns:    map[string]*memTurn{},
+		lives:    map[string]*memLive{},
 		obs:      noObserver{},
 	}
 	for _, o := range opts {
 		o(s)
 	}
+	s.hubs = newHubs(memLiveSource{s}, s.obs)
 	return s
 }
 
@@ -259,8 +264,18 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	}
 	s.mu.Lock()
 	r := s.appendTurn(session, t, p)
-	if t.Lease != nil {
-		s.handOff(session, t.Lease.token)
+	if len(r.IDs) > 0 {
+		s.liveChanged(session)
+	}
+	if t.Lease != nil && s.handOff(session, t.Lease.token) {
+		last := ""
+		if len(r.IDs) > 0 {
+			last = r.IDs[len(r.IDs)-1]
+		}
+		if d := t.Lease.flush(); d != nil {
+			s.publishDelta(session, t.Lease.gen, *d)
+		}
+		s.publishEnd(session, t.Lease.gen, last)
 	}
 	s.mu.Unlock()
 	if t.Lease != nil {
@@ -674,6 +689,11 @@ func (s *MemoryStore) Erase(ctx context.Context, session string) (Erased, error)
 
 func (s *MemoryStore) erase(session string) Erased {
 	delete(s.index, session)
+	if l := s.lives[session]; l != nil {
+		// The live stream holds replies' text: it goes too.
+		l.entries = nil
+		s.liveChanged(session)
+	}
 	ss := s.sessions[session]
 	if ss == nil {
 		return Erased{}
@@ -727,6 +747,12 @@ func (s *MemoryStore) Run(ctx context.Context, interval time.Duration) {
 			s.Sweep()
 		}
 	}
+}
+
+// Close ends the store's watches.
+func (s *MemoryStore) Close() error {
+	s.hubs.close()
+	return nil
 }
 
 // Ping always succeeds: memory is always there.

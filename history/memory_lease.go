@@ -79,6 +79,7 @@ func (s *MemoryStore) TakeTurn(ctx context.Context, session string, n int, nowMs
 	w, err := s.Window(ctx, session, n, nowMs, p)
 	w.Waited = waited
 	s.mu.Lock()
+	l.mark = s.watchMark(session)
 	if !o.Hold {
 		// A request that records nothing holds no one up once it has read.
 		s.handOff(session, l.token)
@@ -138,13 +139,19 @@ func (b memLeaseBackend) beat(ctx context.Context, l *Lease, d *Delta) (bool, st
 	if t == nil || t.holder != l.token {
 		return false, "", nil
 	}
-	return true, "", nil
+	mark := s.watchMark(l.session)
+	if d != nil && mark != "" {
+		s.publishDelta(l.session, l.gen, *d)
+	}
+	return true, mark, nil
 }
 
 func (b memLeaseBackend) release(ctx context.Context, l *Lease) error {
 	s := b.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.handOff(l.session, l.token)
+	if s.handOff(l.session, l.token) {
+		s.publishEnd(l.session, l.gen, "")
+	}
 	return nil
 }

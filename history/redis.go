@@ -50,6 +50,8 @@ type RedisStore struct {
 	obs      LiveObserver
 	log      *slog.Logger
 	wake     *waker
+	blocking redis.UniversalClient // the watches' blocking reads
+	hubs     *hubs
 }
 
 // NewRedis returns a store that keeps its keys under prefix (DefaultPrefix
@@ -58,11 +60,12 @@ func NewRedis(client redis.UniversalClient, prefix string, opts ...RedisOption) 
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler)}
+	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler), blocking: client}
 	for _, o := range opts {
 		o(s)
 	}
 	s.wake = &waker{client: client, log: s.log, subs: map[string]*wakeSub{}}
+	s.hubs = newHubs(redisLive{s}, s.obs)
 	return s
 }
 
@@ -157,8 +160,8 @@ return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
 // the turn was read from (or ""), derived title, 1 to start a new
 // conversation, message count, write key, lease token (or ""), generation,
-// wake channel, then per message its number of field/value strings
-// followed by them.
+// wake channel, the generation's last delta (JSON, or ""), then per
+// message its number of field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
 var appendScript = redis.NewScript(luaLease + `
 local function write()
@@ -241,7 +244,7 @@ local function write()
   end
   if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
   local res = {conv, new}
-  local i = 22
+  local i = 23
   for m = 1, n do
     local k = tonumber(ARGV[i])
     local fields = {'conversation', conv}
@@ -285,7 +288,7 @@ if ARGV[19] ~= '' then
   -- The turn is written: the next waiting request reads it.
   local last = ''
   if #res > 2 then last = res[#res] end
-  release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last)
+  release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
 end
 return res
 `)
@@ -437,10 +440,15 @@ func prepareTurn(t Turn, now time.Time) Turn {
 // appendCall is appendScript's keys and arguments for a turn.
 func (s *RedisStore) appendCall(session string, t Turn, p Policy) (keys []string, args []any) {
 	token, gen := t.Lease.args()
-	return append(s.sessionKeys(session), s.leaseKeys(session)...), appendArgs(t, p, token, gen, s.wakeChannel(session))
+	final := ""
+	if d := t.Lease.flush(); d != nil {
+		// The fragments not written yet go before the generation's end.
+		final = d.json()
+	}
+	return append(s.sessionKeys(session), s.leaseKeys(session)...), appendArgs(t, p, token, gen, s.wakeChannel(session), final)
 }
 
-func appendArgs(t Turn, p Policy, token, gen, channel string) []any {
+func appendArgs(t Turn, p Policy, token, gen, channel, final string) []any {
 	retention := p.Retention.Milliseconds()
 	if p.Retention > 0 && retention == 0 {
 		retention = 1
@@ -467,6 +475,7 @@ func appendArgs(t Turn, p Policy, token, gen, channel string) []any {
 		token,
 		gen,
 		channel,
+		final,
 	}
 	for _, m := range t.Messages {
 		fields := encodeMessage(m)

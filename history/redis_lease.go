@@ -122,11 +122,15 @@ local function endmark(live, watched, gen, last)
 end
 
 -- release frees the lease if token holds it, wakes the next waiter and
--- marks the generation's end. It reports whether token held it.
-local function release(lease, queue, waiters, live, watched, channel, token, gen, last)
+-- marks the generation's end, after its last delta (JSON, or ''). It
+-- reports whether token held it.
+local function release(lease, queue, waiters, live, watched, channel, token, gen, last, delta)
   if token == '' or redis.call('GET', lease) ~= token then return false end
   redis.call('DEL', lease)
   wake(queue, waiters, channel)
+  if delta ~= '' and redis.call('EXISTS', watched) == 1 then
+    redis.call('XADD', live, 'MAXLEN', '~', LIVE_CAP, '*', 't', 'delta', 'gen', gen, 'd', delta)
+  end
   endmark(live, watched, gen, last)
   return true
 end
@@ -191,7 +195,7 @@ return {1, s[1], collect(KEYS[3], s[1], r[1], r[2], n, true), mark}
 // wake channel. Returns 1 when the token held the lease.
 var releaseScript = redis.NewScript(luaLease + `
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
-if release(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[1], ARGV[2], '') then return 1 end
+if release(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[1], ARGV[2], '', '') then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[3]) end
 return 0
 `)
@@ -523,5 +527,6 @@ func notify(ch chan struct{}) {
 // passed to NewRedis is the caller's to close.
 func (s *RedisStore) Close() error {
 	s.wake.close()
+	s.hubs.close()
 	return nil
 }

@@ -1,0 +1,289 @@
+package history
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/historyproxy/historyproxy/internal/redistest"
+)
+
+// watchStore is a store with watches; both stores are one.
+type watchStore interface {
+	leaseStore
+	Watch(ctx context.Context, session, from string) (*Watch, error)
+}
+
+var (
+	_ watchStore = (*MemoryStore)(nil)
+	_ watchStore = (*RedisStore)(nil)
+)
+
+func TestWatchMemory(t *testing.T) {
+	testWatchConformance(t, func(t *testing.T) watchStore {
+		s := NewMemory()
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+}
+
+func TestWatchRedis(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	testWatchConformance(t, func(t *testing.T) watchStore {
+		s := NewRedis(c, "t:"+t.Name())
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+}
+
+func TestWatchRedisCluster(t *testing.T) {
+	c := redistest.StartCluster(t).Client(t)
+	testWatchConformance(t, func(t *testing.T) watchStore {
+		s := NewRedis(c, "t:"+t.Name())
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+}
+
+// next is the watch's next event, failing the test after a generous wait.
+func next(t *testing.T, w *Watch) LiveEvent {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	e, err := w.Next(ctx)
+	if err != nil {
+		t.Fatalf("next event: %v", err)
+	}
+	return e
+}
+
+// show is an event as the tests compare them.
+func show(e LiveEvent) string {
+	switch e.Kind {
+	case EventMessage:
+		return "message " + e.Message.Content
+	case EventDelta:
+		d := e.Delta
+		s := "delta " + d.Content
+		if d.Replace {
+			s = "replace " + d.Content
+		}
+		for _, c := range d.ToolCalls {
+			s += fmt.Sprintf(" call[%d]%s(%s)", c.Index, c.Name, c.Arguments)
+		}
+		return s
+	}
+	return "complete"
+}
+
+// deltaText reads events until complete and returns what they showed.
+func untilComplete(t *testing.T, w *Watch) []string {
+	t.Helper()
+	var got []string
+	for {
+		e := next(t, w)
+		got = append(got, show(e))
+		if e.Kind == EventComplete {
+			return got
+		}
+	}
+}
+
+func testWatchConformance(t *testing.T, newStore func(t *testing.T) watchStore) {
+	ctx := context.Background()
+
+	t.Run("snapshot, messages, deltas and complete", func(t *testing.T) {
+		s := newStore(t)
+		appendQA(t, s, session, 1, t0, Policy{})
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		if !w.Fresh() || w.Generating() {
+			t.Fatalf("got fresh %t, generating %t; want a snapshot, nothing generating", w.Fresh(), w.Generating())
+		}
+		msgs, err := s.Messages(ctx, session, "")
+		mustNoErr(t, err)
+		if got := w.Cursor().Messages; got != msgs[1].ID {
+			t.Errorf("snapshot cursor %s, want the last message %s", got, msgs[1].ID)
+		}
+
+		_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+		mustNoErr(t, err)
+		// The lease learns of the watch from its window read: deltas flow.
+		l.Publish(Delta{Content: "Hel"})
+		if got := show(next(t, w)); got != "delta Hel" {
+			t.Fatalf("got %q, want the first delta", got)
+		}
+		l.Publish(Delta{Content: "lo", ToolCalls: []ToolCallDelta{{Index: 0, ID: "call_1", Type: "function", Name: "f", Arguments: `{"a"`}}})
+		l.Publish(Delta{ToolCalls: []ToolCallDelta{{Index: 0, Arguments: `:1}`}}})
+		var deltas []string
+		for len(strings.Join(deltas, "")) < len("lo call[0]f({\"a\":1})") {
+			e := next(t, w)
+			if e.Kind != EventDelta || e.Generation != l.Generation() {
+				t.Fatalf("got %s of generation %q, want deltas of %q", show(e), e.Generation, l.Generation())
+			}
+			deltas = append(deltas, strings.TrimPrefix(show(e), "delta "))
+		}
+		_, err = s.Append(ctx, session, Turn{Messages: qa(2), NowMs: t0 + 1, Lease: l}, Policy{})
+		mustNoErr(t, err)
+		got := untilComplete(t, w)
+		if want := []string{"message q2", "message a2", "complete"}; fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("got %q, want %q", got, want)
+		}
+		// A message appended without a generation (an import) shows too.
+		_, err = s.Append(ctx, session, Turn{Messages: qa(3)[:1], NowMs: t0 + 2}, Policy{})
+		mustNoErr(t, err)
+		if got := show(next(t, w)); got != "message q3" {
+			t.Errorf("got %q, want the imported message", got)
+		}
+	})
+
+	t.Run("resume mid-reply: no gap, no duplicate", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+		mustNoErr(t, err)
+		l.Publish(Delta{Content: "one "})
+		first := next(t, w)
+		if show(first) != "delta one " {
+			t.Fatalf("got %q, want the first delta", show(first))
+		}
+		w.Close() // the client goes away
+		l.Publish(Delta{Content: "two "})
+		// Let the delta reach the store before the next one, so they stay
+		// two: a second watch (below) sees the store.
+		probe, err := s.Watch(ctx, session, first.Cursor.String())
+		mustNoErr(t, err)
+		if show(next(t, probe)) != "delta two " {
+			t.Fatal("second delta missing")
+		}
+		probe.Close()
+		l.Publish(Delta{Content: "three"})
+		_, err = s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0, Lease: l}, Policy{})
+		mustNoErr(t, err)
+
+		w2, err := s.Watch(ctx, session, first.Cursor.String())
+		mustNoErr(t, err)
+		defer w2.Close()
+		if w2.Fresh() {
+			t.Fatal("a recent id resumes; got a snapshot")
+		}
+		got := untilComplete(t, w2)
+		if want := []string{"delta two ", "delta three", "message q1", "message a1", "complete"}; fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("resumed: got %q, want %q", got, want)
+		}
+	})
+
+	t.Run("an id too old to resume gives a snapshot", func(t *testing.T) {
+		s := newStore(t)
+		appendQA(t, s, session, 1, t0, Policy{})
+		w, err := s.Watch(ctx, session, "1-0_5-0") // entries that never were (or were trimmed)
+		mustNoErr(t, err)
+		defer w.Close()
+		if !w.Fresh() {
+			t.Fatal("got a resume from entries that are gone, want a snapshot")
+		}
+		if _, err := s.Watch(ctx, session, "garbage"); !errors.Is(err, ErrBadEventID) {
+			t.Errorf("got %v, want ErrBadEventID", err)
+		}
+	})
+
+	t.Run("a watch that joins mid-reply gets the reply so far", func(t *testing.T) {
+		s := newStore(t)
+		_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+		mustNoErr(t, err)
+		l.Publish(Delta{Content: "Once upon"}) // no one watches yet
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		if !w.Generating() {
+			t.Error("snapshot: a generation is active")
+		}
+		l.Publish(Delta{Content: " a time"})
+		// Within a renewal the lease learns of the watch and sends the
+		// whole reply so far; then the fragments after it.
+		var text string
+		for text != "Once upon a time" {
+			e := next(t, w)
+			if e.Kind != EventDelta {
+				t.Fatalf("got %s, want deltas", show(e))
+			}
+			if e.Delta.Replace {
+				text = ""
+			}
+			text += e.Delta.Content
+			if len(text) > 16 {
+				t.Fatalf("assembled %q: a fragment came twice", text)
+			}
+		}
+		mustNoErr(t, l.Release(ctx))
+		if got := show(next(t, w)); got != "complete" {
+			t.Errorf("got %q, want complete after a release without a turn", got)
+		}
+	})
+
+	t.Run("watches of a session share one reader", func(t *testing.T) {
+		s := newStore(t)
+		var ws []*Watch
+		for range 50 {
+			w, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			ws = append(ws, w)
+		}
+		var hs *hubs
+		switch st := s.(type) {
+		case *MemoryStore:
+			hs = st.hubs
+		case *RedisStore:
+			hs = st.hubs
+		}
+		hs.mu.Lock()
+		n := len(hs.byID)
+		hs.mu.Unlock()
+		if n != 1 {
+			t.Errorf("got %d readers for one session, want 1", n)
+		}
+		appendQA(t, s, session, 1, t0, Policy{})
+		for i, w := range ws {
+			if got := show(next(t, w)); got != "message q1" {
+				t.Fatalf("watch %d: got %q", i, got)
+			}
+			w.Close()
+		}
+		hs.mu.Lock()
+		n = len(hs.byID)
+		hs.mu.Unlock()
+		if n != 0 {
+			t.Errorf("got %d readers after every watch closed, want 0", n)
+		}
+	})
+}
+
+// TestRedisWatchDeadHolder: a holder that dies mid-reply (no renewal, no
+// release) ends with a complete event once its lease expired.
+func TestRedisWatchDeadHolder(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	defer func(b time.Duration) { hubBlock = b }(hubBlock)
+	hubBlock = 200 * time.Millisecond
+	s := NewRedis(c, "t", WithLeaseTTL(500*time.Millisecond))
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	w, err := s.Watch(ctx, session, "")
+	mustNoErr(t, err)
+	defer w.Close()
+	_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+	mustNoErr(t, err)
+	l.Publish(Delta{Content: "last words"})
+	if got := show(next(t, w)); got != "delta last words" {
+		t.Fatalf("got %q", got)
+	}
+	l.ended() // the process dies
+	e := next(t, w)
+	if e.Kind != EventComplete || e.Generation != "" {
+		t.Errorf("got %s of %q, want the end of a generation whose holder died", show(e), e.Generation)
+	}
+}
