@@ -21,6 +21,13 @@ import (
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
 
+// openaiClient is the SDK's client of the proxy at addr, for session.
+func openaiClient(addr, session string) *openai.Client {
+	c := openai.NewClient(option.WithBaseURL("http://"+addr+"/v1/"), option.WithAPIKey("k"),
+		option.WithHeader("X-Session-ID", session), option.WithMaxRetries(0))
+	return &c
+}
+
 // writeConfigFile writes a YAML configuration for a test and returns its
 // path.
 func writeConfigFile(t *testing.T, yaml string) string {
@@ -211,8 +218,7 @@ func TestLeaseHolderKilled(t *testing.T) {
 	other := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, "-config", cfg)
 	const session = "chat:kill@example.com:support"
 
-	c := openai.NewClient(option.WithBaseURL("http://"+victim.addr+"/v1/"), option.WithAPIKey("k"),
-		option.WithHeader("X-Session-ID", session), option.WithMaxRetries(0))
+	c := openaiClient(victim.addr, session)
 	stream := c.Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{
 		Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("doomed")}})
 	require.True(t, stream.Next(), "the victim streams its first chunk")

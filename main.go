@@ -277,8 +277,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		BaseContext: func(net.Listener) context.Context { return hctx }}
 	var draining atomic.Bool
 	var api http.Handler
+	var conversations *admin.API
 	if adminAllowed(cfg.Admin.Token, al.Addr()) {
-		api = admin.New(admin.Options{
+		conversations = admin.New(admin.Options{
 			Store:        store,
 			Counter:      counter,
 			Policy:       func(name string) history.Policy { return agent(cfg.Agent(name)).Policy },
@@ -287,12 +288,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			Label:        sessionLabel.Label,
 			StoreTimeout: cfg.Store.Timeout,
 			Logger:       log,
-		}).Handler()
+		})
+		api = conversations.Handler()
 	} else {
 		log.Warn("the conversations API (/admin/v1) is off: the admin listener is not on loopback and no admin token is set; set admin.token_env (flag -admin-token-env) to the name of a variable holding a token, or listen on 127.0.0.1",
 			"admin", al.Addr().String())
 	}
 	adminSrv := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api), ReadHeaderTimeout: 10 * time.Second}
+	if conversations != nil {
+		// Watches are long-lived: they end when the admin server shuts
+		// down, and their clients reconnect (to another instance).
+		adminSrv.RegisterOnShutdown(conversations.Close)
+	}
 	errc := make(chan error, 2)
 	go func() { errc <- serve(srv, pl) }()
 	go func() { errc <- serve(adminSrv, al) }()
@@ -403,20 +410,41 @@ func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs hist
 			defer close(done)
 			m.Run(ctx, sweepInterval)
 		}()
-		return m, func() { cancel(); <-done }, nil
+		return m, func() { cancel(); <-done; _ = m.Close() }, nil
 	}
 	client, err := newRedisClient(rc)
 	if err != nil {
 		return nil, nil, err
 	}
+	// The watches' blocking reads hold a connection each (one per session
+	// watched from this process) on a pool of their own, so that they
+	// never take the connections turns need.
+	blocking, err := newRedisClient(rc, poolOf(blockingPool))
+	if err != nil {
+		return nil, nil, err
+	}
 	s := history.NewRedis(client, rc.Prefix, history.WithLeaseTTL(cfg.Store.LeaseTTL), history.WithLiveObserver(obs),
-		history.WithRedisLogger(log.With("component", "store")))
-	return s, func() { _ = s.Close(); _ = client.Close() }, nil
+		history.WithRedisLogger(log.With("component", "store")), history.WithBlockingClient(blocking))
+	return s, func() { _ = s.Close(); _ = blocking.Close(); _ = client.Close() }, nil
+}
+
+// blockingPool bounds the connections of the watches' blocking reads: the
+// sessions one process may watch at once. They open as needed, and close
+// after a minute idle.
+const blockingPool = 10000
+
+// poolOf sizes a client's pool.
+func poolOf(n int) func(*redis.UniversalOptions) {
+	return func(o *redis.UniversalOptions) { o.PoolSize, o.ConnMaxIdleTime = n, time.Minute }
 }
 
 // newRedisClient builds the client of one of the three topologies: a URL,
 // a cluster or a sentinel-watched master.
-func newRedisClient(rc config.Redis) (redis.UniversalClient, error) {
+func newRedisClient(rc config.Redis, opts ...func(*redis.UniversalOptions)) (redis.UniversalClient, error) {
+	var pool redis.UniversalOptions
+	for _, o := range opts {
+		o(&pool)
+	}
 	if rc.URL != "" {
 		opts, err := redis.ParseURL(rc.URL)
 		if err != nil {
@@ -426,6 +454,9 @@ func newRedisClient(rc config.Redis) (redis.UniversalClient, error) {
 		// its own 5 s read timeout: store.timeout would bound nothing
 		// against a server that accepts but does not answer.
 		opts.ContextTimeoutEnabled = true
+		if pool.PoolSize > 0 {
+			opts.PoolSize, opts.ConnMaxIdleTime = pool.PoolSize, pool.ConnMaxIdleTime
+		}
 		return redis.NewClient(opts), nil
 	}
 	var tlsConfig *tls.Config
@@ -433,12 +464,14 @@ func newRedisClient(rc config.Redis) (redis.UniversalClient, error) {
 		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	return redis.NewUniversalClient(&redis.UniversalOptions{
-		TLSConfig:     tlsConfig,
-		Addrs:         append(rc.ClusterAddrs, rc.SentinelAddrs...),
-		MasterName:    rc.SentinelMaster,
-		IsClusterMode: len(rc.ClusterAddrs) > 0,
-		Username:      rc.Username,
-		Password:      rc.Password,
+		PoolSize:        pool.PoolSize,
+		ConnMaxIdleTime: pool.ConnMaxIdleTime,
+		TLSConfig:       tlsConfig,
+		Addrs:           append(rc.ClusterAddrs, rc.SentinelAddrs...),
+		MasterName:      rc.SentinelMaster,
+		IsClusterMode:   len(rc.ClusterAddrs) > 0,
+		Username:        rc.Username,
+		Password:        rc.Password,
 		// As for the URL form: store.timeout bounds each operation.
 		ContextTimeoutEnabled: true,
 	}), nil

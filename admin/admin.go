@@ -36,6 +36,8 @@ type Store interface {
 	SetTitle(ctx context.Context, session, conversationID, title string) (string, error)
 	Reset(ctx context.Context, session string) (string, error)
 	Erase(ctx context.Context, session string) (history.Erased, error)
+	// Watch follows a session live, from a snapshot or from an event id.
+	Watch(ctx context.Context, session, from string) (*history.Watch, error)
 }
 
 // SeriesForgetter drops a session's per-session metric series;
@@ -64,8 +66,11 @@ type Options struct {
 	// StoreTimeout bounds each store call; 0: 10s. Listing with q or
 	// active reads many sessions and gets four times as long.
 	StoreTimeout time.Duration
-	Logger       *slog.Logger
-	Now          func() time.Time
+	// Heartbeat is how often an idle watch stream sends a comment; 0:
+	// 15s.
+	Heartbeat time.Duration
+	Logger    *slog.Logger
+	Now       func() time.Time
 }
 
 // API serves the conversations API.
@@ -76,6 +81,9 @@ type API struct {
 	// tokenSum is the SHA-256 of the token: comparing fixed-length digests
 	// in constant time leaks neither the token nor its length.
 	tokenSum [sha256.Size]byte
+	// closing ends the open watches (Close).
+	closing   context.Context
+	closeOnce context.CancelFunc
 }
 
 // New builds the API.
@@ -96,6 +104,10 @@ func New(opt Options) *API {
 	if a.opt.StoreTimeout <= 0 {
 		a.opt.StoreTimeout = 10 * time.Second
 	}
+	if a.opt.Heartbeat <= 0 {
+		a.opt.Heartbeat = defaultHeartbeat
+	}
+	a.closing, a.closeOnce = context.WithCancel(context.Background())
 	a.tokenSum = sha256.Sum256([]byte(opt.Token))
 	return a
 }
@@ -110,6 +122,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /admin/v1/sessions/{id}/messages", a.listMessages)
 	mux.HandleFunc("POST /admin/v1/sessions/{id}/messages", a.importMessages)
 	mux.HandleFunc("GET /admin/v1/sessions/{id}/timeline", a.timeline)
+	mux.HandleFunc("GET /admin/v1/sessions/{id}/watch", a.watch)
 	mux.HandleFunc("PUT /admin/v1/sessions/{id}/title", a.setTitle)
 	mux.HandleFunc("POST /admin/v1/sessions/{id}/reset", a.reset)
 	mux.HandleFunc("DELETE /admin/v1/users/{user}", a.eraseUser)

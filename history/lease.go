@@ -124,28 +124,59 @@ func (d *Delta) size() int {
 	return n
 }
 
-// merge appends o's fragments to d, tool calls merged by index.
-func (d *Delta) merge(o Delta) {
-	d.Content += o.Content
-	d.Refusal += o.Refusal
-	for _, c := range o.ToolCalls {
-		i := len(d.ToolCalls) - 1
-		for ; i >= 0 && d.ToolCalls[i].Index != c.Index; i-- {
+// replyAcc assembles fragments into one delta without copying what it
+// already holds: a long reply costs what it holds, not its square.
+type replyAcc struct {
+	content, refusal strings.Builder
+	calls            []*callAcc
+	size             int
+}
+
+type callAcc struct {
+	index      int
+	id, typ    string
+	name, args strings.Builder
+}
+
+// add appends d's fragments, tool calls merged by index.
+func (a *replyAcc) add(d Delta) {
+	a.content.WriteString(d.Content)
+	a.refusal.WriteString(d.Refusal)
+	a.size += d.size()
+	for _, c := range d.ToolCalls {
+		var t *callAcc
+		for i := len(a.calls) - 1; i >= 0; i-- {
+			if a.calls[i].index == c.Index {
+				t = a.calls[i]
+				break
+			}
 		}
-		if i < 0 {
-			d.ToolCalls = append(d.ToolCalls, c)
-			continue
+		if t == nil {
+			t = &callAcc{index: c.Index}
+			a.calls = append(a.calls, t)
 		}
-		t := &d.ToolCalls[i]
 		if c.ID != "" {
-			t.ID = c.ID
+			t.id = c.ID
 		}
 		if c.Type != "" {
-			t.Type = c.Type
+			t.typ = c.Type
 		}
-		t.Name += c.Name
-		t.Arguments += c.Arguments
+		t.name.WriteString(c.Name)
+		t.args.WriteString(c.Arguments)
 	}
+}
+
+func (a *replyAcc) empty() bool {
+	return a.content.Len() == 0 && a.refusal.Len() == 0 && len(a.calls) == 0
+}
+
+// delta is what a holds, as one delta.
+func (a *replyAcc) delta() Delta {
+	d := Delta{Content: a.content.String(), Refusal: a.refusal.String()}
+	for _, c := range a.calls {
+		d.ToolCalls = append(d.ToolCalls, ToolCallDelta{Index: c.index, ID: c.id, Type: c.typ, Name: c.name.String(), Arguments: c.args.String()})
+	}
+	return d
 }
 
 // leaseBackend is what a store does for a lease it granted.
@@ -180,10 +211,10 @@ type Lease struct {
 	mu       sync.Mutex
 	released bool
 	mark     string // the watch mark last seen; "" when not watched
-	replace  bool   // the next delta is the whole reply so far
-	all      Delta  // the reply so far, up to maxLiveReply
-	over     bool   // the reply passed maxLiveReply: no more deltas
-	pending  Delta  // fragments not written yet (only while watched)
+	replace  bool      // the next delta is the whole reply so far
+	all      *replyAcc // the reply so far, up to maxLiveReply
+	over     bool      // the reply passed maxLiveReply: no more deltas
+	pending  *replyAcc // fragments not written yet (only while watched)
 	wake     chan struct{}
 	stop     chan struct{}
 	done     chan struct{}
@@ -203,7 +234,7 @@ func newLease(session string, b leaseBackend, mark string, ttl, opTimeout time.D
 		log = slog.New(slog.DiscardHandler)
 	}
 	l := &Lease{session: session, token: newToken(), gen: "g" + newToken()[:16], backend: b,
-		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, obs: obs, log: log, mark: mark,
+		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, obs: obs, log: log, mark: mark, all: &replyAcc{}, pending: &replyAcc{},
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	if l.interval <= 0 {
 		l.interval = beatEvery
@@ -247,18 +278,18 @@ func (l *Lease) Publish(d Delta) {
 		l.mu.Unlock()
 		return
 	}
-	if l.all.size()+d.size() > maxLiveReply {
+	if l.all.size+d.size() > maxLiveReply {
 		// Watchers get the whole reply with the message at the end.
 		l.over = true
-		l.pending = Delta{}
+		l.all, l.pending = &replyAcc{}, &replyAcc{}
 		l.mu.Unlock()
 		l.obs.DeltasDropped(1)
 		return
 	}
-	l.all.merge(d)
+	l.all.add(d)
 	watched := l.mark != ""
 	if watched && !l.replace {
-		l.pending.merge(d)
+		l.pending.add(d)
 	}
 	l.mu.Unlock()
 	if watched {
@@ -279,20 +310,19 @@ func (l *Lease) next() *Delta {
 	}
 	if l.replace {
 		l.replace = false
-		l.pending = Delta{}
+		l.pending = &replyAcc{}
 		if l.all.empty() {
 			return nil
 		}
-		d := l.all
-		d.ToolCalls = append([]ToolCallDelta(nil), d.ToolCalls...)
+		d := l.all.delta()
 		d.Replace = true
 		return &d
 	}
 	if l.pending.empty() {
 		return nil
 	}
-	d := l.pending
-	l.pending = Delta{}
+	d := l.pending.delta()
+	l.pending = &replyAcc{}
 	return &d
 }
 
@@ -392,7 +422,7 @@ func (l *Lease) beatOnce(d *Delta) (ok, held bool) {
 		l.replace = true
 	}
 	if mark == "" {
-		l.replace, l.pending = false, Delta{}
+		l.replace, l.pending = false, &replyAcc{}
 	}
 	l.mark = mark
 	l.mu.Unlock()
@@ -412,7 +442,7 @@ func (l *Lease) ended() bool {
 		return false
 	}
 	l.released = true
-	l.all, l.pending = Delta{}, Delta{}
+	l.all, l.pending = &replyAcc{}, &replyAcc{}
 	close(l.stop)
 	l.obs.GenerationEnded()
 	return true

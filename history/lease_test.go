@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -327,5 +328,47 @@ func TestRedisDeadWaiterIsSkipped(t *testing.T) {
 	mustNoErr(t, l.Release(ctx))
 	if n := c.LLen(ctx, s.queueKey(session)).Val(); n != 0 {
 		t.Errorf("got %d queued, want the dead waiter dropped", n)
+	}
+}
+
+// TestPublishCostsWhatItHolds: a long reply published fragment by
+// fragment costs memory in proportion to the reply, not to its square
+// (each fragment must not copy the reply so far).
+func TestPublishCostsWhatItHolds(t *testing.T) {
+	s := NewMemory()
+	ctx := context.Background()
+	_, l, err := s.TakeTurn(ctx, session, 0, t0, Policy{}, TurnOptions{Hold: true})
+	mustNoErr(t, err)
+	defer func() { mustNoErr(t, l.Release(ctx)) }()
+	frag := Delta{Content: "word "}
+	for range 20000 { // 100 KB held
+		l.Publish(frag)
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range 10000 {
+		l.Publish(frag)
+	}
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 10<<20 {
+		t.Errorf("10,000 fragments of 5 bytes on a 100 KB reply allocated %d bytes, want well under 10 MB", got)
+	}
+}
+
+func BenchmarkLeasePublish(b *testing.B) {
+	s := NewMemory()
+	ctx := context.Background()
+	_, l, err := s.TakeTurn(ctx, session, 0, t0, Policy{}, TurnOptions{Hold: true})
+	mustNoErr(b, err)
+	defer func() { _ = l.Release(ctx) }()
+	d := Delta{Content: "word "}
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if i%40000 == 0 { // stay under maxLiveReply
+			l.mu.Lock()
+			l.all, l.over = &replyAcc{}, false
+			l.mu.Unlock()
+		}
+		l.Publish(d)
 	}
 }

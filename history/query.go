@@ -167,6 +167,10 @@ func ValidMessageID(id string) bool {
 	return ok
 }
 
+// CompareIDs orders two message ids (stream entry ids): -1, 0 or 1. Both
+// must be valid (ValidMessageID).
+func CompareIDs(a, b string) int { return compareIDs(a, b) }
+
 // compareIDs orders two stream ids: -1, 0 or 1. Both must be valid.
 func compareIDs(a, b string) int {
 	am, as, _ := parseID(a)

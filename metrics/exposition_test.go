@@ -25,6 +25,8 @@ var wantFamilies = []string{
 	"historyproxy_busy_rejections_total",
 	"historyproxy_lease_wait_seconds",
 	"historyproxy_cost_usd_total",
+	"historyproxy_deltas_dropped_total",
+	"historyproxy_deltas_published_total",
 	"historyproxy_estimated_usage_requests_total",
 	"historyproxy_history_injected_messages",
 	"historyproxy_history_injected_tokens",
@@ -47,6 +49,7 @@ var wantFamilies = []string{
 	"historyproxy_unpriced_requests_total",
 	"historyproxy_upstream_duration_seconds",
 	"historyproxy_upstream_time_to_first_token_seconds",
+	"historyproxy_watches_open",
 }
 
 // exercised returns the binary's registry with historyproxy's metrics
@@ -80,6 +83,9 @@ func exercised(t *testing.T) *prometheus.Registry {
 	m.ObserveLeaseWait(0)
 	m.BusyRejected("reject")
 	m.GenerationStarted()
+	m.WatchOpened()
+	m.DeltasPublished(1)
+	m.DeltasDropped(1)
 	return reg
 }
 

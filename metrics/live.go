@@ -60,7 +60,7 @@ func newLive() live {
 }
 
 func (l live) collectors() []prometheus.Collector {
-	return []prometheus.Collector{l.leaseWait, l.busy, l.generations}
+	return []prometheus.Collector{l.leaseWait, l.busy, l.generations, l.watches, l.published, l.dropped}
 }
 
 // ObserveLeaseWait records how long a request waited for its session's

@@ -547,6 +547,10 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	x.reply = &reply{}
 	if ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); ct == "text/event-stream" {
+		if x.lease != nil {
+			// The session's watchers see the reply being written.
+			x.reply.live = x.lease.Publish
+		}
 		finish := func(complete bool) error {
 			x.upstreamEnd = p.now()
 			return p.recordTurn(resp.Request.Context(), x, complete)

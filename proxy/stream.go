@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/tokens"
 	"github.com/historyproxy/historyproxy/wire"
 )
@@ -56,6 +57,10 @@ type reply struct {
 	// recorded; they are assembled to estimate the usage when the
 	// upstream sends none, since the API bills every choice.
 	others map[int]*reply
+	// live, when set, is handed choice 0's fragments as they are read,
+	// for the session's watchers (history.Lease.Publish, which never
+	// blocks).
+	live func(history.Delta)
 	// othersSize is the bytes held in others; past maxOtherChoicesBytes
 	// their deltas are no longer held (an estimate then falls short).
 	othersSize int
@@ -163,6 +168,27 @@ func (r *reply) add(c *chunk, now time.Time) {
 		}
 		if cr != r {
 			r.othersSize += cr.size - before
+		} else if r.live != nil {
+			// For the session's watchers. Tool calls are numbered by their
+			// slot (see callFor), as they are recorded.
+			var ld history.Delta
+			if d.Content != nil {
+				ld.Content = *d.Content
+			}
+			if d.Refusal != nil {
+				ld.Refusal = *d.Refusal
+			}
+			for _, tc := range d.ToolCalls {
+				key := -1
+				if tc.Index != nil {
+					key = *tc.Index
+				}
+				if slot, ok := r.slots[key]; ok {
+					ld.ToolCalls = append(ld.ToolCalls, history.ToolCallDelta{Index: slot, ID: tc.ID, Type: tc.Type,
+						Name: tc.Function.Name, Arguments: tc.Function.Arguments})
+				}
+			}
+			r.live(ld)
 		}
 	}
 }
