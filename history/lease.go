@@ -210,7 +210,7 @@ type Lease struct {
 
 	mu       sync.Mutex
 	released bool
-	mark     string // the watch mark last seen; "" when not watched
+	mark     string    // the watch mark last seen; "" when not watched
 	replace  bool      // the next delta is the whole reply so far
 	all      *replyAcc // the reply so far, up to maxLiveReply
 	over     bool      // the reply passed maxLiveReply: no more deltas
