@@ -251,6 +251,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		StoreTimeout:     cfg.Store.Timeout,
 		FailClosed:       failClosed,
 		RetryQueue:       cfg.Store.RetryQueue,
+		RetryQueueBytes:  cfg.Store.RetryQueueBytes,
 		Logger:           log,
 
 		ClientWriteTimeout: cfg.Client.WriteTimeout,
@@ -335,6 +336,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		// wait for the handlers to end is bounded by that.
 		log.Warn("drain ended with requests in flight: cutting them", "err", err)
 		cutHandlers()
+		px.Cut() // replies that outlive their clients too
 		final, cancelFinal := context.WithTimeout(context.Background(), 2*cfg.Store.Timeout+time.Second)
 		if err := srv.Shutdown(final); errors.Is(err, context.DeadlineExceeded) {
 			log.Error("requests still running after they were cut; their turns may be lost")
@@ -526,7 +528,7 @@ func storeName(rc config.Redis) string {
 func agent(a config.Agent) proxy.Agent {
 	return proxy.Agent{Mode: a.Mode, MaxTokens: a.MaxTokens, MaxMessages: a.MaxMessages, OutputReserve: a.OutputReserve,
 		Policy:   history.Policy{IdleTimeout: a.IdleTimeout, Retention: a.Retention},
-		Ordering: a.Ordering, OrderingTimeout: a.OrderingTimeout}
+		Ordering: a.Ordering, OrderingTimeout: a.OrderingTimeout, OnClientDisconnect: a.OnClientDisconnect}
 }
 
 // adminAllowed says whether the conversations API may be served: always

@@ -246,3 +246,135 @@ func TestThousandWatches(t *testing.T) {
 		require.Equal(t, "hello, everyone", e.data["content"], fmt.Sprint("watch ", i))
 	}
 }
+
+// leaveAfterFirstChunk sends a streamed turn through the proxy at addr and
+// goes away once its first words arrived.
+func leaveAfterFirstChunk(t *testing.T, addr, session string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a long story, please"}]}`))
+	require.NoError(t, err)
+	req.Header.Set("X-Session-ID", session)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	for {
+		line, err := br.ReadString('\n')
+		require.NoError(t, err)
+		if strings.Contains(line, "Once") {
+			return // the first words arrived
+		}
+	}
+}
+
+// storyReply is a long streamed reply the fake upstream holds after its
+// first words until gate is closed.
+func storyReply(gate chan struct{}) (fakeai.Reply, string) {
+	words := []string{"Once"}
+	for range 200 {
+		words = append(words, " upon", " a", " time")
+	}
+	return fakeai.Reply{Deltas: words, Gate: gate, GateAfter: 2}, strings.Join(words, "")
+}
+
+// TestFinishAfterClientLeaves: with on_client_disconnect: finish, a
+// client that goes away after the first chunk leaves the reply going: it
+// is read to its end, stored complete, and a watch (on another instance)
+// sees all of it.
+func TestFinishAfterClientLeaves(t *testing.T) {
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	env := map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}
+	cfg := writeConfigFile(t, "agents:\n  writer:\n    on_client_disconnect: finish\n")
+	a, b := start(t, env, "-config", cfg), start(t, env, "-config", cfg)
+	const session = "chat:gone@example.com:writer"
+	w := openWatch(t, b.addrs.Admin, session, "")
+	require.Equal(t, "snapshot", w.next(t).kind)
+
+	gate := make(chan struct{})
+	reply, want := storyReply(gate)
+	up.Enqueue(reply)
+	leaveAfterFirstChunk(t, a.addrs.Proxy, session)
+	close(gate)
+
+	var text strings.Builder
+	var got []sseEvent
+	for {
+		e := w.next(t)
+		got = append(got, e)
+		if e.kind == "delta" {
+			if e.data["replace"] == true {
+				text.Reset()
+			}
+			text.WriteString(e.data["content"].(string))
+		}
+		if e.kind == "complete" {
+			break
+		}
+	}
+	require.Equal(t, want, text.String(), "the watch saw the whole reply being written")
+	last := got[len(got)-2]
+	require.Equal(t, "message", last.kind)
+	require.Equal(t, want, last.data["content"])
+	require.Equal(t, "complete", last.data["status"], "stored complete")
+
+	n, err := rs.Client(t).XLen(context.Background(), "hp:{"+session+"}:messages").Result()
+	require.NoError(t, err)
+	require.EqualValues(t, 2, n)
+	require.Eventually(t, func() bool {
+		m := scrapeMetrics(t, a.addrs.Admin)
+		return m[`historyproxy_tokens_total{agent="writer",channel="chat",model="gpt-4o-mini",type="completion"}`] > 0
+	}, 20*time.Second, 10*time.Millisecond, "its tokens count, as any reply's")
+}
+
+// TestFinishDrain: a drain waits for a reply whose client went away
+// (on_client_disconnect: finish) within drain_timeout, and cuts it, stored
+// incomplete, past it.
+func TestFinishDrain(t *testing.T) {
+	for _, opens := range []bool{true, false} {
+		t.Run(fmt.Sprintf("upstream ends=%t", opens), func(t *testing.T) {
+			up := fakeai.New(t)
+			rs := redistest.Start(t)
+			cfg := writeConfigFile(t, "defaults:\n  on_client_disconnect: finish\n")
+			p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL},
+				"-config", cfg, "-drain-timeout", "2s")
+			const session = "chat:drained@example.com:support"
+			gate := make(chan struct{})
+			reply, want := storyReply(gate)
+			up.Enqueue(reply)
+			leaveAfterFirstChunk(t, p.addrs.Proxy, session)
+
+			p.stop() // the drain begins
+			select {
+			case err := <-p.done:
+				t.Fatalf("the program stopped (%v) with a reply in flight", err)
+			case <-time.After(300 * time.Millisecond):
+			}
+			if opens {
+				close(gate)
+			} else {
+				defer close(gate)
+			}
+			select {
+			case err := <-p.done:
+				require.NoError(t, err)
+				close(p.done)
+			case <-time.After(20 * time.Second):
+				t.Fatal("the program did not stop")
+			}
+			entries, err := rs.Client(t).XRange(context.Background(), "hp:{"+session+"}:messages", "-", "+").Result()
+			require.NoError(t, err)
+			require.Len(t, entries, 2)
+			if opens {
+				require.Equal(t, want, entries[1].Values["content"])
+				require.Equal(t, "complete", entries[1].Values["status"])
+			} else {
+				require.Equal(t, "Once", entries[1].Values["content"], "cut at the drain timeout")
+				require.Equal(t, "incomplete", entries[1].Values["status"])
+			}
+		})
+	}
+}

@@ -138,6 +138,10 @@ type Store struct {
 	// session waits, at most, for a request whose process died. Default
 	// 10s.
 	LeaseTTL time.Duration `yaml:"lease_ttl"`
+	// RetryQueueBytes bounds the bytes the retry queue's turns hold (an
+	// estimate), so that an outage with very large turns cannot exhaust
+	// memory. 0: no bound in bytes. Default 64 MiB.
+	RetryQueueBytes int64 `yaml:"retry_queue_bytes"`
 }
 
 // Client bounds what one client connection can hold on the client port.
@@ -168,6 +172,13 @@ const (
 	ModeOff     = "off"
 )
 
+// What a streamed reply does when its client goes away
+// (Agent.OnClientDisconnect).
+const (
+	DisconnectCancel = "cancel"
+	DisconnectFinish = "finish"
+)
+
 // Orderings of a session's turns (Agent.Ordering).
 const (
 	OrderingWait   = "wait"
@@ -192,6 +203,11 @@ type Agent struct {
 	// OrderingTimeout bounds the wait for the turn (then 409
 	// conversation_busy). Default 60s.
 	OrderingTimeout time.Duration `yaml:"ordering_timeout"`
+	// OnClientDisconnect is what a reply does when its client goes away:
+	// cancel (default: the upstream request is cancelled, what was
+	// generated is recorded incomplete) or finish (the reply is read to
+	// its end from the upstream and recorded complete).
+	OnClientDisconnect string `yaml:"on_client_disconnect"`
 }
 
 // Tokens configures counting.
@@ -243,11 +259,12 @@ func Default() Config {
 		},
 		Redis: Redis{Prefix: "hp"},
 		Store: Store{
-			OnError:        "fail_open",
-			RetryQueue:     10000,
-			Timeout:        2 * time.Second,
-			MemoryMaxBytes: 256 << 20,
-			LeaseTTL:       10 * time.Second,
+			OnError:         "fail_open",
+			RetryQueue:      10000,
+			RetryQueueBytes: 64 << 20,
+			Timeout:         2 * time.Second,
+			MemoryMaxBytes:  256 << 20,
+			LeaseTTL:        10 * time.Second,
 		},
 		Session: Session{
 			DefaultChannel: "api",
@@ -267,8 +284,9 @@ func Default() Config {
 			MaxMessages:   20,
 			OutputReserve: 1024,
 
-			Ordering:        OrderingWait,
-			OrderingTimeout: time.Minute,
+			Ordering:           OrderingWait,
+			OrderingTimeout:    time.Minute,
+			OnClientDisconnect: DisconnectCancel,
 		},
 		Tokens:           Tokens{DefaultEncoding: "o200k_base"},
 		Metrics:          Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
@@ -318,6 +336,9 @@ func (c Config) Agent(name string) Agent {
 	}
 	if a.OrderingTimeout == 0 {
 		a.OrderingTimeout = d.OrderingTimeout
+	}
+	if a.OnClientDisconnect == "" {
+		a.OnClientDisconnect = d.OnClientDisconnect
 	}
 	return a
 }

@@ -85,7 +85,9 @@ func TestDefaultValues(t *testing.T) {
 		{"client.read_timeout", d.Client.ReadTimeout, time.Minute},
 		{"client.write_timeout", d.Client.WriteTimeout, 30 * time.Second},
 		{"client.idle_timeout", d.Client.IdleTimeout, 2 * time.Minute},
-		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, Ordering: OrderingWait, OrderingTimeout: time.Minute}},
+		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, Ordering: OrderingWait, OrderingTimeout: time.Minute,
+			OnClientDisconnect: DisconnectCancel}},
+		{"store.retry_queue_bytes", d.Store.RetryQueueBytes, int64(64 << 20)},
 		{"store.lease_ttl", d.Store.LeaseTTL, 10 * time.Second},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},
@@ -426,6 +428,10 @@ func TestValidation(t *testing.T) {
 		{"agent ordering inherited", func(c *Config) { c.Agents = map[string]Agent{"a": {Ordering: ""}} }, ""},
 		{"ordering_timeout zero", func(c *Config) { c.Defaults.OrderingTimeout = 0 }, `defaults.ordering_timeout: 0s must be positive`},
 		{"agent ordering_timeout negative", func(c *Config) { c.Agents = map[string]Agent{"a": {OrderingTimeout: -time.Second}} }, `agents.a.ordering_timeout: -1s is negative`},
+		{"on_client_disconnect unknown", func(c *Config) { c.Defaults.OnClientDisconnect = "detach" }, `defaults.on_client_disconnect: "detach" is not one of cancel, finish`},
+		{"agent on_client_disconnect unknown", func(c *Config) { c.Agents = map[string]Agent{"a": {OnClientDisconnect: "keep"}} }, `agents.a.on_client_disconnect: "keep" is not one of cancel, finish`},
+		{"retry_queue_bytes negative", func(c *Config) { c.Store.RetryQueueBytes = -1 }, `store.retry_queue_bytes: -1 is negative`},
+		{"retry_queue_bytes zero", func(c *Config) { c.Store.RetryQueueBytes = 0 }, ""},
 
 		{"default_channel colon", func(c *Config) { c.Session.DefaultChannel = "a:b" }, `session.default_channel: "a:b" is not a valid session part`},
 		{"default_agent empty", func(c *Config) { c.Session.DefaultAgent = "" }, `session.default_agent: "" is not a valid session part`},
@@ -834,8 +840,9 @@ func TestAgentMerge(t *testing.T) {
 	cfg.Agents = map[string]Agent{
 		"partial": {MaxTokens: 8000, Retention: 720 * time.Hour},
 		"mode":    {Mode: ModeOff},
-		"full":    {Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6},
-		"empty":   {},
+		"full": {Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6,
+			OnClientDisconnect: DisconnectFinish},
+		"empty": {},
 	}
 	for _, c := range []struct {
 		name string
@@ -844,9 +851,11 @@ func TestAgentMerge(t *testing.T) {
 		{"unlisted", cfg.Defaults},
 		{"empty", cfg.Defaults},
 		{"partial", Agent{Mode: ModePerUser, MaxTokens: 8000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Retention: 720 * time.Hour,
-			Ordering: OrderingWait, OrderingTimeout: time.Minute}},
-		{"mode", Agent{Mode: ModeOff, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Ordering: OrderingWait, OrderingTimeout: time.Minute}},
-		{"full", Agent{Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6}},
+			Ordering: OrderingWait, OrderingTimeout: time.Minute, OnClientDisconnect: DisconnectCancel}},
+		{"mode", Agent{Mode: ModeOff, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Ordering: OrderingWait, OrderingTimeout: time.Minute,
+			OnClientDisconnect: DisconnectCancel}},
+		{"full", Agent{Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6,
+			OnClientDisconnect: DisconnectFinish}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := cfg.Agent(c.name); got != c.want {

@@ -22,6 +22,7 @@ var (
 	onErrorPolicies = []string{"fail_open", "fail_closed"}
 	agentModes      = []string{ModePerUser, ModeShared, ModeOff}
 	orderings       = []string{OrderingWait, OrderingReject, OrderingOff}
+	disconnects     = []string{DisconnectCancel, DisconnectFinish}
 	encodings       = []string{"o200k_base", "cl100k_base", "p50k_base", "r50k_base"}
 	logFormats      = []string{"text", "json"}
 	logLevels       = []string{"debug", "info", "warn", "error"}
@@ -133,6 +134,9 @@ func (c Config) Validate() error {
 	if c.Store.RetryQueue < 0 {
 		v.addf("store.retry_queue", c.Store.RetryQueue, "is negative")
 	}
+	if c.Store.RetryQueueBytes < 0 {
+		v.addf("store.retry_queue_bytes", c.Store.RetryQueueBytes, "is negative")
+	}
 	if c.Store.MemoryMaxBytes < 0 {
 		v.addf("store.memory_max_bytes", c.Store.MemoryMaxBytes, "is negative")
 	}
@@ -152,6 +156,7 @@ func (c Config) Validate() error {
 	v.oneOf("defaults.mode", c.Defaults.Mode, agentModes)
 	v.oneOf("defaults.ordering", c.Defaults.Ordering, orderings)
 	v.positive("defaults.ordering_timeout", c.Defaults.OrderingTimeout)
+	v.oneOf("defaults.on_client_disconnect", c.Defaults.OnClientDisconnect, disconnects)
 	v.agent("defaults", c.Defaults)
 	for _, name := range slices.Sorted(maps.Keys(c.Agents)) {
 		a := c.Agents[name]
@@ -164,6 +169,9 @@ func (c Config) Validate() error {
 		}
 		if a.Ordering != "" {
 			v.oneOf(field+".ordering", a.Ordering, orderings)
+		}
+		if a.OnClientDisconnect != "" {
+			v.oneOf(field+".on_client_disconnect", a.OnClientDisconnect, disconnects)
 		}
 		v.agent(field, a)
 	}

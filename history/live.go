@@ -108,8 +108,12 @@ type liveEntry struct {
 // merge orders a batch read from both streams after c: entries of the
 // live stream in order, the messages a generation's end names before its
 // complete event, the rest of the messages last. It returns the events
-// and the cursor after them.
-func merge(c Cursor, msgs []Message, live []liveEntry) ([]LiveEvent, Cursor) {
+// and the cursor after them. A batch cut short by readBatch (more) may
+// end before what belongs together: a generation's end whose messages
+// are not all read yet waits for the next read, as do the messages after
+// the last end while the live stream has more to read.
+func merge(c Cursor, msgs []Message, live []liveEntry, more bool) ([]LiveEvent, Cursor) {
+	msgsFull, liveFull := more && len(msgs) == readBatch, more && len(live) == readBatch
 	out := make([]LiveEvent, 0, len(msgs)+len(live))
 	i := 0
 	emitTo := func(last string) {
@@ -120,12 +124,17 @@ func merge(c Cursor, msgs []Message, live []liveEntry) ([]LiveEvent, Cursor) {
 	}
 	for _, e := range live {
 		if e.kind == EventComplete && e.last != "" {
+			if msgsFull && compareIDs(msgs[len(msgs)-1].ID, e.last) < 0 {
+				return out, c
+			}
 			emitTo(e.last)
 		}
 		c.Live = e.id
 		out = append(out, LiveEvent{Kind: e.kind, Cursor: c, Generation: e.gen, Delta: e.delta})
 	}
-	emitTo("")
+	if !liveFull {
+		emitTo("")
+	}
 	return out, c
 }
 

@@ -178,6 +178,30 @@ func testWatchConformance(t *testing.T, newStore func(t *testing.T) watchStore) 
 		}
 	})
 
+	t.Run("a turn's last fragments come before its messages", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		for i := range 3 {
+			_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+			mustNoErr(t, err)
+			l.Publish(Delta{Content: "a"})
+			if got := show(next(t, w)); got != "delta a" {
+				t.Fatalf("got %q", got)
+			}
+			// Written with the turn, or just before it: either way first.
+			l.Publish(Delta{Content: "b"})
+			_, err = s.Append(ctx, session, Turn{Messages: qa(i), NowMs: t0 + int64(i), Lease: l}, Policy{})
+			mustNoErr(t, err)
+			got := untilComplete(t, w)
+			want := []string{"delta b", fmt.Sprintf("message q%d", i), fmt.Sprintf("message a%d", i), "complete"}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("turn %d: got %q, want %q", i, got, want)
+			}
+		}
+	})
+
 	t.Run("an id too old to resume gives a snapshot", func(t *testing.T) {
 		s := newStore(t)
 		appendQA(t, s, session, 1, t0, Policy{})

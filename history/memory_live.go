@@ -168,7 +168,7 @@ func (m memLiveSource) read(ctx context.Context, session string, c Cursor, block
 		changed := l.changed
 		s.mu.Unlock()
 		if len(msgs)+len(live) > 0 || deadline == nil {
-			evs, next := merge(c, msgs, live)
+			evs, next := merge(c, msgs, live, true)
 			return evs, next, nil
 		}
 		select {

@@ -134,11 +134,21 @@ const readBatch = 256
 func (r redisLive) read(ctx context.Context, session string, c Cursor, block time.Duration) ([]LiveEvent, Cursor, error) {
 	s := r.s
 	msgKey, liveKey := s.streamKey(session), s.liveKey(session)
-	client, b := s.client, time.Duration(-1)
+	keys := []string{msgKey, liveKey, c.Messages, c.Live}
 	if block > 0 {
-		client, b = s.blocking, block
+		// The blocking read only waits: a blocked XREAD of two streams is
+		// answered with the one written first (before Redis 7.2), which
+		// would split a turn's messages from its generation's end. What
+		// there is, is read next, from both at once.
+		err := s.blocking.XRead(ctx, &redis.XReadArgs{Streams: keys, Count: 1, Block: block}).Err()
+		if errors.Is(err, redis.Nil) {
+			return nil, c, nil
+		}
+		if err != nil {
+			return nil, c, fmt.Errorf("wait for live %s: %w", session, err)
+		}
 	}
-	streams, err := client.XRead(ctx, &redis.XReadArgs{Streams: []string{msgKey, liveKey, c.Messages, c.Live}, Count: readBatch, Block: b}).Result()
+	streams, err := s.client.XRead(ctx, &redis.XReadArgs{Streams: keys, Count: readBatch, Block: -1}).Result()
 	if errors.Is(err, redis.Nil) {
 		return nil, c, nil
 	}
@@ -160,7 +170,7 @@ func (r redisLive) read(ctx context.Context, session string, c Cursor, block tim
 			}
 		}
 	}
-	evs, next := merge(c, msgs, live)
+	evs, next := merge(c, msgs, live, true)
 	return evs, next, nil
 }
 

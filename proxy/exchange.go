@@ -92,6 +92,10 @@ type exchange struct {
 	// agent that orders turns): the turn's append gives it back, or the
 	// end of the request when nothing is appended.
 	lease *history.Lease
+	// detached is the streamed reply of a request whose reply outlives
+	// its client (on_client_disconnect: finish).
+	detached *finishBody
+	undetach func() // ends the upstream call's own context
 
 	historyMessages, historyTokens int
 	truncated                      bool
@@ -129,6 +133,16 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	cw := &codeWriter{ResponseWriter: w}
 	defer p.observe(x, cw)
 	defer p.releaseLease(x)
+	// A reply whose client went away is read to its end here, before the
+	// lease is given back and the request observed (its tokens count).
+	// It runs also while the reverse proxy's http.ErrAbortHandler panic
+	// unwinds: the server recovers from that one once the handler is done.
+	defer func() {
+		x.detached.finish()
+		if x.undetach != nil {
+			x.undetach()
+		}
+	}()
 
 	// The session the headers and path name is known before the body is
 	// read, so that an answer about a bad body still says which session it
@@ -293,6 +307,10 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	cw.Header().Set("X-History-Messages", strconv.Itoa(x.historyMessages))
 	cw.Header().Set("X-History-Tokens", strconv.Itoa(x.historyTokens))
 
+	if x.finishes() {
+		// The client's going away must not cancel the upstream call.
+		r, x.undetach = p.detach(r)
+	}
 	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
 	r.Body = io.NopCloser(bytes.NewReader(out))
 	r.ContentLength = int64(len(out))
@@ -570,6 +588,10 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		default:
 			p.log.Warn("upstream stream in an encoding the proxy cannot read: relayed, reply not recorded", "session", x.stored, "encoding", enc)
 			resp.Body = &opaqueStreamBody{src: resp.Body, finish: finish}
+		}
+		if x.finishes() {
+			x.detached = &finishBody{ReadCloser: resp.Body}
+			resp.Body = x.detached
 		}
 		return nil
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"net/http"
 	"strings"
@@ -120,4 +121,60 @@ func TestFailedTurnGivesTheTurnBack(t *testing.T) {
 	readAll(t, resp)
 	resp = h.do(t, "/v1/chat/completions", chatBody(user("again")), map[string]string{"X-Session-ID": session})
 	require.Equal(t, http.StatusOK, resp.StatusCode, "the failed turn's lease was given back: %s", readAll(t, resp))
+}
+
+// TestClientDisconnectModes: a client that goes away after the first
+// chunk of a streamed reply; with on_client_disconnect: cancel (the
+// default) what was generated is recorded incomplete, with finish the
+// reply is read to its end and recorded complete.
+func TestClientDisconnectModes(t *testing.T) {
+	for _, mode := range []string{DisconnectCancel, DisconnectFinish} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t, func(o *Options) {
+				o.Agent = func(string) Agent { a := orderedAgent(""); a.OnClientDisconnect = mode; return a }
+			})
+			session := "chat:leaver:" + mode
+			gate := make(chan struct{})
+			words := strings.Fields(strings.Repeat("more words of a long answer ", 40))
+			for i := range words {
+				words[i] = " " + words[i]
+			}
+			words[0] = "First"
+			h.up.Enqueue(fakeai.Reply{Deltas: words, Gate: gate, GateAfter: 2})
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.srv.URL+"/v1/chat/completions",
+				strings.NewReader(`{"model":"gpt-4o-mini","stream":true,"messages":[`+user("tell me")+`]}`))
+			req.Header.Set("X-Session-ID", session)
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			br := bufio.NewReader(resp.Body)
+			for {
+				line, err := br.ReadString('\n')
+				require.NoError(t, err)
+				if strings.Contains(line, "First") {
+					break // the first words arrived
+				}
+			}
+			cancel() // the client goes away
+			resp.Body.Close()
+			close(gate)
+
+			want := strings.Join(words, "")
+			require.Eventually(t, func() bool {
+				msgs, _ := h.store.Messages(context.Background(), session, "")
+				return len(msgs) == 2
+			}, 20*time.Second, 5*time.Millisecond, "the turn is recorded")
+			reply := h.stored(t, session)[1]
+			if mode == DisconnectFinish {
+				require.Equal(t, want, reply.Content, "read to its end")
+				require.Equal(t, "complete", reply.Status)
+			} else {
+				require.Equal(t, "incomplete", reply.Status)
+				require.NotEqual(t, want, reply.Content)
+			}
+			// Either way the session's turn is given back.
+			r2 := h.do(t, "/v1/chat/completions", chatBody(user("next")), map[string]string{"X-Session-ID": session})
+			require.Equal(t, http.StatusOK, r2.StatusCode, readAll(t, r2))
+		})
+	}
 }

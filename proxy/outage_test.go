@@ -211,6 +211,38 @@ func TestRetryQueueBoundDropsAndCounts(t *testing.T) {
 	require.EqualValues(t, 4, px.LostTurns())
 }
 
+// TestRetryQueueByteBound: while Redis is down, turns wait in the retry
+// queue until their bytes would pass store.retry_queue_bytes; the rest
+// are dropped and counted, and the queued ones are written once Redis is
+// back.
+func TestRetryQueueByteBound(t *testing.T) {
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	obs := &countingObserver{}
+	const big = 300 << 10 // each turn holds its 300 KB question and the reply
+	_, srv := redisProxy(t, rs, up, func(o *Options) { o.RetryQueueBytes = 1 << 20; o.Metrics = obs })
+	rs.Stop(t)
+	text := strings.Repeat("x", big)
+	for i := range 5 {
+		resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(
+			fmt.Sprintf(`{"model":"gpt-4o","user":"u%d","messages":[{"role":"user","content":%q}]}`, i, text)))
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode, "failing open, the answer goes out")
+	}
+	obs.mu.Lock()
+	// The echo reply is as long: 600 KB a turn, one fits in 1 MiB.
+	require.Equal(t, 4, obs.drop, "turns past the byte bound are dropped, however few")
+	obs.mu.Unlock()
+	rs.Restart(t)
+	c := rs.Client(t)
+	require.Eventually(t, func() bool { return c.Exists(context.Background(), "hp:{api:u0:default}:messages").Val() == 1 }, 20*time.Second, 20*time.Millisecond,
+		"the queued turn is written once Redis is back")
+	for i := 1; i < 5; i++ {
+		require.Zero(t, c.Exists(context.Background(), fmt.Sprintf("hp:{api:u%d:default}:messages", i)).Val(), "turn %d was dropped", i)
+	}
+}
+
 // TestCloseGivesUpOnlyWithoutProgress: Close keeps writing past
 // its first attempts as long as turns go through, and gives up only when
 // the store stops taking them.
@@ -244,7 +276,7 @@ func TestRetryQueueOneBadSessionDoesNotBlockOthers(t *testing.T) {
 	rs := redistest.Start(t)
 	client := rs.Client(t)
 	store := history.NewRedis(client, "")
-	q := newRetryQueue(store, 10, time.Second, discard{}, slog.New(slog.DiscardHandler))
+	q := newRetryQueue(store, 10, 0, time.Second, discard{}, slog.New(slog.DiscardHandler))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// The bad session's hash is a string: every append to it fails.
@@ -366,7 +398,7 @@ func TestRetryQueueCountsARepeatOnce(t *testing.T) {
 	first := turn("w-first")
 	_, err := store.Append(ctx, sid, first, history.Policy{})
 	require.NoError(t, err)
-	q := newRetryQueue(store, 10, 5*time.Second, discard{}, slog.New(slog.DiscardHandler))
+	q := newRetryQueue(store, 10, 0, 5*time.Second, discard{}, slog.New(slog.DiscardHandler))
 	require.True(t, q.push(pendingTurn{session: sid, turn: first}))
 	require.True(t, q.push(pendingTurn{session: sid, turn: turn("w-repeat")}))
 	go q.run(ctx)

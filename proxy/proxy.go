@@ -72,6 +72,11 @@ type Agent struct {
 	// OrderingOff ("" too): no turn lease, both read the same history.
 	Ordering        string
 	OrderingTimeout time.Duration
+	// OnClientDisconnect is what a reply to be recorded does when its
+	// client goes away: DisconnectCancel ("" too) cancels the upstream
+	// call, what was generated is recorded incomplete; DisconnectFinish
+	// reads it to its end and records it complete.
+	OnClientDisconnect string
 }
 
 // Options configure a Proxy. Upstream, Store, Counter, Catalog and Agent
@@ -112,6 +117,9 @@ type Options struct {
 	// RetryQueue is how many turns are held for a retry while the store
 	// is down (fail open only); 0 holds none, so such turns are lost.
 	RetryQueue int
+	// RetryQueueBytes bounds the bytes those turns hold (an estimate);
+	// 0: no bound.
+	RetryQueueBytes int64
 	// MaxRequestMessages and MaxContentParts bound a chat request's
 	// messages and its content parts (all messages together); 0: no bound.
 	MaxRequestMessages, MaxContentParts int
@@ -166,6 +174,10 @@ type Proxy struct {
 	unpriced unpricedLog
 	stop     context.CancelFunc
 	done     chan struct{}
+	// cut ends the upstream calls of replies that outlive their clients
+	// (Cut).
+	cut        context.Context
+	cutReplies context.CancelFunc
 }
 
 // New builds the proxy.
@@ -183,6 +195,7 @@ func New(opt Options) (*Proxy, error) {
 		opt.Metrics = discard{}
 	}
 	p := &Proxy{opt: opt, log: opt.Logger, now: opt.Now, inflight: inflight{max: opt.MaxInflightBytes}}
+	p.cut, p.cutReplies = context.WithCancel(context.Background())
 	patterns := opt.Passthrough
 	if len(patterns) == 0 && opt.APIKey != "" {
 		patterns = DefaultPassthrough
@@ -200,7 +213,7 @@ func New(opt Options) (*Proxy, error) {
 	}
 	p.stop, p.done = func() {}, make(chan struct{})
 	if !opt.FailClosed && opt.RetryQueue > 0 {
-		p.retry = newRetryQueue(opt.Store, opt.RetryQueue, opt.StoreTimeout, opt.Metrics, p.log)
+		p.retry = newRetryQueue(opt.Store, opt.RetryQueue, opt.RetryQueueBytes, opt.StoreTimeout, opt.Metrics, p.log)
 		ctx, cancel := context.WithCancel(context.Background())
 		p.stop = cancel
 		go func() { // stops when Close cancels ctx

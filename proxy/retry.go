@@ -24,6 +24,7 @@ type pendingTurn struct {
 	session string
 	turn    history.Turn
 	policy  history.Policy
+	size    int64 // turnBytes, once queued
 }
 
 // retryQueue holds the turns the store refused while it was down
@@ -32,18 +33,22 @@ type pendingTurn struct {
 // session, each exactly once (every turn carries an idempotency key, so a
 // write whose answer was lost is not repeated).
 //
-// It is bounded: past max turns, new ones are dropped, counted and logged.
+// It is bounded in turns and in bytes: past max turns, or maxBytes held
+// (an outage with very large turns), new ones are dropped, counted and
+// logged.
 type retryQueue struct {
-	store   Store
-	max     int
-	timeout time.Duration
-	obs     RetryObserver
-	log     *slog.Logger
+	store    Store
+	max      int
+	maxBytes int64 // 0: no bound
+	timeout  time.Duration
+	obs      RetryObserver
+	log      *slog.Logger
 
 	mu      sync.Mutex
 	pending map[string][]pendingTurn // per session, oldest first
 	order   []string                 // sessions with pending turns, oldest first
 	n       int
+	bytes   int64 // turnBytes of what is held
 	wake    chan struct{}
 	idle    chan struct{} // closed and replaced whenever the queue empties
 	// progress is closed and replaced whenever a turn is written.
@@ -68,8 +73,8 @@ const (
 	retryMaxBackoff = 2 * time.Second
 )
 
-func newRetryQueue(store Store, max int, timeout time.Duration, obs RetryObserver, log *slog.Logger) *retryQueue {
-	return &retryQueue{store: store, max: max, timeout: timeout, obs: obs, log: log,
+func newRetryQueue(store Store, max int, maxBytes int64, timeout time.Duration, obs RetryObserver, log *slog.Logger) *retryQueue {
+	return &retryQueue{store: store, max: max, maxBytes: maxBytes, timeout: timeout, obs: obs, log: log,
 		pending: map[string][]pendingTurn{}, wake: make(chan struct{}, 1), idle: make(chan struct{}),
 		progress: make(chan struct{})}
 }
@@ -82,15 +87,32 @@ func (q *retryQueue) queued(session string) bool {
 	return len(q.pending[session]) > 0
 }
 
+// turnBytes estimates the memory a queued turn holds: its strings, and a
+// fixed overhead per message and per turn.
+func turnBytes(p pendingTurn) int64 {
+	t := p.turn
+	n := int64(256 + len(p.session) + len(t.IdempotencyKey) + len(t.WriteKey) + len(t.ConversationID))
+	for _, m := range t.Messages {
+		n += int64(160 + len(m.Role) + len(m.Content) + len(m.Parts) + len(m.Name) + len(m.ToolCalls) + len(m.ToolCallID) +
+			len(m.Refusal) + len(m.Kind) + len(m.User) + len(m.Model) + len(m.RequestID) + len(m.Status))
+	}
+	return n
+}
+
 // push adds a turn; false when the queue is full and the turn is dropped.
 func (q *retryQueue) push(p pendingTurn) bool {
+	size := turnBytes(p)
 	q.mu.Lock()
-	if q.n >= q.max {
+	if q.n >= q.max || (q.maxBytes > 0 && q.bytes+size > q.maxBytes) {
+		n, b := q.n, q.bytes
 		q.mu.Unlock()
 		q.obs.RetryDropped()
-		q.log.Error("retry queue full: turn dropped", "session", p.session, "queued", q.max)
+		q.log.Error("retry queue full: turn dropped", "session", p.session, "queued", n, "queued_bytes", b, "turn_bytes", size,
+			"max", q.max, "max_bytes", q.maxBytes)
 		return false
 	}
+	p.size = size
+	q.bytes += size
 	if len(q.pending[p.session]) == 0 {
 		q.order = append(q.order, p.session)
 	}
@@ -120,6 +142,7 @@ func (q *retryQueue) head() (pendingTurn, bool) {
 func (q *retryQueue) pop() {
 	q.mu.Lock()
 	s := q.order[0]
+	q.bytes -= q.pending[s][0].size
 	rest := q.pending[s][1:]
 	if len(rest) == 0 {
 		delete(q.pending, s)
@@ -230,7 +253,7 @@ func (q *retryQueue) take() []pendingTurn {
 	for _, s := range q.order {
 		out = append(out, q.pending[s]...)
 	}
-	q.pending, q.order, q.n = map[string][]pendingTurn{}, nil, 0
+	q.pending, q.order, q.n, q.bytes = map[string][]pendingTurn{}, nil, 0, 0
 	q.obs.SetRetryQueueDepth(0)
 	return out
 }
