@@ -32,6 +32,9 @@ func (s *MemoryStore) TakeTurn(ctx context.Context, session string, n int, nowMs
 	if session == "" {
 		return Window{}, nil, fmt.Errorf("take turn: %w", ErrEmptySession)
 	}
+	if err := ctx.Err(); err != nil {
+		return Window{}, nil, fmt.Errorf("take turn %s: %w", session, err)
+	}
 	l := newLease(session, memLeaseBackend{s}, "", 0, o.opTimeout(), s.obs, s.log)
 	start := time.Now()
 	var waited time.Duration

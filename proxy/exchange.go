@@ -449,6 +449,9 @@ func (p *Proxy) readWindow(ctx context.Context, x *exchange, n int) (history.Win
 	}
 	t0 := time.Now()
 	win, lease, err := p.opt.Store.TakeTurn(ctx, x.stored, n, x.start.UnixMilli(), a.Policy, o)
+	// Held from here, whatever comes next: the end of the request gives
+	// it back (a client that left just as its turn came, say).
+	x.lease = lease
 	switch {
 	case errors.Is(err, history.ErrBusy):
 		reason := "timeout"
@@ -467,7 +470,6 @@ func (p *Proxy) readWindow(ctx context.Context, x *exchange, n int) (history.Win
 	if err == nil {
 		p.opt.Metrics.ObserveLeaseWait(win.Waited)
 	}
-	x.lease = lease
 	return win, err
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 )
 
@@ -177,4 +178,46 @@ func TestClientDisconnectModes(t *testing.T) {
 			require.Equal(t, http.StatusOK, r2.StatusCode, readAll(t, r2))
 		})
 	}
+}
+
+// leaveOnTurn is a store whose client leaves just as its request gets the
+// session's turn: TakeTurn succeeds, and the request's context is done.
+type leaveOnTurn struct {
+	Store
+	cancel context.CancelFunc
+}
+
+func (s leaveOnTurn) TakeTurn(ctx context.Context, session string, n int, nowMs int64, p history.Policy, o history.TurnOptions) (history.Window, *history.Lease, error) {
+	w, l, err := s.Store.TakeTurn(ctx, session, n, nowMs, p, o)
+	s.cancel()
+	select {
+	case <-ctx.Done(): // the server saw the client go
+	case <-time.After(10 * time.Second):
+	}
+	return w, l, err
+}
+
+// TestClientLeavingAsItsTurnComesGivesItBack: a request whose client
+// leaves just as it gets the session's turn gives the turn back; the
+// next request is not held up.
+func TestClientLeavingAsItsTurnComesGivesItBack(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	h := newHarness(t, func(o *Options) {
+		o.Agent = func(string) Agent { a := orderedAgent(""); a.Ordering = OrderingReject; return a }
+		o.Store = leaveOnTurn{Store: o.Store, cancel: cancel}
+	})
+	const session = "chat:leaves-on-turn:support"
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.srv.URL+"/v1/chat/completions", strings.NewReader(chatBody(user("gone"))))
+	req.Header.Set("X-Session-ID", session)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+	}
+	// The handler ends on its own; then the session is free.
+	require.Eventually(t, func() bool {
+		_, l, err := h.store.TakeTurn(context.Background(), session, 0, 0, history.Policy{}, history.TurnOptions{Hold: true})
+		if err == nil {
+			_ = l.Release(context.Background())
+		}
+		return err == nil
+	}, 20*time.Second, 10*time.Millisecond, "the turn was given back")
 }
