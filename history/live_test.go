@@ -311,3 +311,36 @@ func TestRedisWatchDeadHolder(t *testing.T) {
 		t.Errorf("got %s of %q, want the end of a generation whose holder died", show(e), e.Generation)
 	}
 }
+
+// TestMemorySweepForgetsLiveStreams: a memory store forgets a session's
+// live stream once no one has watched it for a minute, as Redis expires
+// its keys, so watching many sessions does not grow it for good.
+func TestMemorySweepForgetsLiveStreams(t *testing.T) {
+	clock := &fakeClock{t: time.UnixMilli(t0)}
+	s := NewMemory()
+	s.now = clock.Now
+	defer s.Close()
+	lives := func() int {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.lives)
+	}
+	ctx := context.Background()
+	w, err := s.Watch(ctx, session, "")
+	mustNoErr(t, err)
+	s.Sweep()
+	if lives() != 1 {
+		t.Fatalf("got %d live streams while watched, want 1", len(s.lives))
+	}
+	w.Close()
+	clock.Add(watchTTL - time.Millisecond)
+	s.Sweep()
+	if lives() != 1 {
+		t.Fatal("a live stream went before its minute: a client reconnecting at once would miss its deltas")
+	}
+	clock.Add(time.Millisecond)
+	s.Sweep()
+	if n := lives(); n != 0 {
+		t.Errorf("got %d live streams a minute after the last watch, want 0", n)
+	}
+}

@@ -723,8 +723,8 @@ func (s *MemoryStore) Stats() MemoryStats {
 }
 
 // Sweep applies every expiry that is due, as Redis does in the background:
-// conversation streams past their retention and idempotency sets past
-// IdempotencyWindow. Sessions stay, with their metadata and totals, as
+// conversation streams past their retention, idempotency sets past
+// IdempotencyWindow, and live streams no one has watched for a minute. Sessions stay, with their metadata and totals, as
 // their Redis hashes do.
 func (s *MemoryStore) Sweep() {
 	s.mu.Lock()
@@ -732,6 +732,14 @@ func (s *MemoryStore) Sweep() {
 	now := s.now()
 	for _, ss := range s.sessions {
 		s.expire(ss, now)
+	}
+	// A live stream no one watches any more goes, as its keys expire in
+	// Redis.
+	for id, l := range s.lives {
+		if !now.Before(l.keptUntil) && !s.hubs.watched(id) {
+			close(l.changed) // a reader waiting on it reads again
+			delete(s.lives, id)
+		}
 	}
 }
 
