@@ -143,7 +143,8 @@ end
 // ARGV: n, now ms, idle timeout ms, token, lease TTL ms, hold (1: keep
 // the lease; 0: only wait for the turn, then pass it on), reject (1: do
 // not queue), wake channel.
-// Returns {0, lease PTTL} when busy, else {1, conversation or ”,
+// Returns {0, ms until the lease or the first waiter's place runs out}
+// when busy, else {1, conversation or ”,
 // entries newest first, watch mark or ”}.
 var takeScript = redis.NewScript(luaLib + luaLease + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
@@ -163,7 +164,11 @@ else
       redis.call('PEXPIRE', KEYS[5], 2 * ttl)
       redis.call('PEXPIRE', KEYS[6], 2 * ttl)
     end
-    return {0, redis.call('PTTL', KEYS[4])}
+    -- When the next change may come unannounced: the holder's lease runs
+    -- out, or (the lease free) the place of the waiter first in line, which
+    -- may have died with its process.
+    if holder then return {0, redis.call('PTTL', KEYS[4])} end
+    return {0, math.max(tonumber(redis.call('HGET', KEYS[6], h)) - now, 1)}
   end
   if h == token then
     redis.call('LPOP', KEYS[5])
@@ -285,12 +290,13 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			}
 			continue
 		}
-		// Re-check when woken, when the lease would expire (its holder
-		// may have died), and every half TTL so the queue keeps this
+		// Re-check when woken, when the lease or the place of the waiter
+		// first in line would run out (its process may have died: no
+		// wake-up comes then), and every half TTL so the queue keeps this
 		// waiter.
 		pause := s.leaseTTL / 2
-		if pttl, _ := res[1].(int64); pttl > 0 {
-			pause = min(pause, time.Duration(pttl)*time.Millisecond+5*time.Millisecond)
+		if next, _ := res[1].(int64); next > 0 {
+			pause = min(pause, time.Duration(next)*time.Millisecond+5*time.Millisecond)
 		}
 		t := time.NewTimer(min(pause, left))
 		select {
