@@ -2,6 +2,7 @@ package history
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -118,5 +119,102 @@ func TestRedisDeadHolderAndDeadWaiter(t *testing.T) {
 	t.Logf("waited %s; the dead waiter's place ran out after %s", r.waited, want)
 	if r.waited > want+time.Second {
 		t.Errorf("the waiter went on %s after the dead waiter's place ran out, want at once", r.waited-want)
+	}
+}
+
+// TestRedisLostLeaseHolderRecordsWithoutReleasing: a holder whose lease
+// ran out while its reply still ran (its renewals failed for a TTL) finds
+// another request holding the turn when its turn is written: its turn is
+// recorded (it was answered), and the other request keeps the turn (a
+// third still waits for it).
+func TestRedisLostLeaseHolderRecordsWithoutReleasing(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "t", WithLeaseTTL(time.Second))
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	_, stale, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+	mustNoErr(t, err)
+	// Its renewals failed for a TTL (the store unreachable from its
+	// process): the lease is gone, as when it runs out...
+	mustNoErr(t, c.Del(ctx, s.leaseKey(session)).Err())
+	// ...and the next request takes the turn.
+	r := <-takeAsync(s, TurnOptions{Hold: true, Wait: time.Minute})
+	mustNoErr(t, r.err)
+	third := takeAsync(s, TurnOptions{Hold: true, Wait: time.Minute})
+	waitFor(t, "the third request to queue", func() bool { return c.LLen(ctx, s.queueKey(session)).Val() == 1 })
+
+	if _, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, Lease: stale}, Policy{}); err != nil {
+		t.Fatalf("the stale holder's turn: %v", err)
+	}
+	w, err := s.Window(ctx, session, 20, t0+1, Policy{})
+	mustNoErr(t, err)
+	if len(w.Messages) != 2 {
+		t.Fatalf("got %d messages, want the stale holder's turn recorded", len(w.Messages))
+	}
+	if busy, _ := s.Busy(ctx, session); !busy {
+		t.Fatal("the stale holder's append gave back a lease it no longer held")
+	}
+	select {
+	case r3 := <-third:
+		t.Fatalf("the third request went on (%v) while the second still held the turn", r3.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	mustNoErr(t, r.l.Release(ctx))
+	r3 := <-third
+	mustNoErr(t, r3.err)
+	mustNoErr(t, r3.l.Release(ctx))
+}
+
+// TestRejectBurst: 20 requests at once on a free session, ordering:
+// reject: one takes the turn, every other gets ErrBusy at once, none is
+// left queued, and the session is free again once the one is done.
+func TestRejectBurst(t *testing.T) {
+	for name, newStore := range map[string]func(t *testing.T) leaseStore{
+		"memory": func(t *testing.T) leaseStore { return NewMemory() },
+		"redis": func(t *testing.T) leaseStore {
+			s := NewRedis(redistest.Start(t).Client(t), "t")
+			t.Cleanup(func() { _ = s.Close() })
+			return s
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := newStore(t)
+			ctx := context.Background()
+			type res struct {
+				l   *Lease
+				err error
+			}
+			out := make(chan res, 20)
+			startGate := make(chan struct{})
+			for range 20 {
+				go func() {
+					<-startGate
+					_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, TurnOptions{Hold: true})
+					out <- res{l, err}
+				}()
+			}
+			close(startGate)
+			var won *Lease
+			for range 20 {
+				r := <-out
+				switch {
+				case r.err == nil && won == nil:
+					won = r.l
+				case r.err == nil:
+					t.Fatal("two requests hold the turn at once")
+				case !errors.Is(r.err, ErrBusy):
+					t.Fatalf("got %v, want ErrBusy", r.err)
+				}
+			}
+			if won == nil {
+				t.Fatal("no request took the free session's turn")
+			}
+			if _, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0, Lease: won}, Policy{}); err != nil {
+				t.Fatal(err)
+			}
+			_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, TurnOptions{Hold: true})
+			mustNoErr(t, err)
+			mustNoErr(t, l.Release(ctx))
+		})
 	}
 }
