@@ -277,14 +277,12 @@ func (a *API) importMessages(w http.ResponseWriter, r *http.Request) {
 		total += m.Tokens
 		turn.Messages = append(turn.Messages, m)
 	}
+	// A new conversation is the append's to start, after its idempotency
+	// check: a reset before it would end the conversation a first attempt
+	// created when the attempt is retried.
+	turn.NewConversation = startNew
 	ctx, cancel := a.ctx(r, 1)
 	defer cancel()
-	if startNew {
-		if _, err := a.opt.Store.Reset(ctx, id); err != nil {
-			a.storeFailed(w, "reset session", err)
-			return
-		}
-	}
 	res, err := a.opt.Store.Append(ctx, id, turn, a.opt.Policy(agent))
 	if err != nil {
 		a.storeFailed(w, "append messages", err)
