@@ -13,6 +13,7 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -130,7 +131,23 @@ func (a *API) Handler() http.Handler {
 		writeError(w, &wire.Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
 			Message: r.Method + " " + r.URL.Path + " is not a route of the conversations API (see the README's Conversations API section)"})
 	})
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	// A browser on the operator's machine reaches a loopback listener too:
+	// a page must not change data by a cross-site request (CSRF), which
+	// a token would stop but a tokenless API would not.
+	csrf := http.NewCrossOriginProtection()
+	csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &wire.Error{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "cross_origin_request",
+			Message: "the admin API does not take requests that change data from a web page of another origin"})
+	}))
+	return csrf.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.opt.Token == "" && !loopbackHost(r.Host) {
+			// Without a token the API is served only on loopback; a Host
+			// of another name is a page whose name was made to resolve to
+			// 127.0.0.1 (DNS rebinding), which could read every answer.
+			writeError(w, &wire.Error{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "invalid_host",
+				Message: "without an admin token the admin API answers only requests for localhost or a loopback address; set admin.token_env to reach it by another name"})
+			return
+		}
 		if !a.authorized(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="historyproxy admin"`)
 			writeError(w, &wire.Error{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_admin_token",
@@ -138,7 +155,25 @@ func (a *API) Handler() http.Handler {
 			return
 		}
 		mux.ServeHTTP(w, r)
-	})
+	}))
+}
+
+// loopbackHost reports whether a request's Host names this machine:
+// localhost or a loopback address, with any port. An empty Host (an
+// HTTP/1.0 client, never a browser) passes.
+func loopbackHost(host string) bool {
+	if host == "" {
+		return true
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // authorized checks the bearer token in constant time.

@@ -90,3 +90,79 @@ func TestImportRetryIntoNewConversation(t *testing.T) {
 		}
 	})
 }
+
+// TestNoTokenRefusesBrowsers: without a token the API trusts whoever
+// reaches the loopback listener, so a web page the operator opens must
+// not reach it: a cross-site request that changes data (CSRF: a form or
+// fetch needs no preflight for a bodiless POST) and a request for another
+// host name (DNS rebinding: a page whose name now resolves to 127.0.0.1
+// reads the answers) are refused, and change nothing.
+func TestNoTokenRefusesBrowsers(t *testing.T) {
+	ctx := context.Background()
+	s := history.NewMemory()
+	const id = "web:kim:support"
+	if _, err := s.Append(ctx, id, history.Turn{Messages: []history.Message{{Role: "user", Content: "hi"}}}, history.Policy{}); err != nil {
+		t.Fatal(err)
+	}
+	srv := newTestAPI(t, s)
+	reset := srv.URL + "/admin/v1/sessions/" + url.PathEscape(id) + "/reset"
+	for _, tt := range []struct {
+		name        string
+		method, u   string
+		header      []string
+		wantStatus  int
+		stillActive bool
+	}{
+		{name: "cross-site form post", method: http.MethodPost, u: reset, header: []string{"Origin", "https://evil.example", "Sec-Fetch-Site", "cross-site"}, wantStatus: http.StatusForbidden, stillActive: true},
+		{name: "cross-site post, Origin only", method: http.MethodPost, u: reset, header: []string{"Origin", "https://evil.example"}, wantStatus: http.StatusForbidden, stillActive: true},
+		{name: "rebound host name", method: http.MethodGet, u: srv.URL + "/admin/v1/sessions", header: []string{"Host", "evil.example"}, wantStatus: http.StatusForbidden, stillActive: true},
+		{name: "rebound host name, post", method: http.MethodPost, u: reset, header: []string{"Host", "evil.example:80"}, wantStatus: http.StatusForbidden, stillActive: true},
+		{name: "localhost by name", method: http.MethodGet, u: srv.URL + "/admin/v1/sessions", header: []string{"Host", "localhost:9090"}, wantStatus: http.StatusOK, stillActive: true},
+		{name: "curl", method: http.MethodPost, u: reset, wantStatus: http.StatusOK},
+	} {
+		var e struct {
+			Error *struct{ Code, Message string } `json:"error"`
+		}
+		var hdr []string
+		for i := 0; i+1 < len(tt.header); i += 2 {
+			hdr = append(hdr, tt.header[i], tt.header[i+1])
+		}
+		got := doHost(t, tt.method, tt.u, &e, hdr...)
+		if got != tt.wantStatus {
+			t.Errorf("%s: got %d, want %d", tt.name, got, tt.wantStatus)
+		}
+		if got >= 400 && (e.Error == nil || e.Error.Code == "") {
+			t.Errorf("%s: got no error in OpenAI's shape", tt.name)
+		}
+		sess, _, _ := s.Session(ctx, id)
+		if sess.Active != tt.stillActive {
+			t.Errorf("%s: session active %v, want %v", tt.name, sess.Active, tt.stillActive)
+		}
+	}
+}
+
+// doHost is do, with a Host header honoured (net/http sends req.Host).
+func doHost(t *testing.T, method, u string, out any, header ...string) int {
+	t.Helper()
+	req, err := http.NewRequest(method, u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		if header[i] == "Host" {
+			req.Host = header[i+1]
+			continue
+		}
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if out != nil && len(raw) > 0 {
+		_ = json.Unmarshal(raw, out)
+	}
+	return resp.StatusCode
+}
