@@ -68,16 +68,24 @@ return 1
 // after each session.
 func (s *RedisStore) Migrate(ctx context.Context, progress func(MigrateResult)) (MigrateResult, error) {
 	var res MigrateResult
-	for offset := int64(0); ; offset += migrateBatch {
-		zs, err := s.client.ZRangeWithScores(ctx, s.indexKey(), offset, offset+migrateBatch-1).Result()
+	// ZSCAN, not pages by rank: a session that proxies write meanwhile
+	// moves to the end of the index, which shifts every later rank back by
+	// one, so a page read by offset would pass over a session. A full ZSCAN
+	// returns every member present from its start to its end (some perhaps
+	// twice, which only checks a session again).
+	var cursor uint64
+	for {
+		kv, next, err := s.client.ZScan(ctx, s.indexKey(), cursor, "", migrateBatch).Result()
 		if err != nil {
 			return res, fmt.Errorf("migrate: list sessions: %w", err)
 		}
-		for _, z := range zs {
-			id, _ := z.Member.(string)
-			if id == "" {
+		for i := 0; i+1 < len(kv); i += 2 {
+			id := kv[i]
+			score, err := strconv.ParseFloat(kv[i+1], 64)
+			if id == "" || err != nil {
 				continue
 			}
+			z := redis.Z{Score: score, Member: id}
 			moved, convs, msgs, err := s.migrateSession(ctx, id)
 			for attempt := 0; errors.Is(err, errMigrateRace) && attempt < 5; attempt++ {
 				moved, convs, msgs, err = s.migrateSession(ctx, id)
@@ -103,9 +111,10 @@ func (s *RedisStore) Migrate(ctx context.Context, progress func(MigrateResult)) 
 				progress(res)
 			}
 		}
-		if len(zs) < migrateBatch {
+		if next == 0 {
 			return res, nil
 		}
+		cursor = next
 	}
 }
 

@@ -164,3 +164,45 @@ func TestRedisEraseOldLayout(t *testing.T) {
 		t.Errorf("got keys %q left, want none", keys)
 	}
 }
+
+// TestRedisMigrateWhileSessionsMove: sessions that become active while
+// migrate walks the index (proxies serve meanwhile) move to its end; none
+// of the others is passed over.
+func TestRedisMigrateWhileSessionsMove(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	const n = migrateBatch + 20
+	pipe := c.Pipeline()
+	for i := range n {
+		id := "web:u" + strconv.Itoa(i) + ":a"
+		base := "hp:{" + id + "}:"
+		pipe.ZAdd(ctx, base+"convs", redis.Z{Score: float64(t0), Member: "c1"})
+		pipe.XAdd(ctx, &redis.XAddArgs{Stream: base + "conv:c1", ID: "1000-0", Values: []any{"role", RoleUser, "content", "hi"}})
+		pipe.HSet(ctx, base+"session", "conversation", "c1", "is_active", "1", "conversations", 1, "messages", 1)
+		pipe.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0 + int64(i)), Member: id})
+	}
+	_, err := pipe.Exec(ctx)
+	mustNoErr(t, err)
+	moved := 0
+	_, err = s.Migrate(ctx, func(MigrateResult) {
+		// Each of the first sessions migrated is written again, by a
+		// proxy, and becomes the most recently active.
+		if moved < 10 {
+			id := "web:u" + strconv.Itoa(moved) + ":a"
+			mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0 + n + int64(moved)), Member: id}).Err())
+			moved++
+		}
+	})
+	mustNoErr(t, err)
+	var left []string
+	for i := range n {
+		id := "web:u" + strconv.Itoa(i) + ":a"
+		if c.Exists(ctx, "hp:{"+id+"}:convs").Val() == 1 {
+			left = append(left, id)
+		}
+	}
+	if len(left) > 0 {
+		t.Errorf("sessions left in the old layout: %q", left)
+	}
+}
