@@ -118,6 +118,10 @@ func (s *RedisStore) Migrate(ctx context.Context, progress func(MigrateResult)) 
 	}
 }
 
+// migratingKey is where Migrate copies a session's messages before it
+// swaps the copy in; a migrate interrupted in between leaves it.
+func (s *RedisStore) migratingKey(id string) string { return s.key(id, "migrating") }
+
 // migEntry is one message on its way into the session's stream.
 type migEntry struct {
 	id     string
@@ -145,7 +149,7 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 	sort.SliceStable(old, func(i, j int) bool {
 		return convNumber(old[i].Member.(string)) < convNumber(old[j].Member.(string))
 	})
-	keys := []string{s.sessionKey(id), s.convsKey(id), s.streamKey(id), s.key(id, "migrating"), oldSet}
+	keys := []string{s.sessionKey(id), s.convsKey(id), s.streamKey(id), s.migratingKey(id), oldSet}
 	var entries []migEntry
 	ttl := time.Duration(0)
 	meta := map[string]map[string]string{}

@@ -206,3 +206,24 @@ func TestRedisMigrateWhileSessionsMove(t *testing.T) {
 		t.Errorf("sessions left in the old layout: %q", left)
 	}
 }
+
+// TestRedisEraseAfterInterruptedMigrate: a migrate stopped between its
+// copy and its swap leaves the copy, P:{S}:migrating, holding the
+// session's messages; erasing the session removes it too.
+func TestRedisEraseAfterInterruptedMigrate(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	oldConversation(t, c, "hp", session, "c1", t0, []string{"5000-0", "5000-1"}, []string{"my card number is 4111", "noted"}, 0)
+	mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0), Member: session}).Err())
+	// What migrateSession writes before its swap.
+	mustNoErr(t, c.XAdd(ctx, &redis.XAddArgs{Stream: "hp:{" + session + "}:migrating", ID: "5000-0",
+		Values: []any{"conversation", "c1", "role", RoleUser, "content", "my card number is 4111"}}).Err())
+	_, err := s.Erase(ctx, session)
+	mustNoErr(t, err)
+	keys, err := c.Keys(ctx, "*"+session+"*").Result()
+	mustNoErr(t, err)
+	if len(keys) > 0 {
+		t.Errorf("after erase: got keys %q, want none", keys)
+	}
+}

@@ -94,17 +94,18 @@ else redis.call('HSET', KEYS[2], conv .. ':title', ARGV[2]) end
 return conv
 `)
 
-// eraseScript deletes every key of a session: the fixed ones, and any
-// stream of the layout before one stream per session (KEYS[5:]).
+// eraseScript deletes every key of a session: the fixed ones, the copy an
+// interrupted migrate left, and any key of the layout before one stream
+// per session (KEYS[11:]), whose streams' messages it counts.
 //
 // KEYS: session, conversations, messages, idem, lease, queue, waiters,
-// live, watched, legacy keys...
+// live, watched, migrating, legacy keys...
 // Returns {session existed (0|1), conversations, messages stored}.
 var eraseScript = redis.NewScript(`
 local found = redis.call('EXISTS', KEYS[1])
 local convs = tonumber(redis.call('HGET', KEYS[1], 'conversations') or '0')
 local n = redis.call('XLEN', KEYS[3])
-for i = 10, #KEYS do
+for i = 11, #KEYS do
   if redis.call('TYPE', KEYS[i]).ok == 'stream' then n = n + redis.call('XLEN', KEYS[i]) end
 end
 redis.call('DEL', unpack(KEYS))
@@ -448,6 +449,7 @@ func (s *RedisStore) Erase(ctx context.Context, session string) (Erased, error) 
 	// A request holding the lease goes on (its append releases nothing);
 	// waiters re-queue when they next check.
 	keys := append(s.sessionKeys(session), s.leaseKeys(session)...)
+	keys = append(keys, s.migratingKey(session))
 	legacy := s.key(session, "convs")
 	old, err := s.client.ZRange(ctx, legacy, 0, -1).Result()
 	if err != nil && !redis.HasErrorPrefix(err, "WRONGTYPE") {
