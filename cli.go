@@ -11,6 +11,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/historyproxy/historyproxy/admin"
@@ -135,7 +136,7 @@ func sessionsCommand(ctx context.Context, args []string, getenv func(string) str
 		if s.IsActive {
 			active = "yes"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", s.ID, cut(deref(s.Title, "-"), 40), deref(s.Conversation, "-"),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", visible(s.ID), cut(visible(deref(s.Title, "-")), 40), deref(s.Conversation, "-"),
 			s.MessageCount, s.Tokens.Prompt+s.Tokens.Completion, usd(s.CostUSD), shortTime(s.LastActiveAt), active)
 	}
 	if err := tw.Flush(); err != nil {
@@ -245,17 +246,19 @@ func writeTranscript(w io.Writer, t Transcript, conversations int) error {
 		usd(s.CostUSD), s.Requests, s.Tokens.Prompt, s.Tokens.Completion, s.Tokens.Cached, s.Tokens.History)
 	for _, m := range t.Messages {
 		b.WriteString("\n")
-		fmt.Fprintf(&b, "[%s] %s", shortTime(m.CreatedAt), speaker(m))
+		var head strings.Builder
+		fmt.Fprintf(&head, "[%s] %s", shortTime(m.CreatedAt), speaker(m))
 		if m.Model != nil && m.Role == history.RoleAssistant {
-			fmt.Fprintf(&b, " (%s)", *m.Model)
+			fmt.Fprintf(&head, " (%s)", *m.Model)
 		}
-		fmt.Fprintf(&b, ", %d tokens", m.Tokens)
+		fmt.Fprintf(&head, ", %d tokens", m.Tokens)
 		if m.Status != "" && m.Status != history.StatusComplete {
-			fmt.Fprintf(&b, ", %s", strings.ToUpper(m.Status))
+			fmt.Fprintf(&head, ", %s", strings.ToUpper(m.Status))
 		}
+		b.WriteString(visible(head.String()))
 		b.WriteString("\n")
 		for _, line := range body(m) {
-			fmt.Fprintf(&b, "    %s\n", line)
+			fmt.Fprintf(&b, "    %s\n", visible(strings.TrimSuffix(line, "\r")))
 		}
 	}
 	_, err := io.WriteString(w, b.String())
@@ -402,6 +405,28 @@ func deref(s *string, none string) string {
 	}
 	return *s
 }
+
+// visible shows the characters of s that a terminal would obey rather
+// than print (controls, escape sequences among them, and bidirectional
+// overrides) as Go escapes: what users and models wrote must not retitle,
+// clear or rewrite the operator's terminal.
+func visible(s string) string {
+	if strings.IndexFunc(s, hidden) < 0 {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if hidden(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		} else {
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
+}
+
+func hidden(r rune) bool { return unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) }
 
 // cut shortens s to n characters, with an ellipsis.
 func cut(s string, n int) string {
