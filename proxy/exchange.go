@@ -392,6 +392,13 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange, reads bool) (msg
 		// or the upstream gets tool results with no call before them.
 		limits.ToolSteps = true
 		sel = history.Select(msgs, limits)
+		if len(sel.Messages) == 0 {
+			// Not even the answered call fits (its arguments alone pass
+			// the budget): it goes in all the same, since the upstream
+			// refuses tool results that follow no call.
+			last := msgs[len(msgs)-1]
+			sel = history.Selection{Messages: msgs[len(msgs)-1:], Tokens: last.Tokens, Truncated: len(msgs) > 1}
+		}
 	}
 	msgs = sel.Messages
 	for _, m := range msgs {

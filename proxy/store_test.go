@@ -60,6 +60,7 @@ var e2eScenarios = []struct {
 	{"reused_tool_call_ids", testE2EReusedToolCallIDs},
 	{"tool_results_after_idle_timeout", testE2EToolResultsAfterIdle},
 	{"retried_request_same_context", testE2ERetriedRequestSameContext},
+	{"answered_call_larger_than_budget", testE2EAnsweredCallLargerThanBudget},
 }
 
 func TestStoreEndToEnd(t *testing.T) {
@@ -708,4 +709,27 @@ func testE2ERetriedRequestSameContext(t *testing.T, b e2eBackend) {
 		require.Equal(t, "user: and the size?", wireLines(h.up.LastChat().Chat.Messages)[4], "attempt %d", attempt)
 	}
 	require.Len(t, h.messages(t, sid, ""), 6, "each turn stored once")
+}
+
+// testE2EAnsweredCallLargerThanBudget: a tool call whose arguments alone
+// pass the agent's max_tokens (a coding agent writing a file). Its results
+// still get the call before them: without it the upstream refuses them.
+func testE2EAnsweredCallLargerThanBudget(t *testing.T, b e2eBackend) {
+	h := newE2EHarness(t, b, 1, func(o *Options) {
+		o.Agent = func(name string) Agent {
+			a := defaultAgent(name)
+			a.MaxTokens = 100
+			return a
+		}
+	})
+	const sid = "app:bigcall:agent"
+	args := `{"path":"main.go","content":` + jsonString(strings.Repeat("func f() { return 42 }\n", 80)) + `}`
+	h.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_big", Name: "write_file", Arguments: args}}})
+	h.turn(t, 0, sid, chatBody(user("write main.go")))
+
+	r, err := h.post(0, sid, chatBody(toolResult("call_big", "written")))
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status, "the answered call is injected before its results: %s", r.body)
+	require.Equal(t, []string{"assistant: <nil>", "tool: written"}, wireLines(h.up.LastChat().Chat.Messages))
+	require.Equal(t, "1", r.header.Get("X-History-Messages"))
 }
