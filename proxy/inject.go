@@ -110,12 +110,14 @@ func arrange(window []history.Message, a answer) (msgs []history.Message, answer
 		case it.isTool():
 			i++ // results whose call is gone
 		case it.calls():
+			// A block is stored results or the request's, never both:
+			// the request's results answer a call of their own.
 			j := i + 1
-			for j < len(items) && items[j].isTool() {
+			for j < len(items) && items[j].isTool() && items[j].req == items[i+1].req {
 				j++
 			}
 			block := items[i+1 : j]
-			if it.whole() && within(block, it.ids) && covers(block, it.ids) {
+			if it.whole() && answers(block, it.ids) {
 				msgs = append(msgs, it.m)
 				seen := make(map[string]bool, len(it.ids))
 				for _, r := range block {
@@ -161,14 +163,17 @@ func strayBlock(items []item) (b, e int) {
 }
 
 // openCall returns the newest call in before that no results follow and
-// whose ids the block's results are among, preferring the block's user;
-// -1 when there is none.
+// whose ids the block's results answer, each of them and no other,
+// preferring the block's user; -1 when there is none. A call the block
+// would only half answer is not its call: with reused ids (call_0 in every
+// reply) a newer call often shares one of them, and the API refuses a call
+// whose ids are not all answered.
 func openCall(before, block []item) int {
 	user := block[0].m.User
 	found := -1
 	for c := len(before) - 1; c >= 0; c-- {
 		it := before[c]
-		if !it.calls() || !within(block, it.ids) {
+		if !it.calls() || !answers(block, it.ids) {
 			continue
 		}
 		if c+1 < len(before) && before[c+1].isTool() && within(before[c+1:c+2], it.ids) {
@@ -195,10 +200,11 @@ func moveTurn(items []item, c, b int) []item {
 }
 
 // answeredCall returns the newest call in before whose ids the block's
-// results are among, answered or not; -1 when there is none.
+// results answer, each of them and no other, answered or not; -1 when there
+// is none.
 func answeredCall(before, block []item) int {
 	for c := len(before) - 1; c >= 0; c-- {
-		if before[c].calls() && within(block, before[c].ids) {
+		if before[c].calls() && answers(block, before[c].ids) {
 			return c
 		}
 	}
@@ -224,6 +230,11 @@ func within(block []item, ids []string) bool {
 		}
 	}
 	return true
+}
+
+// answers reports whether block answers each of ids, and nothing else.
+func answers(block []item, ids []string) bool {
+	return len(ids) > 0 && within(block, ids) && covers(block, ids)
 }
 
 // covers reports whether block answers each of ids.

@@ -147,6 +147,16 @@ func TestArrange(t *testing.T) {
 			want: "u:1 c:x", answered: true, dropped: true,
 		},
 		{
+			name:   "results sent again without a key, reused ids: a newer call that shares an id is not theirs",
+			window: "u:1 c:call_0 t:call_0 c:call_0,call_1", answer: answer{results: []string{"call_0"}},
+			want: "u:1 c:call_0", answered: true, dropped: true,
+		},
+		{
+			name:   "reused ids: results answer the open call whose ids they cover, not a newer one they half answer",
+			window: "u:q@a c:call_0@a u:p@a c:call_0,call_1@a", answer: answer{results: []string{"call_0"}, user: "a"},
+			want: "u:p u:q c:call_0", answered: true, dropped: true,
+		},
+		{
 			name:   "a long loop: the window starts inside it",
 			window: "t:x0 c:x1 t:x1 c:x2 t:x2 c:x3", answer: answer{results: []string{"x3"}},
 			want: "c:x1 t:x1 c:x2 t:x2 c:x3", answered: true, dropped: true,
