@@ -170,6 +170,13 @@ func TestBusySessionAnswers(t *testing.T) {
 			cfg := writeConfigFile(t, "agents:\n  fast:\n    ordering: reject\n  slow:\n    ordering_timeout: 200ms\n")
 			p := start(t, env, "-config", cfg)
 			for _, agent := range []string{"fast", "slow"} {
+				// A turn answered gives the agent its own label (the
+				// rejections of an agent no answered request has named yet
+				// count under "other", as for any request not forwarded).
+				status, _, _ := busyAnswer(t, p.addrs.Proxy, "chat:warm:"+agent, nil)
+				require.Equal(t, http.StatusOK, status)
+			}
+			for _, agent := range []string{"fast", "slow"} {
 				session := "chat:ann:" + agent
 				gate := make(chan struct{})
 				up.Enqueue(fakeai.Reply{Content: "a long answer", Gate: gate, GateAfter: 1})
@@ -194,10 +201,12 @@ func TestBusySessionAnswers(t *testing.T) {
 				require.Equal(t, http.StatusOK, status, "the session is free once the turn is recorded")
 			}
 			metrics := scrapeMetrics(t, p.addrs.Admin)
-			require.Equal(t, 1.0, metrics[`historyproxy_busy_rejections_total{reason="reject"}`])
-			require.Equal(t, 1.0, metrics[`historyproxy_busy_rejections_total{reason="timeout"}`])
+			require.Equal(t, 1.0, metrics[`historyproxy_busy_rejections_total{agent="fast",channel="chat",reason="reject"}`])
+			require.Equal(t, 0.0, metrics[`historyproxy_busy_rejections_total{agent="fast",channel="chat",reason="timeout"}`])
+			require.Equal(t, 1.0, metrics[`historyproxy_busy_rejections_total{agent="slow",channel="chat",reason="timeout"}`])
+			require.Equal(t, 0.0, metrics[`historyproxy_busy_rejections_total{agent="slow",channel="chat",reason="reject"}`])
 			require.Equal(t, 0.0, metrics["historyproxy_active_generations"])
-			require.Contains(t, metrics, "historyproxy_lease_wait_seconds_count")
+			require.Contains(t, metrics, `historyproxy_lease_wait_seconds_count{agent="fast",channel="chat"}`)
 		})
 	}
 }

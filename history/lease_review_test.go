@@ -218,3 +218,38 @@ func TestRejectBurst(t *testing.T) {
 		})
 	}
 }
+
+// TestRedisWaiterWhoLeavesDoesNotStallTheQueue: the request first in line
+// gives up (its client left) while the turn is held; when the holder is
+// done, the request behind it goes on at once, not when the leaver's place
+// would have run out (a TTL, here 40 s).
+func TestRedisWaiterWhoLeavesDoesNotStallTheQueue(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "t", WithLeaseTTL(40*time.Second))
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	_, holder, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+	mustNoErr(t, err)
+	lctx, leave := context.WithCancel(ctx)
+	left := make(chan error, 1)
+	go func() {
+		_, _, err := s.TakeTurn(lctx, session, 20, t0, Policy{}, hold)
+		left <- err
+	}()
+	waitFor(t, "the first waiter to queue", func() bool { return c.LLen(ctx, s.queueKey(session)).Val() == 1 })
+	second := takeAsync(s, TurnOptions{Hold: true, Wait: time.Minute})
+	waitFor(t, "the second waiter to queue", func() bool { return c.LLen(ctx, s.queueKey(session)).Val() == 2 })
+	leave()
+	if err := <-left; err == nil {
+		t.Fatal("the waiter whose client left got the turn")
+	}
+	waitFor(t, "the leaver to leave the queue", func() bool { return c.LLen(ctx, s.queueKey(session)).Val() == 1 })
+	mustNoErr(t, holder.Release(ctx))
+	select {
+	case r := <-second:
+		mustNoErr(t, r.err)
+		mustNoErr(t, r.l.Release(ctx))
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request behind a waiter that left still waits 10 s after the turn was given back")
+	}
+}

@@ -277,7 +277,8 @@ func TestDashboardShape(t *testing.T) {
 		"Cost per agent and channel", "Top sessions by cost", "Token rate by type",
 		"History share of prompt tokens", "Request latency", "Proxy overhead",
 		"Time to first token", "Error rate", "Store errors", "Retry queue depth and drops",
-		"Session series evictions",
+		"Session series evictions", "Wait for the session's turn", "Busy rejections",
+		"Active generations", "Open watches", "Deltas for watchers",
 	} {
 		if !slices.ContainsFunc(titles, func(s string) bool { return strings.HasPrefix(s, want) }) {
 			t.Errorf("no panel titled %q...; panels: %q", want, titles)

@@ -80,8 +80,10 @@ func exercised(t *testing.T) *prometheus.Registry {
 	m.RetryAttempt(true)
 	m.RetryDropped()
 	m.SetStoreUp(true)
-	m.ObserveLeaseWait(0)
-	m.BusyRejected("reject")
+	m.ObserveRequest(Request{Channel: "chat", Agent: "support", Model: "gpt-4o",
+		Session: "chat:c@example.com:support", Code: 409, Busy: "reject"})
+	m.ObserveRequest(Request{Channel: "chat", Agent: "sales", Model: "gpt-4o",
+		Session: "chat:d@example.com:sales", Code: 200, Reached: true, Ordered: true, LeaseWait: time.Second})
 	m.GenerationStarted()
 	m.WatchOpened()
 	m.DeltasPublished(1)

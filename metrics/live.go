@@ -1,8 +1,6 @@
 package metrics
 
 import (
-	"time"
-
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -17,8 +15,8 @@ var BusyReasons = []string{"reject", "timeout"}
 
 // live holds the metrics of ordered turns, generations and watches.
 type live struct {
-	leaseWait   prometheus.Histogram
-	busy        *prometheus.CounterVec // reason
+	leaseWait   *prometheus.HistogramVec // channel, agent
+	busy        *prometheus.CounterVec   // channel, agent, reason
 	generations prometheus.Gauge
 	watches     prometheus.Gauge
 	published   prometheus.Counter
@@ -27,15 +25,15 @@ type live struct {
 
 func newLive() live {
 	l := live{
-		leaseWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+		leaseWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "lease_wait_seconds",
 			Help:    "Time a chat request waited for its session's turn (another request of the session was generating); 0 when the session was free.",
 			Buckets: leaseWaitBuckets,
-		}),
+		}, []string{"channel", "agent"}),
 		busy: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "busy_rejections_total",
 			Help: "Chat requests answered 409 conversation_busy, by reason: reject (the agent's ordering is reject) or timeout (ordering_timeout passed).",
-		}, []string{"reason"}),
+		}, []string{"channel", "agent", "reason"}),
 		generations: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "active_generations",
 			Help: "Turn leases this instance holds: requests generating a reply that will be recorded.",
@@ -53,9 +51,6 @@ func newLive() live {
 			Help: "Reply deltas given up: a reply past what is kept for watchers, or a failed write (the next delta then carries the whole reply so far).",
 		}),
 	}
-	for _, r := range BusyReasons {
-		l.busy.WithLabelValues(r)
-	}
 	return l
 }
 
@@ -63,12 +58,21 @@ func (l live) collectors() []prometheus.Collector {
 	return []prometheus.Collector{l.leaseWait, l.busy, l.generations, l.watches, l.published, l.dropped}
 }
 
-// ObserveLeaseWait records how long a request waited for its session's
-// turn.
-func (m *Metrics) ObserveLeaseWait(d time.Duration) { m.live.leaseWait.Observe(d.Seconds()) }
-
-// BusyRejected counts a 409 conversation_busy, by reason (BusyReasons).
-func (m *Metrics) BusyRejected(reason string) { m.live.busy.WithLabelValues(sanitize(reason)).Inc() }
+// observeOrdering records a session request's wait for its turn, or its
+// 409 conversation_busy; the rejections exist at 0, for each reason, from
+// the first session request of a channel and agent, so that a dashboard
+// shows 0 rather than "no data" and rate() sees the first one.
+func (l live) observeOrdering(r Request, channel, agent string) {
+	for _, reason := range BusyReasons {
+		c := l.busy.WithLabelValues(channel, agent, reason)
+		if reason == r.Busy {
+			c.Inc()
+		}
+	}
+	if r.Busy == "" && r.Ordered {
+		l.leaseWait.WithLabelValues(channel, agent).Observe(max(r.LeaseWait, 0).Seconds())
+	}
+}
 
 // GenerationStarted and GenerationEnded bracket each turn lease held by
 // this instance.

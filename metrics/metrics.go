@@ -273,12 +273,12 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 	})
 	m.channels = newValueCap(maxLabelValues, labelIdle, func(v string) {
 		m.deleteLabel("channel", v, m.requests, m.tokens, m.estimated, m.truncated, m.duration, m.upstream,
-			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens)
+			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens, m.live.leaseWait, m.live.busy)
 		m.cost.deleteMatching(0, v)
 	})
 	m.agents = newValueCap(maxLabelValues, labelIdle, func(v string) {
 		m.deleteLabel("agent", v, m.requests, m.tokens, m.estimated, m.truncated, m.duration, m.upstream,
-			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens)
+			m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens, m.live.leaseWait, m.live.busy)
 		m.cost.deleteMatching(1, v)
 	})
 	for _, o := range opts {
@@ -379,6 +379,12 @@ type Request struct {
 	// historyproxy_unpriced_requests_total, so nobody is silently unbilled.
 	CostNanos int64
 	Priced    bool
+	// Ordered says the request took its session's turn (its agent orders
+	// turns) after waiting LeaseWait for it (0: the session was free).
+	// Busy is the reason (BusyReasons) of a 409 conversation_busy answer.
+	Ordered   bool
+	LeaseWait time.Duration
+	Busy      string
 }
 
 // labels are a request's label values after the caps.
@@ -466,6 +472,7 @@ func (m *Metrics) observe(r Request, l labels) {
 	if r.Session == "" {
 		return
 	}
+	m.live.observeOrdering(r, channel, agent)
 	// Only session requests have history; observing stateless ones as 0 would
 	// drown the distribution.
 	m.histMsgs.WithLabelValues(channel, agent).Observe(float64(max(r.HistoryMessages, 0)))

@@ -92,6 +92,11 @@ type exchange struct {
 	// agent that orders turns): the turn's append gives it back, or the
 	// end of the request when nothing is appended.
 	lease *history.Lease
+	// ordered: the request took its session's turn, after waiting
+	// leaseWait; busy is why it did not (a 409 conversation_busy).
+	ordered   bool
+	leaseWait time.Duration
+	busy      string
 	// detached is the streamed reply of a request whose reply outlives
 	// its client (on_client_disconnect: finish).
 	detached *finishBody
@@ -465,7 +470,7 @@ func (p *Proxy) readWindow(ctx context.Context, x *exchange, n int) (history.Win
 		if o.Wait == 0 {
 			reason = "reject"
 		}
-		p.opt.Metrics.BusyRejected(reason)
+		x.busy = reason
 		return win, err
 	case ctx.Err() != nil:
 		// The client left while waiting: nothing about the store.
@@ -475,7 +480,7 @@ func (p *Proxy) readWindow(ctx context.Context, x *exchange, n int) (history.Win
 	p.opt.Metrics.ObserveStore("window", time.Since(t0)-win.Waited, err)
 	p.storeUp(err == nil)
 	if err == nil {
-		p.opt.Metrics.ObserveLeaseWait(win.Waited)
+		x.ordered, x.leaseWait = true, win.Waited
 	}
 	return win, err
 }
@@ -866,6 +871,7 @@ func (p *Proxy) observe(x *exchange, cw *codeWriter) {
 		Channel: x.session.Channel, Agent: x.session.Agent, Session: x.stored,
 		Code: cw.code, Duration: end.Sub(x.start), Reached: x.status != 0,
 		HistoryMessages: x.historyMessages, HistoryTokens: x.historyTokens, HistoryTruncated: x.truncated,
+		Ordered: x.ordered, LeaseWait: x.leaseWait, Busy: x.busy,
 	}
 	if r.Code == 0 {
 		r.Code = http.StatusOK

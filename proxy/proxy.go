@@ -37,11 +37,6 @@ type Store interface {
 type Observer interface {
 	ObserveRequest(metrics.Request)
 	ObserveStore(op string, d time.Duration, err error)
-	// ObserveLeaseWait records how long a request waited for its
-	// session's turn (0 when the session was free); BusyRejected counts a
-	// 409 conversation_busy, by reason: "reject" or "timeout".
-	ObserveLeaseWait(d time.Duration)
-	BusyRejected(reason string)
 	RetryObserver
 }
 
@@ -540,8 +535,6 @@ type discard struct{}
 
 func (discard) ObserveRequest(metrics.Request)            {}
 func (discard) ObserveStore(string, time.Duration, error) {}
-func (discard) ObserveLeaseWait(time.Duration)            {}
-func (discard) BusyRejected(string)                       {}
 func (discard) SetRetryQueueDepth(int)                    {}
 func (discard) RetryAttempt(bool)                         {}
 func (discard) RetryDropped()                             {}
