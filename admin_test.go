@@ -25,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/admin"
+	"github.com/historyproxy/historyproxy/console"
 	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 	"github.com/historyproxy/historyproxy/internal/redistest"
@@ -172,6 +173,7 @@ func TestAdminAPI(t *testing.T) {
 			t.Run("reset and X-History new", func(t *testing.T) { testAdminReset(t, b) })
 			t.Run("erase a session and a user", func(t *testing.T) { testAdminErase(t, b) })
 			t.Run("label lookup", func(t *testing.T) { testAdminLabel(t, b) })
+			t.Run("sorted by cost, turn usage, overview and capabilities", func(t *testing.T) { testAdminCost(t, b) })
 		})
 	}
 }
@@ -638,6 +640,21 @@ func TestAdminToken(t *testing.T) {
 		resp.Body.Close()
 		require.Equal(t, http.StatusOK, resp.StatusCode, path)
 	}
+	// The console's files hold no data: they are served without the
+	// token (a browser cannot send one when it opens the page), under
+	// the console's policy; what they show comes from the API, with it.
+	resp, err := http.Get("http://" + p.addrs.Admin + "/console/")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, console.CSP, resp.Header.Get("Content-Security-Policy"))
+	e.token = ""
+	e.fails(t, http.MethodGet, "/admin/v1/capabilities", nil, http.StatusUnauthorized, "invalid_admin_token")
+	e.fails(t, http.MethodGet, "/admin/v1/overview", nil, http.StatusUnauthorized, "invalid_admin_token")
+	e.token = token
+	var c admin.Capabilities
+	e.get(t, "/admin/v1/capabilities", &c)
+	require.True(t, c.TokenRequired)
 }
 
 func TestAdminRoutesOffWithoutTokenOffLoopback(t *testing.T) {
@@ -661,10 +678,101 @@ func TestAdminRoutesOffWithoutTokenOffLoopback(t *testing.T) {
 	var draining atomic.Bool
 	srv := httptest.NewServer(adminRoutes(history.NewMemory(), metrics.NewRegistry(), false, time.Second, &draining, nil))
 	defer srv.Close()
-	for path, want := range map[string]int{"/admin/v1/sessions": http.StatusNotFound, "/healthz": http.StatusOK, "/metrics": http.StatusOK} {
+	for path, want := range map[string]int{"/admin/v1/sessions": http.StatusNotFound, "/console/": http.StatusNotFound, "/console/js/app.js": http.StatusNotFound, "/healthz": http.StatusOK, "/metrics": http.StatusOK} {
 		resp, err := http.Get(srv.URL + path)
 		require.NoError(t, err)
 		resp.Body.Close()
 		require.Equal(t, want, resp.StatusCode, path)
 	}
+}
+
+func testAdminCost(t *testing.T, b *adminBackend) {
+	e := b.start(t, nil)
+	turns := []struct {
+		id             string
+		prompt, output int
+	}{
+		{"web:ann:support", 1000, 10},
+		{"web:bob:support", 200000, 500},
+		{"api:cat:sales", 20, 1},
+		{"web:dan:sales", 30000, 40},
+	}
+	for _, tt := range turns {
+		e.up.Enqueue(fakeai.Reply{Content: "ok", Usage: &fakeai.Usage{PromptTokens: tt.prompt, CompletionTokens: tt.output}})
+		e.chat(t, tt.id, "hello from "+tt.id)
+	}
+	byCost := []string{"web:bob:support", "web:dan:sales", "web:ann:support", "api:cat:sales"}
+	l := e.list(t, "sort=cost")
+	require.Equal(t, byCost, listIDs(l))
+	require.EqualValues(t, 4, l.Total)
+	for i := 1; i < len(l.Items); i++ {
+		require.Greater(t, l.Items[i-1].CostUSD, l.Items[i].CostUSD)
+	}
+	require.Equal(t, []string{"web:bob:support", "web:ann:support"}, listIDs(e.list(t, "sort=cost&channel=web&agent=support")), "two parts: one served by the index, one checked")
+	require.Equal(t, []string{"web:bob:support", "web:ann:support"}, listIDs(e.list(t, "sort=cost&agent=support")))
+	require.Equal(t, []string{"web:dan:sales", "api:cat:sales"}, listIDs(e.list(t, "sort=cost&q=sales")))
+	// Paging by cost: the cursor goes on where the page ended.
+	var paged []string
+	q := "sort=cost&limit=3"
+	for {
+		page := e.list(t, q)
+		require.EqualValues(t, 4, page.Total)
+		paged = append(paged, listIDs(page)...)
+		if page.NextCursor == nil {
+			break
+		}
+		q = "sort=cost&limit=3&cursor=" + url.QueryEscape(*page.NextCursor)
+	}
+	require.Equal(t, byCost, paged)
+	first := e.list(t, "sort=cost&limit=1")
+	e.fails(t, http.MethodGet, "/admin/v1/sessions?cursor="+url.QueryEscape(*first.NextCursor), nil, http.StatusBadRequest, "invalid_value")
+	e.fails(t, http.MethodGet, "/admin/v1/sessions?sort=price", nil, http.StatusBadRequest, "invalid_value")
+	require.Equal(t, []string{"web:dan:sales", "api:cat:sales", "web:bob:support", "web:ann:support"}, listIDs(e.list(t, "sort=last_active")))
+
+	// The turn's usage is on its reply, as the timeline and the watch show it.
+	var tl admin.Page[admin.Entry]
+	e.get(t, sessionPath("web:bob:support", "/timeline"), &tl)
+	require.Len(t, tl.Items, 2)
+	require.Nil(t, tl.Items[0].Usage, "the user message")
+	u := tl.Items[1].Usage
+	require.NotNil(t, u, "the reply")
+	require.EqualValues(t, 200000, u.PromptTokens)
+	require.EqualValues(t, 500, u.CompletionTokens)
+	require.InDelta(t, l.Items[0].CostUSD, u.CostUSD, 1e-9, "one turn: the session's cost")
+
+	var o admin.Overview
+	e.get(t, "/admin/v1/overview", &o)
+	require.Equal(t, admin.SessionCounts{ActiveLastHour: 4, ActiveLastDay: 4, All: 4}, o.Sessions)
+	require.Equal(t, byCost, func() []string {
+		var ids []string
+		for _, s := range o.TopSessions {
+			ids = append(ids, s.ID)
+		}
+		return ids
+	}())
+	require.NotNil(t, o.Instance.StartedAt)
+	for _, w := range []admin.UsageWindow{o.Instance.Hour, o.Instance.Day} {
+		require.Len(t, w.Rows, 2, "support and sales, one model")
+		require.Equal(t, "support", w.Rows[0].Agent, "the most costly first")
+		require.Equal(t, "gpt-4o-mini", w.Rows[0].Model)
+		require.EqualValues(t, 2, w.Rows[0].Requests)
+		require.EqualValues(t, 201000, w.Rows[0].PromptTokens)
+		require.EqualValues(t, 510, w.Rows[0].CompletionTokens)
+		require.EqualValues(t, 4, w.Total.Requests)
+		require.EqualValues(t, 231020, w.Total.PromptTokens)
+		var sum float64
+		for _, s := range l.Items {
+			sum += s.CostUSD
+		}
+		require.InDelta(t, sum, w.Total.CostUSD, 1e-9, "the store's totals and the instance's counters agree")
+	}
+
+	var c admin.Capabilities
+	e.get(t, "/admin/v1/capabilities", &c)
+	require.True(t, c.Overview)
+	require.False(t, c.TokenRequired)
+	// Compact says whether the compaction route exists: unknown_url when not.
+	var ae apiError
+	e.call(t, http.MethodPost, sessionPath("nobody:x:y", "/compact"), nil, &ae)
+	require.Equal(t, ae.Error.Code != "unknown_url", c.Compact, "capabilities say compact=%v, the route answers %q", c.Compact, ae.Error.Code)
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/historyproxy/historyproxy/admin"
 	"github.com/historyproxy/historyproxy/config"
+	"github.com/historyproxy/historyproxy/console"
 	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/metrics"
 	"github.com/historyproxy/historyproxy/proxy"
@@ -288,11 +289,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			Metrics:      met,
 			Label:        sessionLabel.Label,
 			StoreTimeout: cfg.Store.Timeout,
+			Recent:       met.Recent(),
+			Started:      time.Now(),
 			Logger:       log,
 		})
 		api = conversations.Handler()
 	} else {
-		log.Warn("the conversations API (/admin/v1) is off: the admin listener is not on loopback and no admin token is set; set admin.token_env (flag -admin-token-env) to the name of a variable holding a token, or listen on 127.0.0.1",
+		log.Warn("the conversations API (/admin/v1) and the console (/console/) are off: the admin listener is not on loopback and no admin token is set; set admin.token_env (flag -admin-token-env) to the name of a variable holding a token, or listen on 127.0.0.1",
 			"admin", al.Addr().String())
 	}
 	adminSrv := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api), ReadHeaderTimeout: 10 * time.Second}
@@ -543,7 +546,8 @@ func adminAllowed(token string, addr net.Addr) bool {
 }
 
 // adminRoutes serves health, readiness and metrics, off the client port,
-// and the conversations API under /admin/v1/ when api is not nil.
+// and the conversations API under /admin/v1/ and the console under
+// /console/ when api is not nil (the console shows nothing without it).
 // Readiness fails on a store outage only when failing closed: failing open,
 // the proxy still serves (without history), and pulling every instance out
 // of the load balancer at once would turn a Redis blip into an outage.
@@ -558,6 +562,9 @@ func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, store
 	mux := http.NewServeMux()
 	if api != nil {
 		mux.Handle(admin.Prefix, api)
+		ui := console.Handler()
+		mux.Handle(console.Prefix, ui)
+		mux.Handle("GET /console", ui)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/metrics"
 	"github.com/historyproxy/historyproxy/tokens"
 	"github.com/historyproxy/historyproxy/wire"
 )
@@ -39,6 +40,12 @@ type Store interface {
 	Erase(ctx context.Context, session string) (history.Erased, error)
 	// Watch follows a session live, from a snapshot or from an event id.
 	Watch(ctx context.Context, session, from string) (*history.Watch, error)
+}
+
+// RecentSource sums the requests this process proxied over the last d;
+// *metrics.Recent is one.
+type RecentSource interface {
+	Window(now time.Time, d time.Duration) []metrics.RecentRow
 }
 
 // SeriesForgetter drops a session's per-session metric series;
@@ -67,6 +74,12 @@ type Options struct {
 	// StoreTimeout bounds each store call; 0: 10s. Listing with q or
 	// active reads many sessions and gets four times as long.
 	StoreTimeout time.Duration
+	// Recent, when not nil, is this process's tally of the last day's
+	// requests, tokens and cost by agent and model (metrics.Recent), shown
+	// by the overview route.
+	Recent RecentSource
+	// Started is when this process started, shown by the overview route.
+	Started time.Time
 	// Heartbeat is how often an idle watch stream sends a comment; 0:
 	// 15s.
 	Heartbeat time.Duration
@@ -82,6 +95,8 @@ type API struct {
 	// tokenSum is the SHA-256 of the token: comparing fixed-length digests
 	// in constant time leaks neither the token nor its length.
 	tokenSum [sha256.Size]byte
+	// compact: the API has a compaction route (see capabilities).
+	compact bool
 	// closing ends the open watches (Close).
 	closing   context.Context
 	closeOnce context.CancelFunc
@@ -127,10 +142,13 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("PUT /admin/v1/sessions/{id}/title", a.setTitle)
 	mux.HandleFunc("POST /admin/v1/sessions/{id}/reset", a.reset)
 	mux.HandleFunc("DELETE /admin/v1/users/{user}", a.eraseUser)
+	mux.HandleFunc("GET /admin/v1/capabilities", a.capabilities)
+	mux.HandleFunc("GET /admin/v1/overview", a.overview)
 	mux.HandleFunc(Prefix, func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &wire.Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "unknown_url",
 			Message: r.Method + " " + r.URL.Path + " is not a route of the conversations API (see the README's Conversations API section)"})
 	})
+	a.compact = hasRoute(mux, http.MethodPost, Prefix+"sessions/c:u:a/compact")
 	// A browser on the operator's machine reaches a loopback listener too:
 	// a page must not change data by a cross-site request (CSRF), which
 	// a token would stop but a tokenless API would not.

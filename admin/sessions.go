@@ -49,7 +49,7 @@ func (a *API) listSessions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	scale := time.Duration(1)
-	if q.Match != nil {
+	if q.Match != nil || q.ByCost {
 		scale = 4
 	}
 	ctx, cancel := a.ctx(r, scale)
@@ -188,6 +188,13 @@ func (a *API) sessionQuery(r *http.Request) (history.SessionQuery, *wire.Error) 
 	q, werr := f.Query(a.opt.Policy, a.opt.Label, a.now().UnixMilli())
 	if werr != nil {
 		return q, werr
+	}
+	switch o := v.Get("sort"); o {
+	case "", "last_active":
+	case "cost":
+		q.ByCost = true
+	default:
+		return q, wire.BadRequest("invalid_value", "sort", fmt.Sprintf("sort must be last_active or cost, got %q", o))
 	}
 	q.Cursor = v.Get("cursor")
 	q.Limit = defaultLimit

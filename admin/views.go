@@ -86,6 +86,20 @@ type Entry struct {
 	CreatedAt    *string         `json:"created_at"`
 	RequestID    *string         `json:"request_id"`
 	Status       string          `json:"status"`
+	// Usage is what the request whose turn this message ends used and
+	// cost; on a turn's last message only, absent on the others (and on
+	// messages imported by hand or recorded before it was kept).
+	Usage *TurnUsage `json:"usage,omitempty"`
+}
+
+// TurnUsage is one turn's usage: its request's tokens (history included
+// in prompt) and cost.
+type TurnUsage struct {
+	PromptTokens     int64   `json:"prompt_tokens"`
+	CompletionTokens int64   `json:"completion_tokens"`
+	CachedTokens     int64   `json:"cached_tokens"`
+	HistoryTokens    int64   `json:"history_tokens"`
+	CostUSD          float64 `json:"cost_usd"`
 }
 
 // timeFormat is RFC 3339 in UTC with milliseconds, the stores' precision.
@@ -161,6 +175,10 @@ func EntryView(m history.Message) Entry {
 		ContentParts: m.Parts, Name: m.Name, ToolCalls: m.ToolCalls, ToolCallID: m.ToolCallID,
 		Refusal: m.Refusal, User: str(m.User), Model: str(m.Model), Tokens: m.Tokens,
 		CreatedAt: Time(m.CreatedMs), RequestID: str(m.RequestID), Status: m.Status,
+	}
+	if u := m.Usage; u != nil {
+		e.Usage = &TurnUsage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, CachedTokens: u.CachedTokens,
+			HistoryTokens: u.HistoryTokens, CostUSD: float64(u.CostNanos) / 1e9}
 	}
 	if !m.ContentNull && m.Parts == nil {
 		c := m.Content

@@ -131,6 +131,89 @@ func testAdminConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		}
 	})
 
+	t.Run("sorted by cost", func(t *testing.T) {
+		s := newFixture(t).store
+		// id: cost in nano-USD, given in two turns to check totals add up.
+		costs := []struct {
+			id    string
+			nanos int64
+		}{{"web:a:x", 500}, {"web:b:x", 9000}, {"api:c:x", 0}, {"web:d:y", 9000}, {"web:e:x", 40}, {"api:f:y", 7000}}
+		for i, c := range costs {
+			for half := range 2 {
+				_, err := s.Append(ctx, c.id, Turn{Messages: qa(i), NowMs: t0 + int64(i*2+half), Usage: Usage{Requests: 1, CostNanos: c.nanos / 2}}, Policy{})
+				mustNoErr(t, err)
+			}
+		}
+		tests := []struct {
+			name string
+			q    SessionQuery
+			want []string
+		}{
+			{name: "all", q: SessionQuery{ByCost: true}, want: []string{"web:d:y", "web:b:x", "api:f:y", "web:a:x", "web:e:x", "api:c:x"}},
+			{name: "channel", q: SessionQuery{ByCost: true, Channel: "web"}, want: []string{"web:d:y", "web:b:x", "web:a:x", "web:e:x"}},
+			{name: "channel and agent", q: SessionQuery{ByCost: true, Channel: "web", Agent: "x"}, want: []string{"web:b:x", "web:a:x", "web:e:x"}},
+			{name: "since", q: SessionQuery{ByCost: true, SinceMs: t0 + 6}, want: []string{"web:d:y", "api:f:y", "web:e:x"}},
+			{name: "match", q: SessionQuery{ByCost: true, Match: func(s Session) bool { return s.Totals.CostNanos < 8000 }}, want: []string{"api:f:y", "web:a:x", "web:e:x", "api:c:x"}},
+		}
+		for _, tt := range tests {
+			if got := sessionIDs(t, s, tt.q); !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("%s: got %q, want %q", tt.name, got, tt.want)
+			}
+			for _, limit := range []int{1, 2, 4} {
+				q := tt.q
+				q.Limit = limit
+				if got := slices.Concat(pageIDs(t, s, q)...); !reflect.DeepEqual(got, tt.want) {
+					t.Errorf("%s by %d: got %q, want %q", tt.name, limit, got, tt.want)
+				}
+			}
+		}
+		// Costs only grow: a session seen on the first page that costs more
+		// meanwhile is not listed again, and one that passes the cursor
+		// from below is not listed after it.
+		page, err := s.Sessions(ctx, SessionQuery{ByCost: true, Limit: 2})
+		mustNoErr(t, err)
+		_, err = s.Append(ctx, "web:b:x", Turn{NowMs: t0 + 50, Usage: Usage{CostNanos: 100}}, Policy{})
+		mustNoErr(t, err)
+		_, err = s.Append(ctx, "web:e:x", Turn{NowMs: t0 + 51, Usage: Usage{CostNanos: 100000}}, Policy{})
+		mustNoErr(t, err)
+		rest := slices.Concat(pageIDs(t, s, SessionQuery{ByCost: true, Limit: 2, Cursor: page.NextCursor})...)
+		if want := []string{"api:f:y", "web:a:x", "api:c:x"}; !reflect.DeepEqual(rest, want) {
+			t.Errorf("after the first page, costs grown: got %q, want %q", rest, want)
+		}
+		// A cursor of one order is refused by the other.
+		if _, err := s.Sessions(ctx, SessionQuery{Cursor: page.NextCursor}); err == nil || !strings.Contains(err.Error(), ErrBadCursor.Error()) {
+			t.Errorf("cost cursor in the activity order: got %v, want ErrBadCursor", err)
+		}
+		byActivity, err := s.Sessions(ctx, SessionQuery{Limit: 1})
+		mustNoErr(t, err)
+		if _, err := s.Sessions(ctx, SessionQuery{ByCost: true, Cursor: byActivity.NextCursor}); err == nil || !strings.Contains(err.Error(), ErrBadCursor.Error()) {
+			t.Errorf("activity cursor in the cost order: got %v, want ErrBadCursor", err)
+		}
+	})
+
+	t.Run("a turn's usage is on its last message", func(t *testing.T) {
+		s := newFixture(t).store
+		u := Usage{PromptTokens: 120, CompletionTokens: 30, CachedTokens: 64, HistoryTokens: 90, Requests: 1, CostNanos: 4500}
+		_, err := s.Append(ctx, "c:u:a", Turn{Messages: qa(1), NowMs: t0, Usage: u}, Policy{})
+		mustNoErr(t, err)
+		// A turn that counts no request (imported by hand) carries none.
+		_, err = s.Append(ctx, "c:u:a", Turn{Messages: qa(2), NowMs: t0 + 1}, Policy{})
+		mustNoErr(t, err)
+		_, msgs, err := s.ReadMessages(ctx, "c:u:a", MessageQuery{})
+		mustNoErr(t, err)
+		if len(msgs) != 4 {
+			t.Fatalf("got %d messages, want 4", len(msgs))
+		}
+		for i, m := range msgs {
+			switch {
+			case i == 1 && (m.Usage == nil || *m.Usage != u):
+				t.Errorf("message %d: got usage %+v, want %+v", i, m.Usage, u)
+			case i != 1 && m.Usage != nil:
+				t.Errorf("message %d: got usage %+v, want none", i, *m.Usage)
+			}
+		}
+	})
+
 	t.Run("titles derived and set", func(t *testing.T) {
 		s := newFixture(t).store
 		long := "  Hello there,\n\tI would like to know how the quarterly pipeline review went for Acme"

@@ -195,14 +195,20 @@ func TestSplitID(t *testing.T) {
 }
 
 func TestCursorRoundTrip(t *testing.T) {
-	c := cursor{score: t0, id: "chat:a:b"}
-	got, err := parseCursor(c.String())
-	if err != nil || got != c {
-		t.Errorf("got %+v, %v, want %+v", got, err, c)
+	for _, c := range []cursor{{score: t0, id: "chat:a:b"}, {byCost: true, score: 12345, id: "chat:a:b"}} {
+		got, err := parseCursor(c.String(), c.byCost)
+		if err != nil || got != c {
+			t.Errorf("got %+v, %v, want %+v", got, err, c)
+		}
+		if _, err := parseCursor(c.String(), !c.byCost); err != ErrBadCursor {
+			t.Errorf("%+v read in the other order: got %v, want ErrBadCursor", c, err)
+		}
 	}
 	for _, bad := range []string{"", "!!", "bm9jb2xvbg", "MTIz"} {
-		if _, err := parseCursor(bad); err != ErrBadCursor {
-			t.Errorf("%q: got %v, want ErrBadCursor", bad, err)
+		for _, byCost := range []bool{false, true} {
+			if _, err := parseCursor(bad, byCost); err != ErrBadCursor {
+				t.Errorf("%q: got %v, want ErrBadCursor", bad, err)
+			}
 		}
 	}
 }

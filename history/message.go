@@ -71,6 +71,11 @@ type Message struct {
 	CreatedMs int64
 	RequestID string
 	Status    string
+	// Usage, when not nil, is the usage of the request whose turn this
+	// message ends (the turn's last message; set by Append from
+	// Turn.Usage when it counts a request), so a transcript shows what each
+	// turn cost.
+	Usage *Usage
 	// IdempotencyKey is the key of the turn that wrote the message, set by
 	// the store from Turn.IdempotencyKey. A request that repeats a key
 	// finds where its first attempt was recorded, so it can be given the
@@ -255,7 +260,12 @@ type SessionQuery struct {
 	// each candidate's metadata, so candidates are read in batches, and
 	// counting Total reads every candidate the other filters leave.
 	Match func(Session) bool
-	// Cursor continues a previous page: its NextCursor.
+	// ByCost lists the sessions that cost the most first (ties: id
+	// descending) instead of the most recently active. It reads every
+	// candidate's totals, in batches, as Match does; the page is the
+	// most costly after the cursor, kept in a heap of Limit+1.
+	ByCost bool
+	// Cursor continues a previous page of the same order: its NextCursor.
 	Cursor string
 	// Limit is the page size; 0 or less means no limit.
 	Limit int
@@ -265,9 +275,9 @@ type SessionQuery struct {
 type SessionPage struct {
 	Sessions []Session
 	// NextCursor continues the listing after this page; empty on the last
-	// page. It names a position in the order (last activity, id), so a
-	// session that moves to the top while a client pages is not listed a
-	// second time.
+	// page. It names a position in the order (last activity, id; or cost,
+	// id), so a session that moves to the top while a client pages is not
+	// listed a second time (both only grow).
 	NextCursor string
 	// Total is how many sessions match the query, on every page.
 	Total int64

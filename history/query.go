@@ -1,6 +1,7 @@
 package history
 
 import (
+	"container/heap"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -26,28 +27,39 @@ func SplitID(id string) (channel, user, agent string, ok bool) {
 	return channel, user, agent, true
 }
 
-// cursor is a position in the listing order: last activity descending,
-// then id descending (the order of ZRANGE ... REV on ties).
+// cursor is a position in the listing order: last activity (or cost,
+// when byCost) descending, then id descending (the order of ZRANGE ... REV
+// on ties).
 type cursor struct {
-	score int64
-	id    string
+	byCost bool
+	score  int64
+	id     string
 }
+
+// costMark starts a cost order's cursor, so that a cursor of one order is
+// refused by the other.
+const costMark = "$"
 
 func (c cursor) String() string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(c.score, 10) + ":" + c.id))
+	mark := ""
+	if c.byCost {
+		mark = costMark
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(mark + strconv.FormatInt(c.score, 10) + ":" + c.id))
 }
 
-func parseCursor(s string) (cursor, error) {
+func parseCursor(s string, byCost bool) (cursor, error) {
 	b, err := base64.RawURLEncoding.DecodeString(s)
 	if err != nil {
 		return cursor{}, ErrBadCursor
 	}
-	score, id, ok := strings.Cut(string(b), ":")
+	text, marked := strings.CutPrefix(string(b), costMark)
+	score, id, ok := strings.Cut(text, ":")
 	n, err := strconv.ParseInt(score, 10, 64)
-	if !ok || err != nil || id == "" {
+	if !ok || err != nil || id == "" || marked != byCost {
 		return cursor{}, ErrBadCursor
 	}
-	return cursor{score: n, id: id}, nil
+	return cursor{byCost: byCost, score: n, id: id}, nil
 }
 
 // after reports whether (score, id) comes after c in the listing order.
@@ -229,11 +241,14 @@ type sessionSource interface {
 func listSessions(ctx context.Context, src sessionSource, q SessionQuery) (SessionPage, error) {
 	var cur *cursor
 	if q.Cursor != "" {
-		c, err := parseCursor(q.Cursor)
+		c, err := parseCursor(q.Cursor, q.ByCost)
 		if err != nil {
 			return SessionPage{}, err
 		}
 		cur = &c
+	}
+	if q.ByCost {
+		return listByCost(ctx, src, q, cur)
 	}
 	lo, hi := int64(math.MinInt64), int64(math.MaxInt64)
 	if q.SinceMs != 0 {
@@ -352,4 +367,94 @@ func listSessions(ctx context.Context, src sessionSource, q SessionQuery) (Sessi
 		}
 	}
 	return page, nil
+}
+
+// listByCost is listSessions in the order of cost: every candidate of the
+// index that serves q is read (in batches), and the page is the most
+// costly after cur, kept in a bounded heap, so memory is the page's size
+// whatever the number of sessions.
+func listByCost(ctx context.Context, src sessionSource, q SessionQuery, cur *cursor) (SessionPage, error) {
+	lo, hi := int64(math.MinInt64), int64(math.MaxInt64)
+	if q.SinceMs != 0 {
+		lo = q.SinceMs
+	}
+	if q.UntilMs != 0 {
+		hi = q.UntilMs
+	}
+	keep := math.MaxInt
+	if q.Limit > 0 {
+		keep = q.Limit + 1 // one more says there is a next page
+	}
+	top := &costHeap{}
+	var (
+		total   int64
+		scanErr error
+	)
+	err := src.scan(ctx, q, lo, hi, 500, func(es []indexEntry) bool {
+		ids := make([]string, 0, len(es))
+		for _, e := range es {
+			if q.idFilter(e.id) {
+				ids = append(ids, e.id)
+			}
+		}
+		if len(ids) == 0 {
+			return true
+		}
+		infos, found, err := src.infos(ctx, ids)
+		if err != nil {
+			scanErr = err
+			return false
+		}
+		for i, s := range infos {
+			if !found[i] || (q.Match != nil && !q.Match(s)) {
+				continue
+			}
+			total++
+			if cur != nil && !cur.after(s.Totals.CostNanos, s.ID) {
+				continue
+			}
+			heap.Push(top, s)
+			if top.Len() > keep {
+				heap.Pop(top) // the cheapest: it comes last
+			}
+		}
+		return true
+	})
+	if err == nil {
+		err = scanErr
+	}
+	if err != nil {
+		return SessionPage{}, err
+	}
+	page := SessionPage{Total: total, Sessions: make([]Session, top.Len())}
+	for i := top.Len() - 1; i >= 0; i-- {
+		page.Sessions[i] = heap.Pop(top).(Session)
+	}
+	if q.Limit > 0 && len(page.Sessions) > q.Limit {
+		page.Sessions = page.Sessions[:q.Limit]
+		last := page.Sessions[q.Limit-1]
+		page.NextCursor = cursor{byCost: true, score: last.Totals.CostNanos, id: last.ID}.String()
+	}
+	return page, nil
+}
+
+// costHeap is a min-heap in the cost order: its root is the session
+// listed last (the cheapest; on a tie, the smallest id).
+type costHeap []Session
+
+func (h costHeap) Len() int { return len(h) }
+func (h costHeap) Less(i, j int) bool {
+	a, b := h[i], h[j]
+	if a.Totals.CostNanos != b.Totals.CostNanos {
+		return a.Totals.CostNanos < b.Totals.CostNanos
+	}
+	return a.ID < b.ID
+}
+func (h costHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *costHeap) Push(x any)   { *h = append(*h, x.(Session)) }
+func (h *costHeap) Pop() any {
+	old := *h
+	s := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return s
 }

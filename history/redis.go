@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -433,6 +434,10 @@ func prepareTurn(t Turn, now time.Time) Turn {
 		}
 		msgs[i] = m
 	}
+	if n := len(msgs); n > 0 && t.Usage.Requests > 0 {
+		u := t.Usage
+		msgs[n-1].Usage = &u
+	}
 	t.Messages = msgs
 	return t
 }
@@ -523,6 +528,9 @@ func encodeMessage(m Message) []string {
 		add("created_ms", strconv.FormatInt(m.CreatedMs, 10))
 	}
 	add("request_id", m.RequestID)
+	if m.Usage != nil {
+		add("usage", encodeUsage(*m.Usage))
+	}
 	add("status", m.Status)
 	add("idem", m.IdempotencyKey)
 	return f
@@ -579,6 +587,10 @@ func decodeEntry(e any) (Message, error) {
 			m.CreatedMs, err = strconv.ParseInt(v, 10, 64)
 		case "request_id":
 			m.RequestID = v
+		case "usage":
+			var u Usage
+			u, err = decodeUsage(v)
+			m.Usage = &u
 		case "status":
 			m.Status = v
 		case "idem":
@@ -635,4 +647,27 @@ func (s *RedisStore) Ping(ctx context.Context) error {
 		return fmt.Errorf("ping redis: %w", err)
 	}
 	return nil
+}
+
+// encodeUsage writes a turn's usage as a stream field: its six counts,
+// comma-separated, in the order of Usage's fields.
+func encodeUsage(u Usage) string {
+	return fmt.Sprintf("%d,%d,%d,%d,%d,%d", u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.HistoryTokens, u.Requests, u.CostNanos)
+}
+
+func decodeUsage(s string) (Usage, error) {
+	var u Usage
+	dst := []*int64{&u.PromptTokens, &u.CompletionTokens, &u.CachedTokens, &u.HistoryTokens, &u.Requests, &u.CostNanos}
+	parts := strings.Split(s, ",")
+	if len(parts) != len(dst) {
+		return Usage{}, fmt.Errorf("usage %q: want %d numbers", s, len(dst))
+	}
+	for i, p := range parts {
+		n, err := strconv.ParseInt(p, 10, 64)
+		if err != nil {
+			return Usage{}, fmt.Errorf("usage %q: %w", s, err)
+		}
+		*dst[i] = n
+	}
+	return u, nil
 }

@@ -138,7 +138,14 @@ type Metrics struct {
 	retryDropped  prometheus.Counter
 
 	live live
+
+	// recent tallies the last day a minute at a time, for the console.
+	recent Recent
 }
+
+// Recent is the last day's tally of requests, tokens and cost by agent
+// and model, as this process counted them.
+func (m *Metrics) Recent() *Recent { return &m.recent }
 
 // Option changes how New builds the metrics.
 type Option func(*Metrics)
@@ -451,6 +458,12 @@ func (m *Metrics) observe(r Request, l labels) {
 		unpriced.Inc()
 	}
 	m.cost.add(costNanos, channel, agent, model)
+	rc := RecentCounts{Requests: 1, PromptTokens: max(counts[0], 0), CompletionTokens: max(counts[1], 0),
+		CachedTokens: max(counts[2], 0), HistoryTokens: max(counts[4], 0), CostNanos: costNanos}
+	if r.Code >= 400 {
+		rc.Errors = 1
+	}
+	m.recent.Add(time.Now(), RecentKey{Agent: agent, Model: model}, rc)
 	if r.Billed && r.Estimated {
 		estimated.Inc()
 	}
