@@ -73,7 +73,10 @@ export function toast(text, kind = 'info') {
   el.dataset.kind = kind;
   el.classList.add('shown');
   clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => el.classList.remove('shown'), 6000);
+  toastTimer = setTimeout(() => {
+    el.classList.remove('shown');
+    el.textContent = '';
+  }, 6000);
 }
 
 // dialog shows a modal <dialog> with a form and resolves with the value of

@@ -29,7 +29,7 @@ export async function overviewPage(ctx) {
     ctx.main.append(h('section', { class: 'usage' }, h('h2', null, name + ' by agent and model'), usageTable(name, w)));
   }
 
-  const top = h('section', { class: 'top' }, h('h2', null, 'Top sessions by cost'),
+  const top = h('section', { class: 'top-list' }, h('h2', null, 'Top sessions by cost'),
     h('p', { class: 'note' }, 'Sessions active within the last day, with their all-time totals.'));
   if (o.top_sessions.length === 0) top.append(h('p', { class: 'empty' }, 'No session was active within the last day.'));
   else {
