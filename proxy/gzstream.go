@@ -177,7 +177,7 @@ func (g *gzipStreamBody) Read(p []byte) (int, error) {
 
 func (g *gzipStreamBody) end(complete bool) error {
 	var err error
-	g.once.Do(func() { err = g.finish(complete) })
+	g.once.Do(func() { err = g.finish(complete && !g.obs.reply.Failed) })
 	return err
 }
 

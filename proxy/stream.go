@@ -53,6 +53,10 @@ type reply struct {
 	// when the stream passed a bound and the rest was not read.
 	size      int
 	Truncated bool
+	// Failed: the stream carried an error event (a generation that failed
+	// part way; vLLM sends [DONE] after it). The clients raise the error,
+	// so the reply is recorded as cut short, whatever follows.
+	Failed bool
 	// others are the choices past 0 (n > 1), by index. They are not
 	// recorded; they are assembled to estimate the usage when the
 	// upstream sends none, since the API bills every choice.
@@ -119,6 +123,10 @@ type chunk struct {
 		FinishReason *string `json:"finish_reason"`
 	} `json:"choices"`
 	Usage *usageJSON `json:"usage"`
+	// An error event: {"error":{...}} (OpenAI, LiteLLM, newer vLLM) or
+	// vLLM's older {"object":"error","message":...}.
+	Error  json.RawMessage `json:"error"`
+	Object string          `json:"object"`
 }
 
 // add merges one chunk into the reply. Tool-call argument fragments are
@@ -127,6 +135,9 @@ type chunk struct {
 // choice 0's bytes, which the stream's bound applies to; the other choices
 // are bounded apart (maxOtherChoicesBytes), so they never cut choice 0.
 func (r *reply) add(c *chunk, now time.Time) {
+	if (len(c.Error) > 0 && !bytes.Equal(c.Error, []byte("null"))) || c.Object == "error" {
+		r.Failed = true
+	}
 	if c.Usage != nil {
 		r.Usage = c.Usage
 	}
@@ -459,7 +470,7 @@ func (b *streamBody) frame() error {
 
 func (b *streamBody) end(complete bool) error {
 	var err error
-	b.once.Do(func() { err = b.finish(complete) })
+	b.once.Do(func() { err = b.finish(complete && !b.reply.Failed) })
 	return err
 }
 

@@ -6,11 +6,15 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/history"
+	"github.com/historyproxy/historyproxy/internal/fakeai"
 )
 
 // sbReader is an upstream body that hands out data in reads of the given
@@ -117,6 +121,9 @@ const (
 	sbUsage   = `{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1727000000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_0ba0d124f1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}`
 	sbStopUse = `{"id":"chatcmpl-B9","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}`
 	sbDone    = `[DONE]`
+	// Error events as servers send them mid-stream.
+	sbErrEvent  = `{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}`
+	sbErrObject = `{"object":"error","message":"CUDA out of memory","type":"InternalServerError","param":null,"code":500}`
 )
 
 // sbToolCalls is a parallel tool-call stream: two calls, arguments in
@@ -409,6 +416,12 @@ func TestStreamBodyEnds(t *testing.T) {
 		{name: "finish error aborts before a DONE framed by lone CRs", in: sbCR(sbEvents(sbHello, sbStop, sbDone)), finishErr: errStoreDown, wantErr: errStoreDown,
 			wantComplete: true, wantFinishes: 1, wantOut: sbCR(sbEvents(sbHello, sbStop)), wantNoDone: true},
 		{name: "DONE without a blank line ends the reply", in: sbEvents(sbHello) + "data: [DONE]", wantComplete: true, wantFinishes: 1},
+		// vLLM ends a generation that failed with an error event, then
+		// [DONE]; the clients raise the error: the reply was cut short.
+		{name: "an error event before DONE is a cut reply", in: sbEvents(sbRole, sbHello, sbErrEvent, sbDone), wantComplete: false, wantFinishes: 1},
+		{name: "an error event (vLLM's older form) before DONE is a cut reply", in: sbEvents(sbRole, sbHello, sbErrObject, sbDone), wantComplete: false, wantFinishes: 1},
+		{name: "an error event after finish_reason is a cut reply", in: sbEvents(sbHello, sbStop, sbErrEvent), wantComplete: false, wantFinishes: 1},
+		{name: "an error event before DONE without a blank line", in: sbCR(sbEvents(sbHello, sbErrEvent)) + "data: [DONE]", wantComplete: false, wantFinishes: 1},
 		{name: "finish error aborts before a DONE without a blank line", in: sbEvents(sbHello, sbStop) + "data: [DONE]\n", finishErr: errStoreDown, wantErr: errStoreDown,
 			wantComplete: true, wantFinishes: 1, wantOut: sbEvents(sbHello, sbStop), wantNoDone: true},
 	}
@@ -639,6 +652,21 @@ func TestGzipStreamBody(t *testing.T) {
 		require.Equal(t, 1, src.closed)
 	})
 
+	t.Run("an error event before [DONE] is a cut reply", func(t *testing.T) {
+		zipped, sizes := sbGzip(t, "data: "+sbHello+"\n\n", "data: "+sbErrEvent+"\n\n", "data: [DONE]\n\n")
+		src := &sbReader{data: zipped, sizes: sizes}
+		var read int
+		f := &sbFinish{read: &read}
+		r := &reply{}
+		b := newGzipStreamBody(src, r, sbNow, f.finish)
+		_, err := sbRelay(b, 32<<10, &read)
+		require.NoError(t, err)
+		require.NoError(t, b.Close())
+		require.Equal(t, 1, f.calls)
+		require.False(t, f.complete)
+		require.Equal(t, "Hello", r.Content.String())
+	})
+
 	t.Run("not gzip after all", func(t *testing.T) {
 		in := []byte(sbEvents(sbHello, sbDone))
 		src := &sbReader{data: bytes.Clone(in), sizes: []int{7}}
@@ -673,4 +701,22 @@ func TestOpaqueStreamBody(t *testing.T) {
 		require.Equal(t, 1, f.calls, "Close after the end does not record again")
 		require.Equal(t, 1, src.closed)
 	}
+}
+
+// TestStreamErrorEventStoredIncomplete: an upstream whose generation fails
+// part way sends an error event, then [DONE] (vLLM). The client's SDK
+// raises the error, so the turn is stored as cut short, not as a complete
+// exchange.
+func TestStreamErrorEventStoredIncomplete(t *testing.T) {
+	h := newHarness(t)
+	sse := sbEvents(sbRole, sbHello, sbErrEvent, sbDone)
+	h.up.Enqueue(fakeai.Reply{Raw: []byte(sse), Header: http.Header{"Content-Type": {"text/event-stream"}}})
+	resp := h.do(t, "/v1/chat/completions", `{"model":"gpt-4o-mini","stream":true,"messages":[`+user("hi")+`]}`, map[string]string{"X-Session-ID": "app:u:a"})
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	require.Equal(t, sse, string(body), "relayed as it came")
+	msgs := h.stored(t, "app:u:a")
+	require.Len(t, msgs, 2)
+	require.Equal(t, "Hello", msgs[1].Content)
+	require.Equal(t, history.StatusIncomplete, msgs[1].Status)
 }
