@@ -149,14 +149,17 @@ func TestSIGTERMDrainsSlowStream(t *testing.T) {
 }
 
 // streamsInFlight opens n streams through the binary, one session each
-// (c:drainN:a), and returns once each has relayed its first chunk. The
-// fake upstream holds every stream after that chunk until gate closes.
+// (c:drainN:a), and returns once each has relayed content. The fake
+// upstream sends the role chunk, then content every 300 ms (so that a
+// helper that returned after the role chunk would fail at once, not once
+// in a while under load), and holds the stream after two words until gate
+// closes.
 func streamsInFlight(t *testing.T, p *binary, up *fakeai.Server, n int, gate chan struct{}) []string {
 	t.Helper()
 	sessions := make([]string, n)
 	var started sync.WaitGroup
 	for i := range n {
-		up.Enqueue(fakeai.Reply{Content: "a reply that is cut short", Gate: gate, GateAfter: 3})
+		up.Enqueue(fakeai.Reply{Content: "a reply that is cut short", Gate: gate, GateAfter: 3, ChunkDelay: 300 * time.Millisecond})
 		sessions[i] = fmt.Sprintf("c:drain%d:a", i)
 		c := openai.NewClient(option.WithBaseURL("http://"+p.addr+"/v1/"), option.WithAPIKey("k"),
 			option.WithHeader("X-Session-ID", sessions[i]), option.WithMaxRetries(0))
@@ -165,7 +168,13 @@ func streamsInFlight(t *testing.T, p *binary, up *fakeai.Server, n int, gate cha
 			stream := c.Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{
 				Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("tell me")},
 			})
+			// The first chunk is the role's, with no content: a cut then
+			// would leave nothing generated to store. Wait for a delta
+			// with content (relayed only once the proxy assembled it).
 			ok := stream.Next()
+			for ok && (len(stream.Current().Choices) == 0 || stream.Current().Choices[0].Delta.Content == "") {
+				ok = stream.Next()
+			}
 			started.Done()
 			if ok {
 				for stream.Next() {
