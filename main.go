@@ -298,7 +298,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Warn("the conversations API (/admin/v1) and the console (/console/) are off: the admin listener is not on loopback and no admin token is set; set admin.token_env (flag -admin-token-env) to the name of a variable holding a token, or listen on 127.0.0.1",
 			"admin", al.Addr().String())
 	}
-	adminSrv := &http.Server{Handler: adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api), ReadHeaderTimeout: 10 * time.Second}
+	// The admin listener takes the client port's bounds: a request must
+	// arrive within client.read_timeout, an idle connection is closed
+	// after client.idle_timeout, and each write may wait at most
+	// client.write_timeout for a reader that stopped (per write, never a
+	// whole response: a watch runs for hours).
+	adminSrv := &http.Server{Handler: proxy.WriteDeadlines(cfg.Client.WriteTimeout, adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api)),
+		ReadHeaderTimeout: min(10*time.Second, cfg.Client.ReadTimeout), ReadTimeout: cfg.Client.ReadTimeout, IdleTimeout: cfg.Client.IdleTimeout,
+		MaxHeaderBytes: 1 << 20, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	if conversations != nil {
 		// Watches are long-lived: they end when the admin server shuts
 		// down, and their clients reconnect (to another instance).

@@ -229,3 +229,75 @@ func TestClientPortTimeouts(t *testing.T) {
 		require.Equal(t, http.StatusRequestTimeout, resp.StatusCode)
 	})
 }
+
+// TestAdminListenerTimeouts: the admin listener takes the client port's
+// bounds (client.read_timeout, client.idle_timeout, client.write_timeout
+// per write): a trickled body and an idle keep-alive connection do not
+// hold a connection open, while a watch, a stream that runs far longer
+// than every one of them, is not cut.
+func TestAdminListenerTimeouts(t *testing.T) {
+	up := fakeai.New(t)
+	cfg := writeConfig(t, "client:\n  read_timeout: 300ms\n  idle_timeout: 300ms\n  write_timeout: 300ms\n")
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-config", cfg)
+
+	t.Run("idle", func(t *testing.T) {
+		conn, err := net.Dial("tcp", p.addrs.Admin)
+		require.NoError(t, err)
+		defer conn.Close()
+		_, err = io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		require.NoError(t, err)
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, nil)
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+		_, err = br.ReadByte()
+		require.ErrorIs(t, err, io.EOF, "the idle connection is closed by the proxy")
+	})
+	t.Run("trickled body", func(t *testing.T) {
+		conn, err := net.Dial("tcp", p.addrs.Admin)
+		require.NoError(t, err)
+		defer conn.Close()
+		_, err = io.WriteString(conn, "POST /admin/v1/sessions/c:u:a/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+		require.NoError(t, err)
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+		// Answered (an error) or closed, but not held open.
+		_, err = io.Copy(io.Discard, conn)
+		require.NoError(t, err, "the connection ends before the test's 5 s")
+	})
+	t.Run("watch outlives them", func(t *testing.T) {
+		ctx := ctxTimeout(t, 30*time.Second)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.addrs.Admin+"/admin/v1/sessions/c:w:a/watch", nil)
+		require.NoError(t, err)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		events := make(chan string, 16)
+		go func() { // ends when the response body is closed
+			sc := bufio.NewScanner(resp.Body)
+			for sc.Scan() {
+				if ev, ok := strings.CutPrefix(sc.Text(), "event: "); ok {
+					events <- ev
+				}
+			}
+			close(events)
+		}()
+		require.Equal(t, "snapshot", <-events)
+		time.Sleep(time.Second) // three times every bound
+		post, err := http.Post("http://"+p.addrs.Admin+"/admin/v1/sessions/c:w:a/messages", "application/json",
+			strings.NewReader(`{"messages":[{"role":"user","content":"still there?"}]}`))
+		require.NoError(t, err)
+		post.Body.Close()
+		require.Less(t, post.StatusCode, 300)
+		select {
+		case ev, ok := <-events:
+			require.True(t, ok, "the watch was cut")
+			require.Equal(t, "message", ev)
+		case <-ctx.Done():
+			t.Fatal("no event")
+		}
+	})
+}

@@ -16,7 +16,14 @@ import (
 // The request body's own bound is the server's ReadTimeout: the server
 // lifts that deadline once the body is read, before the response.
 func (p *Proxy) stallBound(next http.Handler) http.Handler {
-	wt := p.opt.ClientWriteTimeout
+	return WriteDeadlines(p.opt.ClientWriteTimeout, next)
+}
+
+// WriteDeadlines bounds each write of next's responses to wt (see
+// stallBound): the admin listener's routes are served with it too, so that
+// its long-lived watch streams are bounded per write, never as a whole.
+// wt 0 or less: no bound.
+func WriteDeadlines(wt time.Duration, next http.Handler) http.Handler {
 	if wt <= 0 {
 		return next
 	}
