@@ -67,6 +67,10 @@ type Upstream struct {
 	// Timeout bounds the wait for the upstream's response headers (504
 	// after it). A stream, once started, is not cut by it. Default 10m.
 	Timeout time.Duration `yaml:"timeout"`
+	// StreamIdleTimeout bounds the upstream's silence once a chat
+	// completion's response has begun: a reply (streamed or whole) whose
+	// next bytes do not come within it is cut. Default 5m.
+	StreamIdleTimeout time.Duration `yaml:"stream_idle_timeout"`
 	// Passthrough lists the calls forwarded upstream, as net/http ServeMux
 	// patterns on the client's path ("GET /v1/models/{model...}"); "*"
 	// forwards everything. Empty: everything without a held key; with one
@@ -254,8 +258,9 @@ func Default() Config {
 		Listen:      ":8080",
 		AdminListen: "127.0.0.1:9090",
 		Upstream: Upstream{
-			URL:     "https://api.openai.com/v1",
-			Timeout: 10 * time.Minute,
+			URL:               "https://api.openai.com/v1",
+			Timeout:           10 * time.Minute,
+			StreamIdleTimeout: 5 * time.Minute,
 		},
 		Redis: Redis{Prefix: "hp"},
 		Store: Store{

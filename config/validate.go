@@ -71,6 +71,7 @@ func (c Config) Validate() error {
 		v.addf("upstream.url", c.Upstream.URL, "is not an absolute http or https URL")
 	}
 	v.positive("upstream.timeout", c.Upstream.Timeout)
+	v.positive("upstream.stream_idle_timeout", c.Upstream.StreamIdleTimeout)
 	v.passthrough(c.Upstream.Passthrough)
 
 	r := c.Redis

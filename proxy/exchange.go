@@ -101,6 +101,9 @@ type exchange struct {
 	// its client (on_client_disconnect: finish).
 	detached *finishBody
 	undetach func() // ends the upstream call's own context
+	// stall cuts the upstream call when its reply falls silent for
+	// UpstreamIdleTimeout (nil: no bound).
+	stall context.CancelCauseFunc
 
 	historyMessages, historyTokens int
 	truncated                      bool
@@ -320,6 +323,13 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(out))
 	r.ContentLength = int64(len(out))
 	r.Header.Del("Content-Length")
+	if d := p.opt.UpstreamIdleTimeout; d > 0 {
+		// Cut by the reply's body when the upstream falls silent (see
+		// idleBody); the request's own end cancels it otherwise.
+		var ctx context.Context
+		ctx, x.stall = context.WithCancelCause(r.Context())
+		r = r.WithContext(ctx)
+	}
 	x.upstreamStart = p.now()
 	p.rp.ServeHTTP(cw, r)
 }
@@ -567,6 +577,14 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	x.status = resp.StatusCode
 	x.requestID = resp.Header.Get("X-Request-Id")
+	if x.stall != nil {
+		d, session := p.opt.UpstreamIdleTimeout, x.stored
+		resp.Body = newIdleBody(resp.Body, d, func() {
+			p.log.Warn("upstream sent nothing more of a reply: cut (a stream is stored incomplete)",
+				"session", session, "stream_idle_timeout", d)
+			x.stall(errUpstreamStalled)
+		})
+	}
 	// X-History is the proxy's to say: the reverse proxy adds the
 	// upstream's headers to those already set, so one from the upstream
 	// would be sent beside the proxy's own.

@@ -93,6 +93,11 @@ type Options struct {
 	// UpstreamTimeout bounds the wait for the upstream's response headers
 	// (then 504). Zero: no bound.
 	UpstreamTimeout time.Duration
+	// UpstreamIdleTimeout bounds the upstream's silence once a chat
+	// completion's response headers came: when no byte of its body
+	// arrives within it, the upstream call is cut (a stream is recorded
+	// incomplete, a whole reply gets 504). Zero: no bound.
+	UpstreamIdleTimeout time.Duration
 	// Transport overrides the upstream transport (tests).
 	Transport http.RoundTripper
 
@@ -501,6 +506,9 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	}
 	var ne net.Error
 	switch {
+	case errors.Is(context.Cause(r.Context()), errUpstreamStalled):
+		writeError(w, &apiError{Status: http.StatusGatewayTimeout, Type: "upstream_error", Code: "upstream_timeout",
+			Message: "the upstream stopped sending its reply"})
 	case errors.Is(err, errStore):
 		e := storeUnavailable()
 		if x := exchangeFrom(r.Context()); x != nil && x.record {
