@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/config"
+	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
@@ -300,4 +301,117 @@ func TestAdminListenerTimeouts(t *testing.T) {
 			t.Fatal("no event")
 		}
 	})
+}
+
+// TestPausedRedisWithTurnsInFlight: Redis is paused (SIGSTOP) while a
+// stream holds its session's turn lease, a second request of the session
+// waits for that turn and a watch follows the session. Every request is
+// answered within a few store timeouts (not ordering_timeout), served
+// without history; once Redis answers again the turns held in the retry
+// queue are stored, in order, and the session serves a new turn at once.
+func TestPausedRedisWithTurnsInFlight(t *testing.T) {
+	const bound = 5 * time.Second // a few store.timeout of 300ms, on a loaded machine
+	rs := redistest.Start(t)
+	up := fakeai.New(t)
+	cfg := writeConfig(t, "store:\n  timeout: 300ms\n")
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, "-config", cfg, "-drain-timeout", "2s")
+	const session = "c:pausedturns:a"
+	hc := &http.Client{Timeout: 30 * time.Second}
+	chat := func(content string, stream bool) *http.Response {
+		body := `{"model":"gpt-4o-mini","stream":` + map[bool]string{true: "true", false: "false"}[stream] +
+			`,"messages":[{"role":"user","content":"` + content + `"}]}`
+		req, _ := http.NewRequest(http.MethodPost, "http://"+p.addrs.Proxy+"/v1/chat/completions", strings.NewReader(body))
+		req.Header.Set("X-Session-ID", session)
+		resp, err := hc.Do(req)
+		require.NoError(t, err)
+		return resp
+	}
+	drain := func(resp *http.Response) string {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return string(b)
+	}
+	up.Enqueue(fakeai.Reply{Content: "first"})
+	require.Equal(t, http.StatusOK, chat("one", false).StatusCode)
+
+	// A watch of the session.
+	wreq, _ := http.NewRequestWithContext(ctxTimeout(t, 60*time.Second), http.MethodGet, "http://"+p.addrs.Admin+"/admin/v1/sessions/"+session+"/watch", nil)
+	watch, err := http.DefaultClient.Do(wreq)
+	require.NoError(t, err)
+	defer watch.Body.Close()
+	require.Equal(t, http.StatusOK, watch.StatusCode)
+
+	// A: a stream that holds the turn.
+	gate := make(chan struct{})
+	up.Enqueue(fakeai.Reply{Content: "second reply", Gate: gate, GateAfter: 2})
+	a := chat("two", true)
+	br := bufio.NewReader(a.Body)
+	for {
+		line, err := br.ReadString('\n')
+		require.NoError(t, err)
+		if strings.Contains(line, `"content":"second"`) {
+			break
+		}
+	}
+	// B: waits for A's turn.
+	up.Enqueue(fakeai.Reply{Content: "third"})
+	bDone := make(chan time.Duration, 1)
+	var bResp *http.Response
+	go func() {
+		t0 := time.Now()
+		bResp = chat("three", false)
+		bDone <- time.Since(t0)
+	}()
+	time.Sleep(300 * time.Millisecond) // B is queued
+
+	rs.Pause(t)
+	paused := time.Now()
+	t.Cleanup(func() { rs.Resume(t) })
+	close(gate)
+	var aBody string
+	d := timed(func() {
+		rest, _ := io.ReadAll(br)
+		a.Body.Close()
+		aBody = string(rest)
+	})
+	require.Less(t, d, bound, "A's stream with Redis paused")
+	require.Contains(t, aBody, "[DONE]", "fail_open: A's turn waits in the retry queue, the reply is whole")
+	select {
+	case <-bDone:
+		require.Less(t, time.Since(paused), 2*bound, "B, waiting for A's turn, once Redis paused")
+		drain(bResp)
+		require.Equal(t, http.StatusOK, bResp.StatusCode)
+		require.Equal(t, "degraded", bResp.Header.Get("X-History"))
+	case <-time.After(2 * bound):
+		t.Fatal("B still waits for the turn with Redis paused")
+	}
+	up.Enqueue(fakeai.Reply{Content: "fourth"})
+	var c *http.Response
+	d = timed(func() { c = chat("four", false) })
+	drain(c)
+	require.Less(t, d, bound, "C with Redis paused")
+	require.Equal(t, http.StatusOK, c.StatusCode)
+
+	rs.Resume(t)
+	store := history.NewRedis(rs.Client(t), "")
+	require.Eventually(t, func() bool {
+		msgs, err := store.Messages(context.Background(), session, "")
+		return err == nil && len(msgs) == 8
+	}, 20*time.Second, 50*time.Millisecond, "the queued turns are stored once Redis answers")
+	msgs, err := store.Messages(context.Background(), session, "")
+	require.NoError(t, err)
+	var contents []string
+	for _, m := range msgs {
+		contents = append(contents, m.Content)
+	}
+	require.Equal(t, []string{"one", "first", "two", "second reply", "three", "third", "four", "fourth"}, contents)
+
+	// The session serves a new turn without waiting out a stale lease.
+	up.Enqueue(fakeai.Reply{Content: "fifth"})
+	var e *http.Response
+	d = timed(func() { e = chat("five", false) })
+	drain(e)
+	require.Equal(t, http.StatusOK, e.StatusCode)
+	require.Empty(t, e.Header.Get("X-History"), "served with history")
+	require.Less(t, d, bound, "a new turn once Redis answers")
 }

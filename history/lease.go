@@ -205,6 +205,7 @@ type Lease struct {
 	backend   leaseBackend
 	interval  time.Duration
 	opTimeout time.Duration
+	ttl       time.Duration
 	obs       LiveObserver
 	log       *slog.Logger
 
@@ -234,7 +235,7 @@ func newLease(session string, b leaseBackend, mark string, ttl, opTimeout time.D
 		log = slog.New(slog.DiscardHandler)
 	}
 	l := &Lease{session: session, token: newToken(), gen: "g" + newToken()[:16], backend: b,
-		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, obs: obs, log: log, mark: mark, all: &replyAcc{}, pending: &replyAcc{},
+		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, ttl: ttl, obs: obs, log: log, mark: mark, all: &replyAcc{}, pending: &replyAcc{},
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	if l.interval <= 0 {
 		l.interval = beatEvery
@@ -457,7 +458,44 @@ func (l *Lease) Release(ctx context.Context) error {
 	if l == nil || !l.ended() {
 		return nil
 	}
-	return l.backend.release(ctx, l)
+	err := l.backend.release(ctx, l)
+	if err != nil {
+		go releaseAnswered(l.backend, l) // ends within releaseRetryFor
+	}
+	return err
+}
+
+// releaseRetryFor bounds how long releaseAnswered tries.
+const releaseRetryFor = time.Minute
+
+// releaseAnswered releases l in the background after a store operation
+// of it failed, and keeps trying until the store answers twice in a row.
+// A store that stalled (a paused Redis) runs the commands it was sent
+// meanwhile once it resumes, those whose senders gave up included, in any
+// order: the script that granted this lease may run after a release sent
+// later on another connection, leaving a lease no one holds for a whole
+// TTL, the session's requests waiting on it. A release sent after one was
+// answered comes after everything the stall held. It gives up after
+// releaseRetryFor (the lease then expires on its own, a TTL after the
+// store resumed at most).
+func releaseAnswered(b leaseBackend, l *Lease) {
+	until := time.Now().Add(releaseRetryFor)
+	backoff := 50 * time.Millisecond
+	for answered := 0; answered < 2; {
+		ctx, cancel := context.WithTimeout(context.Background(), l.opTimeout)
+		err := b.release(ctx, l)
+		cancel()
+		if err == nil {
+			answered++
+			continue
+		}
+		answered = 0
+		if time.Now().After(until) {
+			return
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, time.Second)
+	}
 }
 
 // Released reports whether the lease has ended.

@@ -313,15 +313,11 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 
 // abandon takes a request that gives up out of the session's queue, and
 // releases the lease if a script granted it unawares. It does not hold up
-// the request: the release runs on its own goroutine, bounded by the
-// lease's store timeout (when it fails, the waiter's time and the lease's
-// TTL run out on their own).
+// the request: the release runs on its own goroutine, until Redis answers
+// it twice (see releaseAnswered: a take script sent before Redis stalled
+// may run after a single release, and grant a lease no one holds).
 func (s *RedisStore) abandon(l *Lease) {
-	go func() { // ends within l.opTimeout
-		ctx, cancel := context.WithTimeout(context.Background(), l.opTimeout)
-		defer cancel()
-		_ = redisLeaseBackend{s}.release(ctx, l)
-	}()
+	go releaseAnswered(redisLeaseBackend{s}, l) // ends within releaseRetryFor
 }
 
 // takeWindow reads takeScript's {1, conversation, entries, mark}.
