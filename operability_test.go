@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/openai/openai-go"
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
@@ -414,4 +415,39 @@ func TestPausedRedisWithTurnsInFlight(t *testing.T) {
 	require.Equal(t, http.StatusOK, e.StatusCode)
 	require.Empty(t, e.Header.Get("X-History"), "served with history")
 	require.Less(t, d, bound, "a new turn once Redis answers")
+}
+
+// TestMemoryStoreDrainCutsStreamsAndWaiters: with the in-memory store, a
+// stop whose drain runs out with a stream holding its session's turn and
+// another request of the session waiting for it: the stream is cut and
+// recorded incomplete, the waiter ends, and run returns nil promptly.
+func TestMemoryStoreDrainCutsStreamsAndWaiters(t *testing.T) {
+	up := fakeai.New(t)
+	p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, "-drain-timeout", "500ms")
+	gate := make(chan struct{})
+	defer close(gate)
+	up.Enqueue(fakeai.Reply{Content: "cut short here", Gate: gate, GateAfter: 2})
+	stream := p.client("c:memdrain:a").Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{
+		Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("go")},
+	})
+	for stream.Next() && (len(stream.Current().Choices) == 0 || stream.Current().Choices[0].Delta.Content == "") {
+	}
+	waiter := make(chan error, 1)
+	go func() {
+		_, err := p.client("c:memdrain:a").Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{
+			Model: openai.ChatModelGPT4oMini, Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("me too")},
+		})
+		waiter <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the second request waits for the turn
+	var err error
+	d := timed(func() { err = p.stopErr(t) })
+	require.NoError(t, err, "nothing was lost:\n%s", p.stderr)
+	require.Less(t, d, 10*time.Second, "a 500ms drain, then the cut")
+	select {
+	case <-waiter:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiting request did not end")
+	}
+	require.Contains(t, p.stderr.String(), "drain ended with requests in flight")
 }
