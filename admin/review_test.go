@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"testing"
 
@@ -165,4 +166,43 @@ func doHost(t *testing.T, method, u string, out any, header ...string) int {
 		_ = json.Unmarshal(raw, out)
 	}
 	return resp.StatusCode
+}
+
+// TestTitleOfUnknownSession: an unknown session is 404 session_not_found
+// on every route, the title's included.
+func TestTitleOfUnknownSession(t *testing.T) {
+	eachStore(t, func(t *testing.T, s Store) {
+		srv := newTestAPI(t, s)
+		var e struct{ Error struct{ Code string } }
+		got := do(t, http.MethodPut, srv.URL+"/admin/v1/sessions/web:nobody:support/title", map[string]any{"title": "x"}, &e)
+		if got != http.StatusNotFound || e.Error.Code != "session_not_found" {
+			t.Errorf("got %d %q, want 404 session_not_found", got, e.Error.Code)
+		}
+	})
+}
+
+// TestBearerSchemeAnyCase: the scheme of Authorization is
+// case-insensitive (RFC 9110, 11.1); the token is not.
+func TestBearerSchemeAnyCase(t *testing.T) {
+	api := New(Options{Store: history.NewMemory(), Token: "0123456789abcdef"})
+	for _, tt := range []struct {
+		header string
+		want   int
+	}{
+		{"Bearer 0123456789abcdef", http.StatusOK},
+		{"bearer 0123456789abcdef", http.StatusOK},
+		{"BEARER 0123456789abcdef", http.StatusOK},
+		{"Bearer 0123456789ABCDEF", http.StatusUnauthorized},
+		{"Basic 0123456789abcdef", http.StatusUnauthorized},
+		{"Bearer", http.StatusUnauthorized},
+		{"", http.StatusUnauthorized},
+	} {
+		req := httptest.NewRequest(http.MethodGet, "/admin/v1/sessions", nil)
+		req.Header.Set("Authorization", tt.header)
+		w := httptest.NewRecorder()
+		api.Handler().ServeHTTP(w, req)
+		if w.Code != tt.want {
+			t.Errorf("Authorization %q: got %d, want %d", tt.header, w.Code, tt.want)
+		}
+	}
 }

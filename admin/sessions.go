@@ -395,6 +395,13 @@ func (a *API) setTitle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if conv == "" {
+		if _, found, err := a.opt.Store.Session(ctx, id); err != nil {
+			a.storeFailed(w, "read session", err)
+			return
+		} else if !found {
+			writeError(w, notFound("session_not_found", "no session "+strconv.Quote(id)))
+			return
+		}
 		what := "session " + strconv.Quote(id) + " has no conversation"
 		if body.Conversation != "" {
 			what = "session " + strconv.Quote(id) + " has no conversation " + strconv.Quote(body.Conversation)
