@@ -3,6 +3,7 @@ package history
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"slices"
 	"strings"
@@ -210,6 +211,37 @@ func testAdminConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 				t.Errorf("message %d: got usage %+v, want %+v", i, m.Usage, u)
 			case i != 1 && m.Usage != nil:
 				t.Errorf("message %d: got usage %+v, want none", i, *m.Usage)
+			}
+		}
+	})
+
+	t.Run("scans over many sessions of equal activity", func(t *testing.T) {
+		// More sessions of one time than a batch of the index holds: every
+		// read of the index after the first starts among equal scores.
+		s := newFixture(t).store
+		const n = 1300
+		want := make([]string, 0, n)
+		for i := range n {
+			id := fmt.Sprintf("c:u%04d:x", i)
+			appendQA(t, s, id, 0, t0+int64(i/1100), Policy{})
+		}
+		// Activity descending, then id descending: i descending.
+		for i := n - 1; i >= 0; i-- {
+			want = append(want, fmt.Sprintf("c:u%04d:x", i))
+		}
+		all := func(Session) bool { return true }
+		for _, tt := range []struct {
+			name string
+			q    SessionQuery
+		}{
+			{"one page", SessionQuery{}},
+			{"one page with a match", SessionQuery{Match: all}},
+			{"pages", SessionQuery{Limit: 97}},
+			{"pages with a match", SessionQuery{Limit: 97, Match: all}},
+		} {
+			got := slices.Concat(pageIDs(t, s, tt.q)...)
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("%s: got %d sessions, want %d in order", tt.name, len(got), len(want))
 			}
 		}
 	})

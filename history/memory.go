@@ -585,16 +585,22 @@ func (s *MemoryStore) Sessions(ctx context.Context, q SessionQuery) (SessionPage
 // Redis indexes: score descending, then id descending.
 type memIndex struct{ s *MemoryStore }
 
-func (m memIndex) entries(q SessionQuery, lo, hi int64) []indexEntry {
-	var key SessionQuery
+// indexOf is the query of the index that serves q, as redisIndex.key picks
+// it: its user, else agent, else channel, else all sessions.
+func indexOf(q SessionQuery) SessionQuery {
 	switch {
 	case q.User != "":
-		key = SessionQuery{User: q.User}
+		return SessionQuery{User: q.User}
 	case q.Agent != "":
-		key = SessionQuery{Agent: q.Agent}
+		return SessionQuery{Agent: q.Agent}
 	case q.Channel != "":
-		key = SessionQuery{Channel: q.Channel}
+		return SessionQuery{Channel: q.Channel}
 	}
+	return SessionQuery{}
+}
+
+func (m memIndex) entries(q SessionQuery, lo, hi int64) []indexEntry {
+	key := indexOf(q)
 	m.s.mu.Lock()
 	var es []indexEntry
 	for id, score := range m.s.index {
@@ -625,7 +631,16 @@ func (m memIndex) scan(ctx context.Context, q SessionQuery, lo, hi int64, batch 
 }
 
 func (m memIndex) count(ctx context.Context, q SessionQuery, lo, hi int64) (int64, error) {
-	return int64(len(m.entries(q, lo, hi))), nil
+	key := indexOf(q)
+	m.s.mu.Lock()
+	defer m.s.mu.Unlock()
+	var n int64
+	for id, score := range m.s.index {
+		if score >= lo && score <= hi && key.idFilter(id) {
+			n++
+		}
+	}
+	return n, nil
 }
 
 func (m memIndex) infos(ctx context.Context, ids []string) ([]Session, []bool, error) {

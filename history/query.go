@@ -261,10 +261,6 @@ func listSessions(ctx context.Context, src sessionSource, q SessionQuery) (Sessi
 	// one that says there is a next page. No arithmetic on Limit, which
 	// may be math.MaxInt.
 	room := func(n int) bool { return q.Limit <= 0 || n <= q.Limit }
-	batch := 500
-	if q.Limit > 0 && q.Limit < batch {
-		batch = q.Limit + 1
-	}
 	parts := 0
 	for _, p := range []string{q.Channel, q.User, q.Agent} {
 		if p != "" {
@@ -272,6 +268,13 @@ func listSessions(ctx context.Context, src sessionSource, q SessionQuery) (Sessi
 		}
 	}
 	scanAll := q.Match != nil || q.MatchID != nil || parts > 1
+	// A page of the index is read in batches of the page's size, plus one;
+	// a scan of all of it in large ones (batches of a page's size made a
+	// q over 100,000 sessions take 2,000 round trips).
+	batch := 500
+	if !scanAll && q.Limit > 0 && q.Limit < batch {
+		batch = q.Limit + 1
+	}
 	from := hi
 	if !scanAll && cur != nil && cur.score < from {
 		from = cur.score

@@ -348,12 +348,17 @@ func scoreArg(v int64) string {
 	return strconv.FormatInt(v, 10)
 }
 
+// scan reads the index from hi down, each batch from the last score the
+// one before ended at, skipping only the entries of that score already
+// read: an offset from the top instead costs Redis a walk over every entry
+// before it, so a scan of the whole index grew with its square.
 func (r redisIndex) scan(ctx context.Context, q SessionQuery, lo, hi int64, batch int, fn func([]indexEntry) bool) error {
 	key := r.key(q)
-	for offset := int64(0); ; offset += int64(batch) {
+	skip := int64(0) // entries of score hi already read
+	for {
 		zs, err := r.s.client.ZRangeArgsWithScores(ctx, redis.ZRangeArgs{
 			Key: key, Start: scoreArg(hi), Stop: scoreArg(lo), ByScore: true, Rev: true,
-			Offset: offset, Count: int64(batch),
+			Offset: skip, Count: int64(batch),
 		}).Result()
 		if err != nil {
 			return err
@@ -365,6 +370,16 @@ func (r redisIndex) scan(ctx context.Context, q SessionQuery, lo, hi int64, batc
 		}
 		if !fn(es) || len(zs) < batch {
 			return nil
+		}
+		last := es[len(es)-1].score
+		if last == hi {
+			// The whole batch had the score it started from.
+			skip += int64(len(es))
+			continue
+		}
+		hi, skip = last, 0
+		for i := len(es) - 1; i >= 0 && es[i].score == last; i-- {
+			skip++
 		}
 	}
 }
