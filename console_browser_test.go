@@ -455,8 +455,12 @@ func TestConsole(t *testing.T) {
 			}
 			streamed <- errors.Join(s.Err(), s.Close())
 		}()
+		// Where the messages above are (document coordinates).
+		const tops = `[...document.querySelectorAll('li.msg:not(.draft)')].map(li => Math.round(li.getBoundingClientRect().top + window.scrollY))`
+		before := eval[[]int](b, tops)
 		b.wait("the reply being written", `(document.querySelector('li.draft .body')?.textContent || '').startsWith('First unplug')`)
 		b.shot("conversation-streaming")
+		require.Equal(t, before, eval[[]int](b, tops), "the messages above the reply did not move while it streamed")
 
 		// The page's connection drops while the reply goes on, and comes back.
 		cp.cut()
@@ -479,6 +483,8 @@ func TestConsole(t *testing.T) {
 		}
 		require.Equal(t, stored, ids, "the page shows what is stored")
 		require.Equal(t, "open", eval[string](b, `document.querySelector('.live-status').dataset.state`))
+		require.Equal(t, "1", eval[string](b, `document.querySelector('ol.transcript').dataset.snapshots`),
+			"the page resumed with Last-Event-ID: it got what it missed, not a second snapshot")
 		b.shot("conversation")
 	}) {
 		return
@@ -536,8 +542,30 @@ func TestConsole(t *testing.T) {
 		return
 	}
 
+	if !t.Run("without a token on loopback the console opens directly", func(t *testing.T) {
+		b.t = t
+		open := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL})
+		(&adminEnv{p: open, up: up}).chat(t, "web:zoe:support", "Hello without a token")
+		saved := b.base
+		b.base = "http://" + open.addrs.Admin
+		defer func() { b.base = saved }()
+		b.open("/sessions")
+		b.wait("the list", `document.querySelectorAll('tr[data-session]').length === 1`)
+		require.Equal(t, []string{"web:zoe:support"}, b.rows())
+		require.Equal(t, 0, eval[int](b, `document.querySelectorAll('form.login').length`))
+		require.True(t, eval[bool](b, `document.querySelector('#logout').hidden`), "nothing to sign out of")
+		// Keyboard: a conversation is reached from the list with Tab and
+		// Enter, and the new page's heading has the focus.
+		b.do(chromedp.Focus(chromedp.CSS(`tr[data-session] a`)), chromedp.KeyEvent("\r"))
+		b.wait("the conversation", `location.hash.startsWith('#/session/') && document.activeElement === document.querySelector('h1')`)
+	}) {
+		return
+	}
+
 	if !t.Run("signing out shows the login form again", func(t *testing.T) {
 		b.t = t
+		b.open("/sessions")
+		b.wait("the list, signed in", `document.querySelectorAll('tr[data-session]').length === 4`)
 		b.do(chromedp.Click(chromedp.CSS("#logout")))
 		b.wait("the login form", `document.querySelector('form.login') !== null`)
 		require.Empty(t, b.rows())

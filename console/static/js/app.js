@@ -11,6 +11,7 @@ const logout = document.getElementById('logout');
 let caps = null; // the API's capabilities, once the token is good
 let page = null; // the current page's AbortController
 let loginError = '';
+let first = true; // the first page shown: focus stays where the browser puts it
 
 export function navigate(hash) {
   if (location.hash === hash) route();
@@ -107,6 +108,14 @@ async function route() {
   } finally {
     main.removeAttribute('aria-busy');
   }
+  // After a change of page, focus goes to its heading, so a keyboard or
+  // screen reader user starts there rather than on a control now gone.
+  const heading = main.querySelector('h1');
+  if (!first && heading && !ctrl.signal.aborted) {
+    if (!heading.hasAttribute('tabindex')) heading.setAttribute('tabindex', '-1');
+    heading.focus({ preventScroll: true });
+  }
+  first = false;
 }
 
 function showError(e) {

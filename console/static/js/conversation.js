@@ -115,7 +115,6 @@ export async function conversationPage(ctx, id) {
   }
 
   paint();
-  title.focus({ preventScroll: true });
 
   if (!live) {
     status.textContent = 'Ended conversation: not live';
@@ -145,6 +144,7 @@ export async function conversationPage(ctx, id) {
       switch (ev.type) {
         case 'snapshot':
           // First, or after a gap too old to resume: start over from it.
+          ol.dataset.snapshots = String(Number(ol.dataset.snapshots || 0) + 1);
           t.reset(data.conversation);
           t.append(data.items);
           setOlder(data.has_more ? data.next_before : null);
