@@ -88,6 +88,38 @@ var (
 func testLeaseConformance(t *testing.T, newFixture func(t *testing.T) leaseFixture) {
 	ctx := context.Background()
 
+	t.Run("the window is the current conversation's, with turns written late to an older one after it", func(t *testing.T) {
+		s := newFixture(t).store
+		appendQA(t, s, session, 0, t0, Policy{})
+		old := appendQA(t, s, session, 1, t0+1, Policy{}).ConversationID
+		res, err := s.Append(ctx, session, Turn{Messages: qa(2), NowMs: t0 + 2, NewConversation: true}, Policy{})
+		mustNoErr(t, err)
+		cur := res.ConversationID
+		// Replies that outlasted the new conversation's start, recorded
+		// where they were read: the stream's newest entries are the old
+		// conversation's.
+		for i := 3; i <= 5; i++ {
+			_, err := s.Append(ctx, session, Turn{Messages: qa(i), NowMs: t0 + int64(i), ConversationID: old}, Policy{})
+			mustNoErr(t, err)
+		}
+		for _, n := range []int{1, 2, 4, 20} {
+			w, _, err := s.TakeTurn(ctx, session, n, t0+6, Policy{}, peek)
+			mustNoErr(t, err)
+			want := []string{"q2", "a2"}[2-min(n, 2):]
+			if w.ConversationID != cur || fmt.Sprint(contents(w.Messages)) != fmt.Sprint(want) {
+				t.Errorf("n=%d: got %s %q, want %s %q", n, w.ConversationID, contents(w.Messages), cur, want)
+			}
+		}
+		// And the old conversation's own newest, unchanged by the new one.
+		_, err = s.Append(ctx, session, Turn{Messages: qa(6), NowMs: t0 + 7, NewConversation: true}, Policy{})
+		mustNoErr(t, err)
+		w, _, err := s.TakeTurn(ctx, session, 3, t0+8, Policy{}, peek)
+		mustNoErr(t, err)
+		if got := contents(w.Messages); fmt.Sprint(got) != fmt.Sprint([]string{"q6", "a6"}) {
+			t.Errorf("after a third conversation: got %q, want [q6 a6]", got)
+		}
+	})
+
 	t.Run("waiters take the turn in arrival order and read the turns before them", func(t *testing.T) {
 		f := newFixture(t)
 		s := f.store

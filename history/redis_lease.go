@@ -136,17 +136,18 @@ local function release(lease, queue, waiters, live, watched, channel, token, gen
 end
 `, liveCap, liveTTL.Milliseconds())
 
-// takeScript takes the session's turn lease and reads its window in one
-// round trip; see windowScript for the read.
+// takeScript takes the session's turn lease and finds its window: the
+// conversation to read, as windowScript does. The messages themselves are
+// read by an XREVRANGE in the same transaction (see takeRead).
 //
 // KEYS: session, conversations, messages, lease, queue, waiters, watched.
 // ARGV: n, now ms, idle timeout ms, token, lease TTL ms, hold (1: keep
 // the lease; 0: only wait for the turn, then pass it on), reject (1: do
 // not queue), wake channel.
 // Returns {0, ms until the lease or the first waiter's place runs out}
-// when busy, else {1, conversation or ”,
-// entries newest first, watch mark or ”}.
-var takeScript = redis.NewScript(luaLib + luaLease + `
+// when busy, else {1, conversation or ”, its first entry's id or ”,
+// watch mark or ”}.
+var takeScript = redis.NewScript(luaLease + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
 local holder = redis.call('GET', KEYS[4])
@@ -182,14 +183,11 @@ else
 end
 mark = redis.call('GET', KEYS[7]) or ''
 local s = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active')
-if not s[1] or s[3] ~= '1' then return {1, '', {}, mark} end
+if not s[1] or s[3] ~= '1' then return {1, '', '', mark} end
 local idle = tonumber(ARGV[3])
-if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', {}, mark} end
-local n = tonumber(ARGV[1])
-if n <= 0 then return {1, s[1], {}, mark} end
-local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':last')
-if not r[1] then return {1, s[1], {}, mark} end
-return {1, s[1], collect(KEYS[3], s[1], r[1], r[2], n, true), mark}
+if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', '', mark} end
+if tonumber(ARGV[1]) <= 0 then return {1, s[1], '', mark} end
+return {1, s[1], redis.call('HGET', KEYS[2], s[1] .. ':start') or '', mark}
 `)
 
 // releaseScript gives a lease up without a turn, or takes a waiter that
@@ -250,8 +248,12 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			waited = time.Since(start)
 		}
 		opCtx, cancel := context.WithTimeout(ctx, o.opTimeout())
-		res, err := takeScript.Run(opCtx, s.client, keys, n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
-			boolArg(o.Hold), boolArg(o.Wait <= 0), channel).Slice()
+		res, newest, err := s.takeRead(opCtx, keys, n, []any{n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
+			boolArg(o.Hold), boolArg(o.Wait <= 0), channel})
+		var w Window
+		if err == nil && len(res) == 4 {
+			w, err = s.takeWindow(opCtx, keys, n, res, newest)
+		}
 		cancel()
 		if err != nil {
 			// The script may have run (and queued the request, or granted
@@ -260,11 +262,6 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			return Window{}, nil, fmt.Errorf("take turn %s: %w", session, err)
 		}
 		if len(res) == 4 {
-			w, err := takeWindow(res)
-			if err != nil {
-				s.abandon(l)
-				return Window{}, nil, fmt.Errorf("take turn %s: %w", session, err)
-			}
 			w.Waited = waited
 			if !o.Hold {
 				return w, nil, nil
@@ -320,14 +317,73 @@ func (s *RedisStore) abandon(l *Lease) {
 	go releaseAnswered(redisLeaseBackend{s}, l) // ends within releaseRetryFor
 }
 
-// takeWindow reads takeScript's {1, conversation, entries, mark}.
-func takeWindow(res []any) (Window, error) {
-	conv, _ := res[1].(string)
-	entries, ok := res[2].([]any)
-	if !ok {
-		return Window{}, fmt.Errorf("script reply entries: got %T, want array", res[2])
+// takeRead runs takeScript and, in the same transaction, reads the newest
+// n entries of the session's stream, newest first (nothing when n <= 0).
+// The window is picked from them here (takeWindow) rather than inside the
+// script: handing a window through Lua cost Redis about four times what
+// reading it does, and Redis serves every session on one thread.
+func (s *RedisStore) takeRead(ctx context.Context, keys []string, n int, args []any) (res, newest []any, err error) {
+	send := func(eval func(redis.Pipeliner) *redis.Cmd) (*redis.Cmd, *redis.Cmd, error) {
+		var cmd, read *redis.Cmd
+		_, err := s.client.TxPipelined(ctx, func(pipe redis.Pipeliner) error {
+			cmd = eval(pipe)
+			if n > 0 {
+				read = pipe.Do(ctx, "XREVRANGE", keys[2], "+", "-", "COUNT", n)
+			}
+			return nil
+		})
+		return cmd, read, err
 	}
+	cmd, read, err := send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.EvalSha(ctx, pipe, keys, args...) })
+	if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
+		cmd, read, err = send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.Eval(ctx, pipe, keys, args...) })
+	}
+	if cmd.Err() != nil {
+		return nil, nil, cmd.Err()
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	if res, err = cmd.Slice(); err != nil {
+		return nil, nil, err
+	}
+	if read != nil {
+		if newest, err = read.Slice(); err != nil {
+			return nil, nil, err
+		}
+	}
+	return res, newest, nil
+}
+
+// takeWindow makes the window of takeScript's {1, conversation, first
+// entry id, mark} out of newest, the stream's newest n entries: those of
+// the conversation. They hold all of its window unless fewer than n are
+// its own while the stream goes on past them into it (turns written late
+// to an older conversation, which a reply that outlasted a new one's start
+// does): then the window is read by a script of its own, a second round
+// trip.
+func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, newest []any) (Window, error) {
+	conv, _ := res[1].(string)
+	first, _ := res[2].(string)
 	w := Window{ConversationID: conv}
+	if conv == "" || first == "" {
+		return w, nil
+	}
+	var entries []any
+	for _, e := range newest {
+		if entryConversation(e) == conv {
+			entries = append(entries, e)
+		}
+	}
+	if len(entries) < n && len(newest) == n && compareIDs(entryID(newest[n-1]), first) > 0 {
+		read, err := readScript.Run(ctx, s.client, keys[:3], conv, "", "", n, 1).Slice()
+		if err != nil {
+			return Window{}, fmt.Errorf("read window: %w", err)
+		}
+		if _, entries, err = convEntries(read); err != nil {
+			return Window{}, fmt.Errorf("read window: %w", err)
+		}
+	}
 	if len(entries) > 0 {
 		w.Messages = make([]Message, len(entries))
 		for i, e := range entries {
@@ -339,6 +395,34 @@ func takeWindow(res []any) (Window, error) {
 		}
 	}
 	return w, nil
+}
+
+// entryID is a stream entry's id, {id, fields}; "" when e is not one.
+func entryID(e any) string {
+	pair, _ := e.([]any)
+	if len(pair) != 2 {
+		return ""
+	}
+	id, _ := pair[0].(string)
+	return id
+}
+
+// entryConversation is the conversation a stream entry belongs to: its
+// first field's value (the append script writes it first).
+func entryConversation(e any) string {
+	pair, _ := e.([]any)
+	if len(pair) != 2 {
+		return ""
+	}
+	fields, _ := pair[1].([]any)
+	if len(fields) < 2 {
+		return ""
+	}
+	if k, _ := fields[0].(string); k != "conversation" {
+		return ""
+	}
+	v, _ := fields[1].(string)
+	return v
 }
 
 // redisLeaseBackend renews, publishes and releases a lease in Redis.
