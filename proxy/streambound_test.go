@@ -82,13 +82,13 @@ func TestStreamBodyBounds(t *testing.T) {
 				require.NoError(t, err)
 				got.Write(buf[:n])
 				read += n
-				require.LessOrEqual(t, cap(b.in), 64<<10+2*len(b.readBuf), "the unframed bytes held")
+				require.LessOrEqual(t, cap(b.in), 64<<10+2*len(buf), "the unframed bytes held")
 			}
 			require.Equal(t, 1, f.calls, "the turn is recorded once the bound is passed")
 			require.False(t, f.complete)
 			require.True(t, rp.Truncated)
-			require.Less(t, f.readAt, 64<<10+2*len(b.readBuf), "recorded before the rest was relayed")
-			require.LessOrEqual(t, rp.Content.Len(), 64<<10+2*len(b.readBuf), "the reply assembled is bounded")
+			require.Less(t, f.readAt, 64<<10+2*len(buf), "recorded before the rest was relayed")
+			require.LessOrEqual(t, rp.Content.Len(), 64<<10+2*len(buf), "the reply assembled is bounded")
 			require.True(t, strings.HasPrefix(rp.Content.String(), "Hello"))
 			require.LessOrEqual(t, int64(got.Len()), sent(), "relayed as it came")
 			require.NoError(t, b.Close())
