@@ -542,14 +542,19 @@ func storeUnavailable() *apiError {
 
 // copyBuffers lends the reverse proxy the buffers it copies replies
 // through: without them it allocates 32 KiB for every reply, a fifth of
-// the bytes a chat request allocated.
+// the bytes a chat request allocated. An open stream holds its buffer
+// until it ends, and its events are a few hundred bytes each (a stream's
+// relay reads the upstream into it, see streamBody.Read): 8 KiB, not 32.
 type copyBuffers struct{ pool sync.Pool }
+
+// copyBufferSize is the size of the buffers copyBuffers lends.
+const copyBufferSize = 8 << 10
 
 func (c *copyBuffers) Get() []byte {
 	if b, ok := c.pool.Get().(*[]byte); ok {
 		return *b
 	}
-	return make([]byte, 32<<10)
+	return make([]byte, copyBufferSize)
 }
 
 func (c *copyBuffers) Put(b []byte) { c.pool.Put(&b) }
