@@ -68,15 +68,17 @@ func seedFloor(rdb *redis.Client, prefix string) seeder {
 	}
 }
 
-// bulkBatch is how many messages one seeding request carries at most.
-const bulkBatch = 500
+// bulkBatch is how many messages one seeding request carries at most:
+// within historyproxy's default max_turn_messages (256), which refuses a
+// request that would record more in one turn.
+const bulkBatch = 250
 
 // seedHTTP drives turns through a running historyproxy (its memory store
 // cannot be written from outside): benchfix.HistoryLen/2 ordinary turns at
 // the end, so that the window is what seedHistory stores. The older
 // messages, when n is larger, come first in requests of up to bulkBatch
 // short user messages each (a request without an assistant message records
-// all its user messages, and the reply): 10,000 messages in 21 requests
+// all its user messages, and the reply): 10,000 messages in 40 requests
 // instead of 5,000.
 func seedHTTP(url string) seeder {
 	client := &http.Client{Transport: load.NewTransport(8)}
