@@ -41,7 +41,8 @@ const CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 	"manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
 // Handler serves the console under Prefix: GET and HEAD of its files, and
-// a redirect from Prefix without its slash.
+// a redirect from Prefix without its slash; every answer, refusals too,
+// with the security headers.
 func Handler() http.Handler {
 	files := http.FileServerFS(Files())
 	mux := http.NewServeMux()
@@ -61,7 +62,12 @@ func Handler() http.Handler {
 		r2.URL.Path = "/" + name
 		files.ServeHTTP(w, r2)
 	})
-	return mux
+	// Every answer carries the headers, the mux's own refusals too (405
+	// for a POST): a browser renders those as well.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		setHeaders(w)
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // setHeaders sets the security headers of every answer. The files change

@@ -128,3 +128,21 @@ func TestFilesNeedNothingTheCSPForbids(t *testing.T) {
 		t.Errorf("walked %d files, want the page, its style, icon and modules", n)
 	}
 }
+
+// TestEveryAnswerHasTheSecurityHeaders: not only the files, but the
+// refusals too (a method other than GET or HEAD, a missing file, a
+// directory), since a browser renders those as well.
+func TestEveryAnswerHasTheSecurityHeaders(t *testing.T) {
+	h := Handler()
+	for _, method := range []string{"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"} {
+		for _, p := range []string{"/console/", "/console/app.css", "/console/js/", "/console/nothing", "/console/..%2fgo.mod", "/console/index.html"} {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(method, p, nil))
+			for _, k := range []string{"Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy"} {
+				if rec.Header().Get(k) == "" {
+					t.Errorf("%s %s (%d): no %s", method, p, rec.Code, k)
+				}
+			}
+		}
+	}
+}
