@@ -77,6 +77,20 @@ export async function conversationPage(ctx, id) {
     reset.disabled = !d.is_active;
   }
 
+  // A conversation id the page has seen, with another creation time or
+  // fewer messages, is a new conversation of an erased session.
+  const seen = new Map(); // conversation id -> {created, count}
+  function remember(d) {
+    for (const c of d.conversations) seen.set(c.id, { created: c.created_at, count: c.message_count });
+  }
+  function erasedSince(d) {
+    return d.conversations.some((c) => {
+      const s = seen.get(c.id);
+      return s && (s.created !== c.created_at || c.message_count < s.count);
+    });
+  }
+  remember(detail);
+
   let refreshTimer = 0;
   async function refresh(soon) {
     clearTimeout(refreshTimer);
@@ -85,7 +99,16 @@ export async function conversationPage(ctx, id) {
       return;
     }
     try {
-      view.detail = await api(sessionPath(id), { signal: ctx.signal });
+      const fresh = await api(sessionPath(id), { signal: ctx.signal });
+      if (erasedSince(fresh)) {
+        // The session was erased and began again: what the page shows is
+        // gone from the store, and the watch does not say so. Start over.
+        toast('This session was erased and began again: showing what is stored now.', 'error');
+        ctx.navigate(location.hash);
+        return;
+      }
+      remember(fresh);
+      view.detail = fresh;
       paint();
     } catch (e) {
       if (e instanceof AuthError) ctx.needLogin('The token was refused; sign in again.');
