@@ -181,47 +181,103 @@ func transcriptCommand(ctx context.Context, args []string, getenv func(string) s
 		return err
 	}
 	defer closeStore()
-	s, ok, err := store.Session(ctx, id)
-	if err != nil {
-		return err
-	}
-	if !ok {
+	snap, err := readTranscript(ctx, store, id, conv)
+	if errors.Is(err, errNoSession) {
 		return fmt.Errorf("no session %q in %s", id, storeName(cfg.Redis))
 	}
-	convs, err := store.Conversations(ctx, id)
 	if err != nil {
 		return err
 	}
-	if conv == "" {
-		conv = s.ConversationID
-	}
-	var meta *history.Conversation
-	for i := range convs {
-		if convs[i].ID == conv {
-			meta = &convs[i]
-		}
-	}
-	if meta == nil {
-		return fmt.Errorf("session %q has no conversation %q", id, conv)
-	}
-	_, msgs, err := store.ReadMessages(ctx, id, history.MessageQuery{Conversation: conv})
-	if err != nil {
-		return err
-	}
+	s, meta := snap.session, snap.conversation
 	_, _, agentName, _ := history.SplitID(id)
 	active := admin.Active(s, policy(cfg)(agentName), time.Now().UnixMilli())
 	t := Transcript{
 		Session:      admin.SessionView(s, active),
-		Conversation: admin.ConversationView(*meta, active && conv == s.ConversationID),
+		Conversation: admin.ConversationView(meta, active && meta.ID == s.ConversationID),
 		Messages:     []admin.Entry{},
 	}
-	for _, m := range msgs {
+	for _, m := range snap.messages {
 		t.Messages = append(t.Messages, admin.EntryView(m))
 	}
 	if asJSON {
 		return writeIndented(stdout, t)
 	}
-	return writeTranscript(stdout, t, len(convs))
+	return writeTranscript(stdout, t, snap.conversations)
+}
+
+// transcriptStore is what a transcript reads.
+type transcriptStore interface {
+	Session(ctx context.Context, session string) (history.Session, bool, error)
+	Conversations(ctx context.Context, session string) ([]history.Conversation, error)
+	ReadMessages(ctx context.Context, session string, q history.MessageQuery) (string, []history.Message, error)
+}
+
+// transcriptSnapshot is a session, one of its conversations and that
+// conversation's messages, as they were at one moment.
+type transcriptSnapshot struct {
+	session       history.Session
+	conversation  history.Conversation
+	conversations int // the session's number of conversations
+	messages      []history.Message
+}
+
+var errNoSession = errors.New("no such session")
+
+// transcriptReads bounds the reads of a session written to without pause.
+const transcriptReads = 5
+
+// readTranscript reads session id's conversation conv (its latest when
+// conv is ""). The session, its conversations and the messages are
+// separate reads: a turn appended between them (the proxy is running)
+// would show its messages under totals that do not count it yet. So the
+// session is read again after the messages, and all of it once more when
+// it changed; every append changes it (its message count and totals), and
+// they only grow, so an unchanged session means no turn came in between.
+// A session written to faster than it can be read is printed as last read,
+// its header a turn or so apart from its messages.
+func readTranscript(ctx context.Context, store transcriptStore, id, conv string) (transcriptSnapshot, error) {
+	s, ok, err := store.Session(ctx, id)
+	if err != nil {
+		return transcriptSnapshot{}, err
+	}
+	if !ok {
+		return transcriptSnapshot{}, errNoSession
+	}
+	for i := 1; ; i++ {
+		convs, err := store.Conversations(ctx, id)
+		if err != nil {
+			return transcriptSnapshot{}, err
+		}
+		want := conv
+		if want == "" {
+			want = s.ConversationID
+		}
+		snap := transcriptSnapshot{session: s, conversations: len(convs)}
+		found := false
+		for _, c := range convs {
+			if c.ID == want {
+				snap.conversation, found = c, true
+			}
+		}
+		if !found {
+			return transcriptSnapshot{}, fmt.Errorf("session %q has no conversation %q", id, want)
+		}
+		_, snap.messages, err = store.ReadMessages(ctx, id, history.MessageQuery{Conversation: want})
+		if err != nil {
+			return transcriptSnapshot{}, err
+		}
+		again, ok, err := store.Session(ctx, id)
+		if err != nil {
+			return transcriptSnapshot{}, err
+		}
+		if !ok {
+			return transcriptSnapshot{}, errNoSession // erased meanwhile
+		}
+		if again == s || i == transcriptReads {
+			return snap, nil
+		}
+		s = again
+	}
 }
 
 // writeTranscript prints t as text.

@@ -18,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
+	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
@@ -118,6 +119,48 @@ func TestTranscriptCommand(t *testing.T) {
 		_, err := runCommand(t, env, bad.args...)
 		require.ErrorContains(t, err, bad.want, bad.args)
 	}
+}
+
+// turnBetweenReads is a store in which a turn is appended just after the
+// transcript's first read of the session, as the running proxy may do.
+type turnBetweenReads struct {
+	*history.MemoryStore
+	turn func()
+}
+
+func (s *turnBetweenReads) Session(ctx context.Context, id string) (history.Session, bool, error) {
+	got, ok, err := s.MemoryStore.Session(ctx, id)
+	if s.turn != nil {
+		s.turn()
+		s.turn = nil
+	}
+	return got, ok, err
+}
+
+// TestTranscriptIsOneMoment: a turn appended while the transcript is
+// being read shows in its messages and in its header's totals, or in
+// neither (the reads were: the totals without the messages' turn).
+func TestTranscriptIsOneMoment(t *testing.T) {
+	ctx := context.Background()
+	const id = "chat:ann:support"
+	mem := history.NewMemory()
+	turn := func(text string, ms int64) {
+		_, err := mem.Append(ctx, id, history.Turn{NowMs: ms, Usage: history.Usage{PromptTokens: 10, Requests: 1},
+			Messages: []history.Message{{Role: history.RoleUser, Content: text}, {Role: history.RoleAssistant, Content: "ok"}}}, history.Policy{})
+		require.NoError(t, err)
+	}
+	turn("first", 1000)
+	store := &turnBetweenReads{MemoryStore: mem, turn: func() { turn("second", 2000) }}
+	snap, err := readTranscript(ctx, store, id, "")
+	require.NoError(t, err)
+	require.Len(t, snap.messages, 4, "the turn appended during the read")
+	require.EqualValues(t, 2, snap.session.Totals.Requests, "the header counts the turn its messages show")
+	require.EqualValues(t, 4, snap.session.MessageCount)
+
+	_, err = readTranscript(ctx, mem, "chat:bob:support", "")
+	require.ErrorIs(t, err, errNoSession)
+	_, err = readTranscript(ctx, mem, id, "c9")
+	require.ErrorContains(t, err, `has no conversation "c9"`)
 }
 
 func TestSessionsAndEraseCommands(t *testing.T) {
