@@ -54,7 +54,23 @@ func TestLongWordDoesNotSpendTheStoreDeadline(t *testing.T) {
 			t.Run(fmt.Sprintf("fail_closed=%t stream=%t", failClosed, stream), func(t *testing.T) {
 				rs := redistest.Start(t)
 				up := fakeai.New(t)
-				_, srv := redisProxy(t, rs, up, func(o *Options) { o.FailClosed = failClosed })
+				// The store's deadline must outlast a few Redis round trips
+				// (the first call dials and loads the scripts), yet be
+				// shorter than counting the word the way this test guards
+				// against (its whole cost, 64 KiB in one piece: seconds).
+				// A fixed 300 ms failed under a load of 17 on 2 cores with
+				// the race detector: Redis did not answer in time. So the
+				// deadline follows the machine's present speed: half of what
+				// counting 64 KiB of ordinary words takes (what the word
+				// costs when cut as it should be: 1.7 s under that load),
+				// 300 ms at least, as before. A count of the word in one
+				// piece (quadratic) inside the deadline still spends it many
+				// times over, and a bounded count whole inside it, twice.
+				prose := strings.Repeat("The patient was stable, and the doctor said so. ", len(word)/48)
+				t0 := time.Now()
+				sharedCounter.Meter(context.Background(), "gpt-4o", -1).Text(prose)
+				timeout := max(300*time.Millisecond, time.Since(t0)/2)
+				_, srv := redisProxy(t, rs, up, func(o *Options) { o.FailClosed, o.StoreTimeout = failClosed, timeout })
 				session := fmt.Sprintf("c:word%t%t:a", failClosed, stream)
 				req, err := http.NewRequest(http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(
 					fmt.Sprintf(`{"model":"gpt-4o","stream":%t,"messages":[%s]}`, stream, user(word))))
