@@ -85,16 +85,24 @@ func TestConsoleHostile(t *testing.T) {
 		b.open("/session/" + url.PathEscape(id))
 		b.wait("the live watch", `document.querySelector('.live-status')?.dataset.state === 'open' && document.querySelectorAll('li.msg').length === 2`)
 		// Count the characters the page puts into the DOM while the reply
-		// is written: rewriting the whole reply per delta is n²/2.
+		// is written: rewriting the whole reply per delta is n²/2. Nodes
+		// added count their text; text changed in place counts what was
+		// written (appendData its argument, a data assignment its whole
+		// value), not the node's length afterwards, which would make an
+		// append look like a rewrite.
 		eval[bool](b, `(() => {
 			window.__written = 0;
+			const cd = CharacterData.prototype;
+			const append = cd.appendData;
+			cd.appendData = function (s) { window.__written += String(s).length; return append.call(this, s); };
+			const data = Object.getOwnPropertyDescriptor(cd, 'data');
+			Object.defineProperty(cd, 'data', { ...data, set(v) { window.__written += String(v).length; data.set.call(this, v); } });
 			window.__mo = new MutationObserver((recs) => {
 				for (const r of recs) {
-					if (r.type === 'characterData') window.__written += r.target.data.length;
 					for (const n of r.addedNodes) window.__written += (n.textContent || '').length;
 				}
 			});
-			window.__mo.observe(document.querySelector('ol.transcript'), { childList: true, subtree: true, characterData: true });
+			window.__mo.observe(document.querySelector('ol.transcript'), { childList: true, subtree: true });
 			return true;
 		})()`)
 		const n = 5000
