@@ -319,12 +319,12 @@ type streamBody struct {
 	// before [DONE]. A non-nil error aborts the stream before [DONE].
 	finish func(complete bool) error
 
-	once    sync.Once
-	done    bool // [DONE] seen
-	in      []byte
-	out     []byte
-	outPos  int
-	err     error
+	once   sync.Once
+	done   bool // [DONE] seen
+	in     []byte
+	out    []byte
+	outPos int
+	err    error
 	// crEdge: the last event framed ended in a CR that was the last byte
 	// read so far. An LF that comes next completes that CR LF line ending
 	// and is handed on (or dropped, dropLF, with a dropped event) with it.
