@@ -212,7 +212,43 @@ type Agent struct {
 	// generated is recorded incomplete) or finish (the reply is read to
 	// its end from the upstream and recorded complete).
 	OnClientDisconnect string `yaml:"on_client_disconnect"`
+	// Compaction summarizes a long conversation's older turns in the
+	// background, instead of letting them fall out of the window.
+	Compaction Compaction `yaml:"compaction"`
 }
+
+// Compaction is an agent's compaction settings. In an agents entry, a
+// field left out (nil or 0) inherits from defaults.compaction.
+type Compaction struct {
+	// Enabled turns summaries on; default off, so no upstream call is made
+	// that the operator did not ask for.
+	Enabled *bool `yaml:"enabled"`
+	// TriggerMessages: a conversation whose messages not covered by a
+	// summary pass this is compacted after its turn (default 50).
+	TriggerMessages int `yaml:"trigger_messages"`
+	// TargetMessages is how many messages stay uncovered after a
+	// compaction (default 30).
+	TargetMessages int `yaml:"target_messages"`
+	// KeepRecentTurns: the newest this many user turns are never folded
+	// in (default 10).
+	KeepRecentTurns int `yaml:"keep_recent_turns"`
+	// Model summarizes; "" means the model of the request that triggered
+	// the compaction.
+	Model string `yaml:"model"`
+	// Prompt is the summarizer's system prompt; "" means the built-in one.
+	Prompt string `yaml:"prompt"`
+	// MaxSummaryTokens bounds a summary's length (default 512).
+	MaxSummaryTokens int `yaml:"max_summary_tokens"`
+	// Titles generates a conversation's title in the background after its
+	// first turn (default false).
+	Titles *bool `yaml:"titles"`
+}
+
+// On reports whether summaries are enabled.
+func (c Compaction) On() bool { return c.Enabled != nil && *c.Enabled }
+
+// TitlesOn reports whether titles are generated in the background.
+func (c Compaction) TitlesOn() bool { return c.Titles != nil && *c.Titles }
 
 // Tokens configures counting.
 type Tokens struct {
@@ -292,6 +328,14 @@ func Default() Config {
 			Ordering:           OrderingWait,
 			OrderingTimeout:    time.Minute,
 			OnClientDisconnect: DisconnectCancel,
+			Compaction: Compaction{
+				Enabled:          new(bool),
+				TriggerMessages:  50,
+				TargetMessages:   30,
+				KeepRecentTurns:  10,
+				MaxSummaryTokens: 512,
+				Titles:           new(bool),
+			},
 		},
 		Tokens:           Tokens{DefaultEncoding: "o200k_base"},
 		Metrics:          Metrics{SessionSeriesLimit: 10000, SessionLabel: "id"},
@@ -345,7 +389,37 @@ func (c Config) Agent(name string) Agent {
 	if a.OnClientDisconnect == "" {
 		a.OnClientDisconnect = d.OnClientDisconnect
 	}
+	a.Compaction = a.Compaction.inherit(d.Compaction)
 	return a
+}
+
+// inherit fills c's unset fields from d.
+func (c Compaction) inherit(d Compaction) Compaction {
+	if c.Enabled == nil {
+		c.Enabled = d.Enabled
+	}
+	if c.TriggerMessages == 0 {
+		c.TriggerMessages = d.TriggerMessages
+	}
+	if c.TargetMessages == 0 {
+		c.TargetMessages = d.TargetMessages
+	}
+	if c.KeepRecentTurns == 0 {
+		c.KeepRecentTurns = d.KeepRecentTurns
+	}
+	if c.Model == "" {
+		c.Model = d.Model
+	}
+	if c.Prompt == "" {
+		c.Prompt = d.Prompt
+	}
+	if c.MaxSummaryTokens == 0 {
+		c.MaxSummaryTokens = d.MaxSummaryTokens
+	}
+	if c.Titles == nil {
+		c.Titles = d.Titles
+	}
+	return c
 }
 
 // redacted replaces a secret in a configuration meant for logs.

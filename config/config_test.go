@@ -87,7 +87,8 @@ func TestDefaultValues(t *testing.T) {
 		{"client.write_timeout", d.Client.WriteTimeout, 30 * time.Second},
 		{"client.idle_timeout", d.Client.IdleTimeout, 2 * time.Minute},
 		{"defaults", d.Defaults, Agent{Mode: ModePerUser, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, Ordering: OrderingWait, OrderingTimeout: time.Minute,
-			OnClientDisconnect: DisconnectCancel}},
+			OnClientDisconnect: DisconnectCancel,
+			Compaction:         Compaction{Enabled: ptr(false), TriggerMessages: 50, TargetMessages: 30, KeepRecentTurns: 10, MaxSummaryTokens: 512, Titles: ptr(false)}}},
 		{"store.retry_queue_bytes", d.Store.RetryQueueBytes, int64(64 << 20)},
 		{"store.lease_ttl", d.Store.LeaseTTL, 10 * time.Second},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
@@ -844,8 +845,12 @@ func TestAgentMerge(t *testing.T) {
 		"mode":    {Mode: ModeOff},
 		"full": {Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6,
 			OnClientDisconnect: DisconnectFinish},
-		"empty": {},
+		"empty":    {},
+		"compacts": {Compaction: Compaction{Enabled: ptr(true), TriggerMessages: 8, Model: "gpt-4.1-mini"}},
+		"stops":    {Compaction: Compaction{Enabled: ptr(false), Titles: ptr(true)}},
 	}
+	cfg.Defaults.Compaction.Enabled = ptr(true)
+	dc := cfg.Defaults.Compaction
 	for _, c := range []struct {
 		name string
 		want Agent
@@ -853,14 +858,24 @@ func TestAgentMerge(t *testing.T) {
 		{"unlisted", cfg.Defaults},
 		{"empty", cfg.Defaults},
 		{"partial", Agent{Mode: ModePerUser, MaxTokens: 8000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Retention: 720 * time.Hour,
-			Ordering: OrderingWait, OrderingTimeout: time.Minute, OnClientDisconnect: DisconnectCancel}},
+			Ordering: OrderingWait, OrderingTimeout: time.Minute, OnClientDisconnect: DisconnectCancel, Compaction: dc}},
 		{"mode", Agent{Mode: ModeOff, MaxTokens: 4000, MaxMessages: 20, OutputReserve: 1024, IdleTimeout: time.Hour, Ordering: OrderingWait, OrderingTimeout: time.Minute,
-			OnClientDisconnect: DisconnectCancel}},
+			OnClientDisconnect: DisconnectCancel, Compaction: dc}},
 		{"full", Agent{Mode: ModeShared, MaxTokens: 1, MaxMessages: 2, OutputReserve: 3, IdleTimeout: 4, Retention: 5, Ordering: OrderingReject, OrderingTimeout: 6,
-			OnClientDisconnect: DisconnectFinish}},
+			OnClientDisconnect: DisconnectFinish, Compaction: dc}},
+		{"compacts", func() Agent {
+			a := cfg.Defaults
+			a.Compaction.TriggerMessages, a.Compaction.Model = 8, "gpt-4.1-mini"
+			return a
+		}()},
+		{"stops", func() Agent {
+			a := cfg.Defaults
+			a.Compaction.Enabled, a.Compaction.Titles = ptr(false), ptr(true)
+			return a
+		}()},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			if got := cfg.Agent(c.name); got != c.want {
+			if got := cfg.Agent(c.name); !reflect.DeepEqual(got, c.want) {
 				t.Errorf("got %+v, want %+v", got, c.want)
 			}
 		})
@@ -1082,4 +1097,50 @@ func yamlKeys(t reflect.Type, prefix string) []string {
 		}
 	}
 	return keys
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// TestCompactionValidation: the compaction settings are checked, every
+// problem named by its key.
+func TestCompactionValidation(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		comp Compaction
+		want string // "" valid
+	}{
+		{"defaults", Compaction{}, ""},
+		{"target at trigger", Compaction{TriggerMessages: 30, TargetMessages: 30}, "agents.a.compaction.target_messages: 30 must be below compaction.trigger_messages (30)"},
+		{"negative keep", Compaction{KeepRecentTurns: -1}, "agents.a.compaction.keep_recent_turns: -1 is negative"},
+		{"huge summary", Compaction{MaxSummaryTokens: 1 << 20}, "agents.a.compaction.max_summary_tokens: 1048576 is above 32768"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := Default()
+			cfg.Agents = map[string]Agent{"a": {Compaction: c.comp}}
+			err := cfg.Validate()
+			switch {
+			case c.want == "" && err != nil:
+				t.Errorf("got %v, want valid", err)
+			case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+				t.Errorf("got %v, want it to contain %q", err, c.want)
+			}
+		})
+	}
+	// A YAML file: enabled is a boolean, and an entry may turn it off
+	// against defaults.
+	dir := t.TempDir()
+	path := dir + "/c.yaml"
+	if err := os.WriteFile(path, []byte("defaults:\n  compaction:\n    enabled: true\nagents:\n  quiet:\n    compaction:\n      enabled: false\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := load(t, []string{"-config", path}, nil)
+	if !cfg.Agent("other").Compaction.On() || cfg.Agent("quiet").Compaction.On() {
+		t.Errorf("enabled: defaults %v, quiet %v; want true, false", cfg.Agent("other").Compaction.On(), cfg.Agent("quiet").Compaction.On())
+	}
+	if err := os.WriteFile(path, []byte("defaults:\n  compaction:\n    enabled: sometimes\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := loadErr(t, []string{"-config", path}, nil); !strings.Contains(err.Error(), `defaults.compaction.enabled: "sometimes" is not true or false`) {
+		t.Errorf("got %v", err)
+	}
 }

@@ -193,6 +193,9 @@ func (fc *fileChecker) duration(n *yaml.Node, field string) {
 
 // scalar checks a plain value by decoding it alone into its field's type.
 func (fc *fileChecker) scalar(n *yaml.Node, t reflect.Type, field string) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem() // an optional value (enabled: in an agents entry)
+	}
 	want := map[reflect.Kind]string{
 		reflect.Bool: "true or false", reflect.String: "a string",
 		reflect.Int: "a whole number", reflect.Int64: "a whole number",

@@ -313,7 +313,27 @@ func (v *validator) agent(field string, a Agent) {
 	if a.OrderingTimeout < 0 {
 		v.addf(field+".ordering_timeout", a.OrderingTimeout, "is negative")
 	}
+	c := a.Compaction
+	for _, n := range []struct {
+		key   string
+		value int
+	}{{"trigger_messages", c.TriggerMessages}, {"target_messages", c.TargetMessages},
+		{"keep_recent_turns", c.KeepRecentTurns}, {"max_summary_tokens", c.MaxSummaryTokens}} {
+		if n.value < 0 {
+			v.addf(field+".compaction."+n.key, n.value, "is negative")
+		}
+	}
+	if c.TriggerMessages > 0 && c.TargetMessages > 0 && c.TargetMessages >= c.TriggerMessages {
+		v.addf(field+".compaction.target_messages", c.TargetMessages,
+			"must be below compaction.trigger_messages (%d): a compaction brings a conversation down from the trigger to the target", c.TriggerMessages)
+	}
+	if c.MaxSummaryTokens > maxSummaryTokens {
+		v.addf(field+".compaction.max_summary_tokens", c.MaxSummaryTokens, "is above %d: a summary is injected into every request", maxSummaryTokens)
+	}
 }
+
+// maxSummaryTokens bounds compaction.max_summary_tokens.
+const maxSummaryTokens = 32768
 
 // passthrough checks upstream.passthrough: each entry is "*" or a
 // net/http ServeMux pattern on a path under /v1 (the path the client

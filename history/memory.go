@@ -35,8 +35,10 @@ type MemoryStore struct {
 	// streams (see Watch).
 	turns map[string]*memTurn
 	lives map[string]*memLive
-	obs   LiveObserver
-	hubs  *hubs
+	// compacting holds the sessions' compaction leases.
+	compacting map[string]memCompaction
+	obs        LiveObserver
+	hubs       *hubs
 }
 
 // MemoryOption configures a MemoryStore.
@@ -100,6 +102,10 @@ type memConv struct {
 	messages          int64
 	title, autoTitle  string
 	titleSet          bool
+	// summary is the id of the latest summary, summaryTo the last id it
+	// covers, summarized how many messages it covers.
+	summary, summaryTo string
+	summarized         int64
 }
 
 // Size estimates, in bytes: what a message, a session, a conversation's
@@ -120,13 +126,14 @@ func messageBytes(m Message) int64 {
 // NewMemory returns an empty in-memory store.
 func NewMemory(opts ...MemoryOption) *MemoryStore {
 	s := &MemoryStore{
-		sessions: map[string]*memSession{},
-		index:    map[string]int64{},
-		now:      time.Now,
-		log:      slog.New(slog.DiscardHandler),
-		turns:    map[string]*memTurn{},
-		lives:    map[string]*memLive{},
-		obs:      noObserver{},
+		sessions:   map[string]*memSession{},
+		index:      map[string]int64{},
+		now:        time.Now,
+		log:        slog.New(slog.DiscardHandler),
+		turns:      map[string]*memTurn{},
+		lives:      map[string]*memLive{},
+		compacting: map[string]memCompaction{},
+		obs:        noObserver{},
 	}
 	for _, o := range opts {
 		o(s)
@@ -199,11 +206,13 @@ func (ss *memSession) search(id string, exclusive bool) int {
 }
 
 // collect mirrors the scripts' collect: up to n (0: all) entries of conv
-// within stream positions [i, j), oldest first or, with rev, newest first.
-func (ss *memSession) collect(conv string, i, j, n int, rev bool) []Message {
+// within stream positions [i, j), oldest first or, with rev, newest first;
+// summaries left out when nosum.
+func (ss *memSession) collect(conv string, i, j, n int, rev bool, nosum ...bool) []Message {
 	var out []Message
+	skip := len(nosum) > 0 && nosum[0]
 	take := func(k int) bool {
-		if ss.stream[k].Conversation == conv {
+		if ss.stream[k].Conversation == conv && !(skip && ss.stream[k].Kind == KindSummary) {
 			out = append(out, cloneMessage(ss.stream[k]))
 		}
 		return n > 0 && len(out) >= n
@@ -246,7 +255,12 @@ func (s *MemoryStore) Window(ctx context.Context, session string, n int, nowMs i
 		return w, nil
 	}
 	s.expire(ss, s.now())
-	msgs := ss.collect(ss.conversation, ss.search(c.start, false), ss.search(c.last, true), n, true)
+	from := ss.search(c.start, false)
+	if m, ok := ss.entry(c.summary); ok {
+		w.Summary = &m
+		from = ss.search(c.summaryTo, true)
+	}
+	msgs := ss.collect(ss.conversation, from, ss.search(c.last, true), n, true, true)
 	if len(msgs) > 0 {
 		w.Messages = make([]Message, len(msgs))
 		for i, m := range msgs {
@@ -388,6 +402,7 @@ func (s *MemoryStore) appendTurn(session string, t Turn, p Policy) AppendResult 
 	}
 	c.last = r.IDs[len(r.IDs)-1]
 	c.messages += int64(len(t.Messages))
+	r.Unsummarized = c.messages - c.summarized
 	c.lastMs = max(c.lastMs, t.NowMs)
 	if title := turnTitle(t.Messages); title != "" && c.autoTitle == "" {
 		c.autoTitle = title
@@ -715,6 +730,7 @@ func (s *MemoryStore) erase(session string) Erased {
 	}
 	s.expire(ss, s.now())
 	delete(s.sessions, session)
+	delete(s.compacting, session)
 	s.bytes -= ss.bytes
 	return Erased{Found: true, Conversations: ss.conversations, Messages: int64(len(ss.stream))}
 }

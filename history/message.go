@@ -24,7 +24,7 @@ const (
 	KindMessage    = "message"     // plain user or assistant text
 	KindToolCall   = "tool_call"   // assistant message that carries tool_calls
 	KindToolResult = "tool_result" // role tool, answers a tool call
-	KindSummary    = "summary"     // compaction of older turns (future)
+	KindSummary    = "summary"     // compaction of older turns: see Summary
 )
 
 // Statuses of stored messages.
@@ -81,6 +81,12 @@ type Message struct {
 	// finds where its first attempt was recorded, so it can be given the
 	// context that attempt had.
 	IdempotencyKey string
+	// CoversFrom and CoversTo, on a message of KindSummary, are the ids of
+	// the first and last stream entries of its conversation that it
+	// summarizes (every message between them, inclusive, summaries
+	// aside); Covers is how many messages that is.
+	CoversFrom, CoversTo string
+	Covers               int64
 }
 
 // Usage is what one request adds to a session's all-time totals.
@@ -175,12 +181,22 @@ type AppendResult struct {
 	IDs             []string // ids of the appended messages, in order
 	Duplicate       bool     // the idempotency key was seen: nothing written
 	NewConversation bool     // this turn started a conversation
+	// Unsummarized is how many messages of the turn's conversation its
+	// latest summary does not cover, this turn's included (all of them
+	// when it has no summary); 0 for a duplicate. Compaction is queued
+	// on it.
+	Unsummarized int64
 }
 
 // Window is the newest part of a session's active conversation.
 type Window struct {
 	ConversationID string // empty when there is no active conversation
-	Messages       []Message
+	// Messages are the newest messages of the conversation after the
+	// range its latest summary covers; summaries are never among them.
+	Messages []Message
+	// Summary is the conversation's latest summary (KindSummary), nil
+	// when it has none.
+	Summary *Message
 	// Waited is how long TakeTurn waited for the session's turn: 0 when
 	// the session was free.
 	Waited time.Duration

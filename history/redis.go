@@ -103,10 +103,16 @@ func (s *RedisStore) sessionKeys(id string) []string {
 // entry's conversation, because a turn that was read from a conversation
 // is written to it even when a newer one began meanwhile.
 const luaLib = `
+-- issum reports whether stream entry e is a summary: its kind comes right
+-- after its conversation (see encodeSummary).
+local function issum(e)
+  return e[2][3] == 'kind' and e[2][4] == 'summary'
+end
+
 -- collect returns up to n (0: all) entries of conversation conv between
 -- ids lo and hi (inclusive, or exclusive with a '(' prefix), oldest first,
--- or newest first when rev.
-local function collect(stream, conv, lo, hi, n, rev)
+-- or newest first when rev; summaries left out when nosum.
+local function collect(stream, conv, lo, hi, n, rev, nosum)
   local out = {}
   local batch = 256
   if n > 0 and n < batch then batch = n end
@@ -115,7 +121,7 @@ local function collect(stream, conv, lo, hi, n, rev)
     if rev then es = redis.call('XREVRANGE', stream, hi, lo, 'COUNT', batch)
     else es = redis.call('XRANGE', stream, lo, hi, 'COUNT', batch) end
     for _, e in ipairs(es) do
-      if e[2][2] == conv then
+      if e[2][2] == conv and not (nosum and issum(e)) then
         out[#out + 1] = e
         if n > 0 and #out >= n then return out end
       end
@@ -123,6 +129,20 @@ local function collect(stream, conv, lo, hi, n, rev)
     if #es < batch then return out end
     if rev then hi = '(' .. es[#es][1] else lo = '(' .. es[#es][1] end
   end
+end
+
+-- win reads the window of conversation conv: its newest n messages after
+-- the range its latest summary covers, newest first, and that summary
+-- ({} when it has none).
+local function win(convs, stream, conv, n)
+  local r = redis.call('HMGET', convs, conv .. ':start', conv .. ':last', conv .. ':summary', conv .. ':summary_to')
+  if not r[1] then return {{}, {}} end
+  local lo, sum = r[1], {}
+  if r[3] then
+    local e = redis.call('XRANGE', stream, r[3], r[3])
+    if #e == 1 then sum, lo = e[1], '(' .. r[4] end
+  end
+  return {collect(stream, conv, lo, r[2], n, true, true), sum}
 end
 
 -- idlt reports whether stream id a is lower than b.
@@ -139,17 +159,17 @@ end
 // conversation unless it is ended or idle.
 //
 // KEYS: session, conversations, messages. ARGV: n, now ms, idle timeout ms
-// (0: never idle). Returns {} or {conversation id, entries newest first}.
+// (0: never idle). Returns {} or {conversation id, entries newest first,
+// latest summary entry or {}}.
 var windowScript = redis.NewScript(luaLib + `
 local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active')
 if not h[1] or h[3] ~= '1' then return {} end
 local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(h[2] or '0') > idle then return {} end
 local n = tonumber(ARGV[1])
-if n <= 0 then return {h[1], {}} end
-local r = redis.call('HMGET', KEYS[2], h[1] .. ':start', h[1] .. ':last')
-if not r[1] then return {h[1], {}} end
-return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
+if n <= 0 then return {h[1], {}, {}} end
+local w = win(KEYS[2], KEYS[3], h[1], n)
+return {h[1], w[1], w[2]}
 `)
 
 // appendScript writes one turn, and gives back the turn lease the
@@ -163,7 +183,8 @@ return {h[1], collect(KEYS[3], h[1], r[1], r[2], n, true)}
 // conversation, message count, write key, lease token (or ""), generation,
 // wake channel, the generation's last delta (JSON, or ""), then per
 // message its number of field/value strings followed by them.
-// Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate), ids...}.
+// Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate),
+// messages its latest summary does not cover, ids...}.
 var appendScript = redis.NewScript(luaLease + `
 local function write()
   local now = tonumber(ARGV[1])
@@ -291,6 +312,14 @@ if ARGV[19] ~= '' then
   if #res > 2 then last = res[#res] end
   release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
 end
+-- What the conversation's latest summary does not cover: compaction is
+-- queued on it.
+local pending = 0
+if #res > 2 then
+  local c = redis.call('HMGET', KEYS[2], res[1] .. ':messages', res[1] .. ':summarized')
+  pending = tonumber(c[1] or '0') - tonumber(c[2] or '0')
+end
+table.insert(res, 3, pending)
 return res
 `)
 
@@ -308,21 +337,45 @@ func (s *RedisStore) Window(ctx context.Context, session string, n int, nowMs in
 	if err != nil {
 		return Window{}, fmt.Errorf("read window %s: %w", session, err)
 	}
-	conv, entries, err := convEntries(res)
+	if len(res) == 0 {
+		return Window{}, nil
+	}
+	if len(res) != 3 {
+		return Window{}, fmt.Errorf("read window %s: script reply of %d elements, want 3", session, len(res))
+	}
+	w, err := windowOf(res[0], res[1], res[2])
 	if err != nil {
 		return Window{}, fmt.Errorf("read window %s: %w", session, err)
 	}
-	w := Window{ConversationID: conv}
-	if len(entries) > 0 {
-		w.Messages = make([]Message, len(entries))
+	return w, nil
+}
+
+// windowOf builds a Window from a script's conversation id, entries
+// (newest first) and summary entry ({} or nil when none).
+func windowOf(conv, entries, summary any) (Window, error) {
+	id, _ := conv.(string)
+	w := Window{ConversationID: id}
+	es, ok := entries.([]any)
+	if !ok {
+		return Window{}, fmt.Errorf("script reply entries: got %T, want array", entries)
+	}
+	if len(es) > 0 {
+		w.Messages = make([]Message, len(es))
 		// XREVRANGE gives newest first; the window is oldest first.
-		for i, e := range entries {
+		for i, e := range es {
 			m, err := decodeEntry(e)
 			if err != nil {
-				return Window{}, fmt.Errorf("read window %s: %w", session, err)
+				return Window{}, err
 			}
-			w.Messages[len(entries)-1-i] = m
+			w.Messages[len(es)-1-i] = m
 		}
+	}
+	if s, ok := summary.([]any); ok && len(s) > 0 {
+		m, err := decodeEntry(s)
+		if err != nil {
+			return Window{}, err
+		}
+		w.Summary = &m
 	}
 	return w, nil
 }
@@ -533,7 +586,20 @@ func encodeMessage(m Message) []string {
 	}
 	add("status", m.Status)
 	add("idem", m.IdempotencyKey)
+	add("covers_from", m.CoversFrom)
+	add("covers_to", m.CoversTo)
+	if m.Covers != 0 {
+		add("covers", strconv.FormatInt(m.Covers, 10))
+	}
 	return f
+}
+
+// encodeSummary gives a summary's stream fields: its kind first (right
+// after the conversation the script puts before it), so that the scripts
+// that read a window tell it from a message without reading every field.
+func encodeSummary(m Message) []string {
+	m.Kind = ""
+	return append([]string{"kind", KindSummary}, encodeMessage(m)...)
 }
 
 // decodeEntry turns a stream entry, {id, {field, value, ...}}, into a
@@ -595,6 +661,12 @@ func decodeEntry(e any) (Message, error) {
 			m.Status = v
 		case "idem":
 			m.IdempotencyKey = v
+		case "covers_from":
+			m.CoversFrom = v
+		case "covers_to":
+			m.CoversTo = v
+		case "covers":
+			m.Covers, err = strconv.ParseInt(v, 10, 64)
 		}
 		if err != nil {
 			return Message{}, fmt.Errorf("stream entry %s field %s: %w", id, k, err)
@@ -625,13 +697,14 @@ func convEntries(res []any) (string, []any, error) {
 
 func parseAppend(v any) (AppendResult, error) {
 	res, ok := v.([]any)
-	if !ok || len(res) < 2 {
-		return AppendResult{}, fmt.Errorf("script reply: got %v, want [conversation status ids...]", v)
+	if !ok || len(res) < 3 {
+		return AppendResult{}, fmt.Errorf("script reply: got %v, want [conversation status unsummarized ids...]", v)
 	}
 	conv, _ := res[0].(string)
 	status, _ := res[1].(int64)
-	r := AppendResult{ConversationID: conv, Duplicate: status == 2, NewConversation: status == 1}
-	for _, id := range res[2:] {
+	pending, _ := res[2].(int64)
+	r := AppendResult{ConversationID: conv, Duplicate: status == 2, NewConversation: status == 1, Unsummarized: pending}
+	for _, id := range res[3:] {
 		s, ok := id.(string)
 		if !ok {
 			return AppendResult{}, fmt.Errorf("script reply id: got %T, want string", id)

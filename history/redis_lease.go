@@ -146,7 +146,8 @@ end
 // not queue), wake channel.
 // Returns {0, ms until the lease or the first waiter's place runs out}
 // when busy, else {1, conversation or ”, its first entry's id or ”,
-// watch mark or ”}.
+// watch mark or ”, latest summary entry or {}, the last id that summary
+// covers or ”}.
 var takeScript = redis.NewScript(luaLease + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
@@ -187,7 +188,13 @@ if not s[1] or s[3] ~= '1' then return {1, '', '', mark} end
 local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', '', mark} end
 if tonumber(ARGV[1]) <= 0 then return {1, s[1], '', mark} end
-return {1, s[1], redis.call('HGET', KEYS[2], s[1] .. ':start') or '', mark}
+local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':summary', s[1] .. ':summary_to')
+local sum, to = {}, ''
+if r[2] then
+  local e = redis.call('XRANGE', KEYS[3], r[2], r[2])
+  if #e == 1 then sum, to = e[1], r[3] end
+end
+return {1, s[1], r[1] or '', mark, sum, to}
 `)
 
 // releaseScript gives a lease up without a turn, or takes a waiter that
@@ -251,7 +258,7 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 		res, newest, err := s.takeRead(opCtx, keys, n, []any{n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
 			boolArg(o.Hold), boolArg(o.Wait <= 0), channel})
 		var w Window
-		if err == nil && len(res) == 4 {
+		if err == nil && len(res) >= 4 {
 			w, err = s.takeWindow(opCtx, keys, n, res, newest)
 		}
 		cancel()
@@ -356,12 +363,13 @@ func (s *RedisStore) takeRead(ctx context.Context, keys []string, n int, args []
 }
 
 // takeWindow makes the window of takeScript's {1, conversation, first
-// entry id, mark} out of newest, the stream's newest n entries: those of
-// the conversation. They hold all of its window unless fewer than n are
-// its own while the stream goes on past them into it (turns written late
-// to an older conversation, which a reply that outlasted a new one's start
-// does): then the window is read by a script of its own, a second round
-// trip.
+// entry id, mark, summary, summary's last id} out of newest, the stream's
+// newest n entries: those of the conversation after the range its latest
+// summary covers, summaries left out. They hold all of its window unless
+// fewer than n are such while the stream goes on past them into that range
+// (turns written late to an older conversation, which a reply that
+// outlasted a new one's start does; summaries among them): then the window
+// is read by a script of its own, a second round trip.
 func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, newest []any) (Window, error) {
 	conv, _ := res[1].(string)
 	first, _ := res[2].(string)
@@ -369,20 +377,40 @@ func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, 
 	if conv == "" || first == "" {
 		return w, nil
 	}
+	lo, inclusive := first, true
+	if len(res) >= 6 {
+		if e, ok := res[4].([]any); ok && len(e) > 0 {
+			m, err := decodeEntry(e)
+			if err != nil {
+				return Window{}, err
+			}
+			w.Summary = &m
+			if to, _ := res[5].(string); to != "" {
+				lo, inclusive = to, false
+			}
+		}
+	}
 	var entries []any
 	for _, e := range newest {
-		if entryConversation(e) == conv {
+		id := entryID(e)
+		if entryConversation(e) == conv && !entrySummary(e) && (compareIDs(id, lo) > 0 || (inclusive && id == lo)) {
 			entries = append(entries, e)
 		}
 	}
-	if len(entries) < n && len(newest) == n && compareIDs(entryID(newest[n-1]), first) > 0 {
-		read, err := readScript.Run(ctx, s.client, keys[:3], conv, "", "", n, 1).Slice()
+	if len(entries) < n && len(newest) == n && compareIDs(entryID(newest[n-1]), lo) > 0 {
+		read, err := windowScript.Run(ctx, s.client, keys[:3], n, 0, 0).Slice()
 		if err != nil {
 			return Window{}, fmt.Errorf("read window: %w", err)
 		}
-		if _, entries, err = convEntries(read); err != nil {
-			return Window{}, fmt.Errorf("read window: %w", err)
+		if len(read) != 3 {
+			return Window{}, fmt.Errorf("read window: script reply of %d elements, want 3", len(read))
 		}
+		if id, _ := read[0].(string); id != conv {
+			// A new conversation began between the two reads: the
+			// turn belongs to the one read first, which is this one.
+			return w, nil
+		}
+		entries, _ = read[1].([]any)
 	}
 	if len(entries) > 0 {
 		w.Messages = make([]Message, len(entries))
@@ -405,6 +433,17 @@ func entryID(e any) string {
 	}
 	id, _ := pair[0].(string)
 	return id
+}
+
+// entrySummary reports whether a stream entry is a summary: its kind comes
+// right after its conversation (see encodeSummary).
+func entrySummary(e any) bool {
+	pair, _ := e.([]any)
+	if len(pair) != 2 {
+		return false
+	}
+	fields, _ := pair[1].([]any)
+	return len(fields) >= 4 && fields[2] == "kind" && fields[3] == KindSummary
 }
 
 // entryConversation is the conversation a stream entry belongs to: its

@@ -474,6 +474,9 @@ func (s *RedisStore) Erase(ctx context.Context, session string) (Erased, error) 
 	for _, c := range old {
 		keys = append(keys, s.key(session, "conv:"+c))
 	}
+	// A compaction that runs on meanwhile finds its lease gone and stores
+	// nothing.
+	keys = append(keys, s.compactKey(session))
 	res, err := s.runPipelined(ctx, eraseScript, keys, nil, func(pipe redis.Pipeliner) {
 		for _, k := range s.indexKeys(session) {
 			pipe.ZRem(ctx, k, session)

@@ -661,6 +661,7 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 	})
 
 	testAdminConformance(t, newFixture)
+	testSummaryConformance(t, newFixture)
 }
 
 func TestMemoryStore(t *testing.T) {
