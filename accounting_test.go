@@ -228,9 +228,9 @@ func TestAccountingUnderMixedTraffic(t *testing.T) {
 		all.nanos += s.extra.nanos
 		labels := `agent="` + s.agent + `",channel="` + s.channel + `",model="` + s.model + `"`
 		for typ, v := range map[string]int64{"prompt": all.prompt, "completion": all.completion, "cached": all.cached, "reasoning": all.reasoning, "history": all.history} {
-			require.Equal(t, float64(v), m[`historyproxy_tokens_total{`+labels+`,type="`+typ+`"}`], "%s: %s tokens", session, typ)
+			require.Equal(t, float64(v), m[`historyproxy_tokens_total{`+labels+`,purpose="chat",type="`+typ+`"}`], "%s: %s tokens", session, typ)
 		}
-		require.Equal(t, float64(all.nanos)/1e9, m[`historyproxy_cost_usd_total{`+labels+`}`], "%s: cost", session)
+		require.Equal(t, float64(all.nanos)/1e9, m[`historyproxy_cost_usd_total{`+labels+`,purpose="chat"}`], "%s: cost", session)
 		require.Equal(t, float64(all.requests), m[`historyproxy_requests_total{`+labels+`,code="200"}`], "%s: answered requests", session)
 	}
 	require.Equal(t, 2.0, m[`historyproxy_requests_total{agent="support",channel="chat",model="gpt-4o-mini",code="429"}`])
@@ -324,10 +324,10 @@ func agreeing(t *testing.T, p *program, rs *redistest.Server, session, channel, 
 	labels := `agent="` + agent + `",channel="` + channel + `",model="` + model + `"`
 	for typ, field := range map[string]string{"prompt": "prompt_tokens", "completion": "completion_tokens", "cached": "cached_tokens", "history": "history_tokens"} {
 		require.Equal(t, float64(redis[field]), m[`historyproxy_session_tokens_total{session="`+session+`",type="`+typ+`"}`], "session %s tokens: Prometheus against Redis %s", typ, field)
-		require.Equal(t, float64(redis[field]), m[`historyproxy_tokens_total{`+labels+`,type="`+typ+`"}`], "%s tokens: Prometheus against Redis %s", typ, field)
+		require.Equal(t, float64(redis[field]), m[`historyproxy_tokens_total{`+labels+`,purpose="chat",type="`+typ+`"}`], "%s tokens: Prometheus against Redis %s", typ, field)
 	}
 	require.Equal(t, float64(redis["cost_nanos"])/1e9, m[`historyproxy_session_cost_usd_total{session="`+session+`"}`], "session cost: Prometheus against Redis")
-	require.Equal(t, float64(redis["cost_nanos"])/1e9, m[`historyproxy_cost_usd_total{`+labels+`}`], "cost: Prometheus against Redis")
+	require.Equal(t, float64(redis["cost_nanos"])/1e9, m[`historyproxy_cost_usd_total{`+labels+`,purpose="chat"}`], "cost: Prometheus against Redis")
 	return redis
 }
 

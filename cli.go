@@ -304,7 +304,7 @@ func writeTranscript(w io.Writer, t Transcript, conversations int) error {
 		b.WriteString("\n")
 		var head strings.Builder
 		fmt.Fprintf(&head, "[%s] %s", shortTime(m.CreatedAt), speaker(m))
-		if m.Model != nil && m.Role == history.RoleAssistant {
+		if m.Model != nil && (m.Role == history.RoleAssistant || m.Kind == history.KindSummary) {
 			fmt.Fprintf(&head, " (%s)", *m.Model)
 		}
 		fmt.Fprintf(&head, ", %d tokens", m.Tokens)
@@ -324,6 +324,10 @@ func writeTranscript(w io.Writer, t Transcript, conversations int) error {
 // speaker names who wrote a message.
 func speaker(m admin.Entry) string {
 	switch {
+	case m.Kind == history.KindSummary && m.Covers != nil:
+		// What the model is given in place of the messages it covers,
+		// which stay stored (above).
+		return fmt.Sprintf("summary of %d messages (%s to %s)", m.Covers.Messages, m.Covers.From, m.Covers.To)
 	case m.Kind == history.KindSummary:
 		return "summary of earlier turns"
 	case m.Role == history.RoleTool:

@@ -25,12 +25,14 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/historyproxy/historyproxy/admin"
+	"github.com/historyproxy/historyproxy/compaction"
 	"github.com/historyproxy/historyproxy/config"
 	"github.com/historyproxy/historyproxy/console"
 	"github.com/historyproxy/historyproxy/history"
 	"github.com/historyproxy/historyproxy/metrics"
 	"github.com/historyproxy/historyproxy/proxy"
 	"github.com/historyproxy/historyproxy/tokens"
+	upstreamclient "github.com/historyproxy/historyproxy/upstream"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -231,6 +233,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return fmt.Errorf("upstream %q: %w", cfg.Upstream.URL, err)
 	}
+	catalog := tokens.NewCatalog(models)
+	// Summaries and titles: queued after turns, run in the background,
+	// never in a request's path.
+	worker := compaction.New(compaction.Options{
+		Store: store,
+		Upstream: upstreamclient.New(upstreamclient.Options{URL: upstream, APIKey: cfg.Upstream.APIKey,
+			Organization: cfg.Upstream.Organization, Project: cfg.Upstream.Project}),
+		Counter:      counter,
+		Catalog:      catalog,
+		Settings:     func(name string) compaction.Settings { return compactionSettings(cfg.Agent(name).Compaction) },
+		Metrics:      met,
+		StoreTimeout: cfg.Store.Timeout,
+		Logger:       log.With("component", "compaction"),
+	})
+	warnCompactionGap(cfg, log)
+	wctx, stopWorker := context.WithCancel(context.Background())
+	workerDone := make(chan struct{})
+	go func() { // stops when stopWorker is called, at shutdown
+		defer close(workerDone)
+		worker.Run(wctx)
+	}()
+	defer func() { stopWorker(); <-workerDone }()
 	px, err := proxy.New(proxy.Options{
 		Upstream:        upstream,
 		APIKey:          cfg.Upstream.APIKey,
@@ -243,13 +267,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		UpstreamIdleTimeout: cfg.Upstream.StreamIdleTimeout,
 		Store:               store,
 		Counter:             counter,
-		Catalog:             tokens.NewCatalog(models),
+		Catalog:             catalog,
 		Agent:               func(name string) proxy.Agent { return agent(cfg.Agent(name)) },
-		Metrics:             met,
-		DefaultChannel:      cfg.Session.DefaultChannel,
-		DefaultAgent:        cfg.Session.DefaultAgent,
-		RequireSession:      cfg.Session.Require,
-		MaxBodyBytes:        cfg.MaxBodyBytes,
+		AfterTurn: func(r proxy.Recorded) {
+			worker.Recorded(compaction.Turn{Session: r.Session, Channel: r.Channel, Agent: r.Agent, Conversation: r.Conversation,
+				Model: r.Model, Auth: r.Auth, Unsummarized: r.Unsummarized, NewConversation: r.NewConversation})
+		},
+		Metrics:        met,
+		DefaultChannel: cfg.Session.DefaultChannel,
+		DefaultAgent:   cfg.Session.DefaultAgent,
+		RequireSession: cfg.Session.Require,
+		MaxBodyBytes:   cfg.MaxBodyBytes,
 		// Past this, chat requests get 503: see README, Reliability.
 		MaxInflightBytes: cfg.MaxInflightBytes,
 		StoreTimeout:     cfg.Store.Timeout,
@@ -294,6 +322,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 			StoreTimeout: cfg.Store.Timeout,
 			Recent:       met.Recent(),
 			Started:      time.Now(),
+			Compactor:    worker,
 			Logger:       log,
 		})
 		api = conversations.Handler()
@@ -410,6 +439,7 @@ const sweepInterval = time.Minute
 type store interface {
 	proxy.Store
 	admin.Store
+	compaction.Store
 }
 
 // newStore builds the configured store; obs counts its turn leases and
@@ -536,6 +566,29 @@ func storeName(rc config.Redis) string {
 		return "redis sentinel " + rc.SentinelMaster
 	}
 	return "memory"
+}
+
+// compactionSettings is an agent's compaction configuration as the worker
+// takes it.
+func compactionSettings(c config.Compaction) compaction.Settings {
+	return compaction.Settings{Enabled: c.On(), TriggerMessages: c.TriggerMessages, TargetMessages: c.TargetMessages,
+		KeepRecentTurns: c.KeepRecentTurns, Model: c.Model, Prompt: c.Prompt, MaxSummaryTokens: c.MaxSummaryTokens, Titles: c.TitlesOn()}
+}
+
+// warnCompactionGap warns of agents whose messages between a summary and
+// the window are injected by neither: max_messages below the number a
+// compaction leaves uncovered.
+func warnCompactionGap(cfg config.Config, log *slog.Logger) {
+	check := func(name string, a config.Agent) {
+		if c := a.Compaction; c.On() && a.MaxMessages > 0 && a.MaxMessages < c.TriggerMessages {
+			log.Warn("compaction: max_messages is below compaction.trigger_messages, so up to the difference of the messages after the latest summary are injected by neither the summary nor the window; raise max_messages, or lower the trigger",
+				"agent", name, "max_messages", a.MaxMessages, "trigger_messages", c.TriggerMessages)
+		}
+	}
+	check("defaults", cfg.Defaults)
+	for name := range cfg.Agents {
+		check(name, cfg.Agent(name))
+	}
 }
 
 func agent(a config.Agent) proxy.Agent {

@@ -326,7 +326,7 @@ func TestFinishAfterClientLeaves(t *testing.T) {
 	require.EqualValues(t, 2, n)
 	require.Eventually(t, func() bool {
 		m := scrapeMetrics(t, a.addrs.Admin)
-		return m[`historyproxy_tokens_total{agent="writer",channel="chat",model="gpt-4o-mini",type="completion"}`] > 0
+		return m[`historyproxy_tokens_total{agent="writer",channel="chat",model="gpt-4o-mini",purpose="chat",type="completion"}`] > 0
 	}, 20*time.Second, 10*time.Millisecond, "its tokens count, as any reply's")
 }
 

@@ -83,6 +83,9 @@ type Options struct {
 	// Heartbeat is how often an idle watch stream sends a comment; 0:
 	// 15s.
 	Heartbeat time.Duration
+	// Compactor runs compactions and title generations on demand; nil:
+	// those routes answer 404.
+	Compactor Compactor
 	Logger    *slog.Logger
 	Now       func() time.Time
 }
@@ -141,6 +144,10 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET /admin/v1/sessions/{id}/watch", a.watch)
 	mux.HandleFunc("PUT /admin/v1/sessions/{id}/title", a.setTitle)
 	mux.HandleFunc("POST /admin/v1/sessions/{id}/reset", a.reset)
+	if a.opt.Compactor != nil {
+		mux.HandleFunc("POST /admin/v1/sessions/{id}/compact", a.compactNow)
+		mux.HandleFunc("POST /admin/v1/sessions/{id}/title:generate", a.generateTitle)
+	}
 	mux.HandleFunc("DELETE /admin/v1/users/{user}", a.eraseUser)
 	mux.HandleFunc("GET /admin/v1/capabilities", a.capabilities)
 	mux.HandleFunc("GET /admin/v1/overview", a.overview)

@@ -90,6 +90,9 @@ type Entry struct {
 	// cost; on a turn's last message only, absent on the others (and on
 	// messages imported by hand or recorded before it was kept).
 	Usage *TurnUsage `json:"usage,omitempty"`
+	// Covers, on a summary, is the range of the conversation's messages
+	// it summarizes.
+	Covers *Covers `json:"covers,omitempty"`
 }
 
 // TurnUsage is one turn's usage: its request's tokens (history included
@@ -100,6 +103,15 @@ type TurnUsage struct {
 	CachedTokens     int64   `json:"cached_tokens"`
 	HistoryTokens    int64   `json:"history_tokens"`
 	CostUSD          float64 `json:"cost_usd"`
+}
+
+// Covers is the range of messages a summary covers: every message of its
+// conversation from From to To (inclusive, summaries aside), Messages of
+// them.
+type Covers struct {
+	From     string `json:"from"`
+	To       string `json:"to"`
+	Messages int64  `json:"messages"`
 }
 
 // timeFormat is RFC 3339 in UTC with milliseconds, the stores' precision.
@@ -183,6 +195,9 @@ func EntryView(m history.Message) Entry {
 	if !m.ContentNull && m.Parts == nil {
 		c := m.Content
 		e.Content = &c
+	}
+	if m.Kind == history.KindSummary {
+		e.Covers = &Covers{From: m.CoversFrom, To: m.CoversTo, Messages: m.Covers}
 	}
 	return e
 }

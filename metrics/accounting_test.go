@@ -34,13 +34,13 @@ func TestHistoryTokensCountOnlyWhenBilled(t *testing.T) {
 		failed.Code = code
 		m.ObserveRequest(failed)
 	}
-	if got := testutil.ToFloat64(m.tokens.WithLabelValues("chat", "support", "gpt-4o", tokenHistory)); got != 19 {
+	if got := testutil.ToFloat64(m.tokens.WithLabelValues("chat", "support", "gpt-4o", tokenHistory, PurposeChat)); got != 19 {
 		t.Errorf("history tokens: got %v, want 19 (the failed requests' prompts were not billed)", got)
 	}
 	if got := testutil.ToFloat64(m.sessionTokens.WithLabelValues(session, tokenHistory)); got != 19 {
 		t.Errorf("session history tokens: got %v, want 19", got)
 	}
-	if got := testutil.ToFloat64(m.tokens.WithLabelValues("chat", "support", "gpt-4o", tokenPrompt)); got != 40 {
+	if got := testutil.ToFloat64(m.tokens.WithLabelValues("chat", "support", "gpt-4o", tokenPrompt, PurposeChat)); got != 40 {
 		t.Errorf("prompt tokens: got %v, want 40", got)
 	}
 	// What was injected is still observed for every request.
@@ -145,7 +145,7 @@ func TestSessionLabelModes(t *testing.T) {
 			require.Equal(t, tc.want, sessionsWithSeries(t, reg))
 			require.Equal(t, tc.tracked, testutil.ToFloat64(m.sessionsActive))
 			// The aggregate series are there in every mode.
-			require.Equal(t, int64(700), m.cost.value("chat", "support", unknownValue))
+			require.Equal(t, int64(700), m.cost.value("chat", "support", unknownValue, PurposeChat))
 		})
 	}
 }
@@ -160,7 +160,7 @@ func TestCostDoesNotDrift(t *testing.T) {
 		m.ObserveRequest(Request{Channel: "c", Agent: "a", Model: "gpt-5-nano", Session: "c:u:a", Code: 200,
 			Reached: true, Billed: true, PromptTokens: 10, CostNanos: 500, Priced: true})
 	}
-	require.Equal(t, int64(n*500), m.cost.value("c", "a", "gpt-5-nano"))
+	require.Equal(t, int64(n*500), m.cost.value("c", "a", "gpt-5-nano", PurposeChat))
 	got := gatheredCounter(t, reg, "historyproxy_cost_usd_total")
 	if got != 0.01 {
 		t.Errorf("cost: got %.17g USD, want exactly 0.01", got)

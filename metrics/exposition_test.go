@@ -22,6 +22,7 @@ import (
 // keep it, the code and the dashboard in step.
 var wantFamilies = []string{
 	"historyproxy_active_generations",
+	"historyproxy_background_calls_total",
 	"historyproxy_busy_rejections_total",
 	"historyproxy_lease_wait_seconds",
 	"historyproxy_cost_usd_total",

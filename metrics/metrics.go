@@ -20,6 +20,7 @@ package metrics
 import (
 	"container/list"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -110,8 +111,8 @@ type Metrics struct {
 	models, channels, agents *valueCap
 
 	requests     *prometheus.CounterVec // channel, agent, model, code
-	tokens       *prometheus.CounterVec // channel, agent, model, type
-	cost         *nanoVec               // channel, agent, model
+	tokens       *prometheus.CounterVec // channel, agent, model, type, purpose
+	cost         *nanoVec               // channel, agent, model, purpose
 	estimated    *prometheus.CounterVec // channel, agent, model
 	unpriced     *prometheus.CounterVec // model
 	truncated    *prometheus.CounterVec // channel, agent
@@ -136,6 +137,8 @@ type Metrics struct {
 	retryDepth    prometheus.Gauge
 	retries       *prometheus.CounterVec // result
 	retryDropped  prometheus.Counter
+
+	background *prometheus.CounterVec // purpose, result
 
 	live live
 
@@ -176,11 +179,11 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 		}, append(cam, "code")),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "tokens_total",
-			Help: "Tokens of requests the upstream answered with success, by type: prompt, completion, cached and reasoning as the upstream reported them (or estimated); history is the part of prompt the proxy injected.",
-		}, append(cam, "type")),
+			Help: "Tokens of requests the upstream answered with success, by type: prompt, completion, cached and reasoning as the upstream reported them (or estimated); history is the part of prompt the proxy injected. By purpose: chat (proxied requests), compaction and title (the proxy's own background calls).",
+		}, append(slices.Clone(cam), "type", "purpose")),
 		cost: newNanoVec(prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "cost_usd_total"),
-			"Cost of proxied requests in US dollars, from the price table; added up in whole nano-USD, so it never drifts by rounding.",
-			cam, nil)),
+			"Cost in US dollars, from the price table, by purpose: chat (proxied requests), compaction and title (background calls); added up in whole nano-USD, so it never drifts by rounding.",
+			append(slices.Clone(cam), "purpose"), nil)),
 		estimated: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "estimated_usage_requests_total",
 			Help: "Requests whose token counts are local estimates because the upstream reported no usage.",
@@ -271,6 +274,10 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 			Namespace: namespace, Name: "retry_dropped_total",
 			Help: "Queued turns given up on (queue full or retries exhausted): history lost.",
 		}),
+		background: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "background_calls_total",
+			Help: "The proxy's own upstream calls, by purpose (compaction, title) and result: ok, error (nothing stored; retried later) or dropped (the queue was full).",
+		}, []string{"purpose", "result"}),
 		live: newLive(),
 	}
 	// A value giving its slot back takes every series it labels with it.
@@ -295,6 +302,11 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 	// first retry, and a dashboard shows 0 rather than "no data".
 	m.retries.WithLabelValues("ok")
 	m.retries.WithLabelValues("error")
+	for _, p := range []string{PurposeCompaction, PurposeTitle} {
+		for _, r := range []string{ResultOK, ResultError, ResultDropped} {
+			m.background.WithLabelValues(p, r)
+		}
+	}
 	// The same for the store operations the proxy makes.
 	for _, op := range StoreOps {
 		m.storeErrors.WithLabelValues(op)
@@ -306,7 +318,7 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 		m.duration, m.upstream, m.ttft, m.upstreamTTFT, m.overhead, m.histMsgs, m.histTokens,
 		m.sessionTokens, m.sessionCost, m.evictions, m.sessionsActive,
 		m.storeDuration, m.storeErrors, m.storeUp,
-		m.retryDepth, m.retries, m.retryDropped,
+		m.retryDepth, m.retries, m.retryDropped, m.background,
 	)
 	reg.MustRegister(m.live.collectors()...)
 	return m
@@ -439,7 +451,7 @@ func (m *Metrics) observe(r Request, l labels) {
 	for i, typ := range tokenTypes {
 		// Adding 0 still creates the series, so every type of a known
 		// channel/agent/model starts at 0 and rate() sees its first increase.
-		addNonNegative(m.tokens.WithLabelValues(channel, agent, model, typ), float64(counts[i]))
+		addNonNegative(m.tokens.WithLabelValues(channel, agent, model, typ, PurposeChat), float64(counts[i]))
 	}
 	// The counters that count only some requests exist, at 0, from the
 	// first request of their channel, agent and model, so that a dashboard
@@ -457,7 +469,7 @@ func (m *Metrics) observe(r Request, l labels) {
 	case r.PromptTokens > 0 || r.CompletionTokens > 0:
 		unpriced.Inc()
 	}
-	m.cost.add(costNanos, channel, agent, model)
+	m.cost.add(costNanos, channel, agent, model, PurposeChat)
 	rc := RecentCounts{Requests: 1, PromptTokens: max(counts[0], 0), CompletionTokens: max(counts[1], 0),
 		CachedTokens: max(counts[2], 0), HistoryTokens: max(counts[4], 0), CostNanos: costNanos}
 	if r.Code >= 400 {
@@ -721,4 +733,77 @@ func (l *sessionLRU) touch(session string) (evicted string, ok bool) {
 	evicted = oldest.Value.(string)
 	delete(l.index, evicted)
 	return evicted, true
+}
+
+// Purposes of upstream calls, the values of the "purpose" label: chat is a
+// proxied request, compaction and title the proxy's own background calls.
+const (
+	PurposeChat       = "chat"
+	PurposeCompaction = "compaction"
+	PurposeTitle      = "title"
+)
+
+// Results of background calls.
+const (
+	ResultOK      = "ok"
+	ResultError   = "error"
+	ResultDropped = "dropped"
+)
+
+// Background is one of the proxy's own upstream calls (a summary, a
+// title), made for a session.
+type Background struct {
+	Purpose string // PurposeCompaction or PurposeTitle
+	Result  string // ResultOK, ResultError, ResultDropped
+	// Channel, Agent, Model and Session are those of the session the call
+	// was made for; its tokens and cost count there, under Purpose.
+	Channel, Agent, Model, Session string
+	// Token counts and cost, when the upstream billed the call (an error
+	// that was billed, an empty answer, carries them too).
+	PromptTokens, CompletionTokens, CachedTokens, ReasoningTokens int64
+	Estimated                                                     bool
+	CostNanos                                                     int64
+	Priced                                                        bool
+}
+
+// ObserveBackground counts one background call: in
+// historyproxy_background_calls_total, and its tokens and cost in the
+// token and cost counters under its purpose and in its session's series.
+func (m *Metrics) ObserveBackground(b Background) {
+	m.background.WithLabelValues(sanitize(b.Purpose), sanitize(b.Result)).Inc()
+	billed := b.PromptTokens > 0 || b.CompletionTokens > 0
+	if !billed {
+		return
+	}
+	r := Request{Channel: b.Channel, Agent: b.Agent, Model: b.Model, Reached: true}
+	m.labelMu.RLock()
+	l, ok := m.labels(r, false)
+	if !ok {
+		m.labelMu.RUnlock()
+		m.labelMu.Lock()
+		defer m.labelMu.Unlock()
+		l, _ = m.labels(r, true)
+	} else {
+		defer m.labelMu.RUnlock()
+	}
+	counts := [5]int64{b.PromptTokens, b.CompletionTokens, b.CachedTokens, b.ReasoningTokens, 0}
+	for i, typ := range tokenTypes {
+		addNonNegative(m.tokens.WithLabelValues(l.channel, l.agent, l.model, typ, b.Purpose), float64(counts[i]))
+	}
+	var cost int64
+	if b.Priced {
+		cost = max(b.CostNanos, 0)
+	} else {
+		m.unpriced.WithLabelValues(l.model).Inc()
+	}
+	m.cost.add(cost, l.channel, l.agent, l.model, b.Purpose)
+	if b.Estimated {
+		m.estimated.WithLabelValues(l.channel, l.agent, l.model).Inc()
+	}
+	if b.Session == "" {
+		return
+	}
+	if session, ok := m.sessionLabel.Label(b.Session); ok {
+		m.observeSession(session, counts, cost)
+	}
 }

@@ -101,7 +101,7 @@ func TestStatelessRequestHasNoSessionSeries(t *testing.T) {
 	if got := testutil.CollectAndCount(m.histMsgs); got != 0 {
 		t.Errorf("history histogram series: got %d, want 0 (stateless requests inject no history)", got)
 	}
-	if got := testutil.ToFloat64(m.tokens.WithLabelValues("api", "default", "gpt-4o", "prompt")); got != 10 {
+	if got := testutil.ToFloat64(m.tokens.WithLabelValues("api", "default", "gpt-4o", "prompt", PurposeChat)); got != 10 {
 		t.Errorf("prompt tokens: got %v, want 10", got)
 	}
 }
@@ -192,11 +192,11 @@ func TestRequestCounters(t *testing.T) {
 		{"requests 200 gpt-4o", m.requests.WithLabelValues("chat", "support", "gpt-4o", "200"), 2},
 		{"requests 502 gpt-4o", m.requests.WithLabelValues("chat", "support", "gpt-4o", "502"), 1},
 		{"requests 200 mystery-1", m.requests.WithLabelValues("chat", "support", "mystery-1", "200"), 1},
-		{"prompt tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "prompt"), 110},
-		{"completion tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "completion"), 22},
-		{"cached tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "cached"), 50},
-		{"reasoning tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "reasoning"), 3},
-		{"history tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "history"), 70},
+		{"prompt tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "prompt", PurposeChat), 110},
+		{"completion tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "completion", PurposeChat), 22},
+		{"cached tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "cached", PurposeChat), 50},
+		{"reasoning tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "reasoning", PurposeChat), 3},
+		{"history tokens", m.tokens.WithLabelValues("chat", "support", "gpt-4o", "history", PurposeChat), 70},
 		{"estimated", m.estimated.WithLabelValues("chat", "support", "gpt-4o"), 1},
 		{"unpriced mystery-1", m.unpriced.WithLabelValues("mystery-1"), 1},
 	}
@@ -216,7 +216,7 @@ func TestRequestCounters(t *testing.T) {
 	if got := testutil.ToFloat64(m.unpriced.WithLabelValues("gpt-4o")); got != 0 {
 		t.Errorf("unpriced gpt-4o: got %v, want 0", got)
 	}
-	if got, want := m.cost.value("chat", "support", "gpt-4o"), int64(123_457_000+987_651_000); got != want {
+	if got, want := m.cost.value("chat", "support", "gpt-4o", PurposeChat), int64(123_457_000+987_651_000); got != want {
 		t.Errorf("cost: got %d nano-USD, want %d", got, want)
 	}
 }
@@ -362,7 +362,7 @@ func TestBadInputDoesNotPanic(t *testing.T) {
 			CostNanos: -10, Priced: true})
 		m.ObserveStore("bad\xff", time.Millisecond, errors.New("boom"))
 	})
-	if got := testutil.ToFloat64(m.tokens.WithLabelValues("\uFFFD", "\uFFFD", "\uFFFD", "prompt")); got != 0 {
+	if got := testutil.ToFloat64(m.tokens.WithLabelValues("\uFFFD", "\uFFFD", "\uFFFD", "prompt", PurposeChat)); got != 0 {
 		t.Errorf("negative prompt tokens: got %v, want 0", got)
 	}
 }

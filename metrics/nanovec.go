@@ -28,8 +28,9 @@ func newNanoVec(desc *prometheus.Desc) *nanoVec {
 	return &nanoVec{desc: desc, series: make(map[nanoKey]*nanoSeries)}
 }
 
-// maxNanoLabels is the most labels a nanoVec has (channel, agent, model).
-const maxNanoLabels = 3
+// maxNanoLabels is the most labels a nanoVec has (channel, agent, model,
+// purpose).
+const maxNanoLabels = 4
 
 // nanoKey is a series' label values as a map key; a fixed array, so that
 // looking a series up allocates nothing.
@@ -37,7 +38,7 @@ type nanoKey [maxNanoLabels]string
 
 func keyOf(values []string) nanoKey {
 	if len(values) > maxNanoLabels {
-		panic("metrics: a nanoVec has at most 3 labels") // a programming error
+		panic("metrics: a nanoVec has at most 4 labels") // a programming error
 	}
 	var k nanoKey
 	copy(k[:], values)

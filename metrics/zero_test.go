@@ -101,8 +101,8 @@ func TestCostExistsAtZero(t *testing.T) {
 	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Reached: true, Code: 429})
 	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "my-llama", Reached: true, Billed: true, Code: 200, PromptTokens: 5})
 	for _, model := range []string{"gpt-4o", "my-llama"} {
-		labels := map[string]string{"channel": "web", "agent": "support", "model": model}
-		if _, ok := series(t, reg, "historyproxy_tokens_total", map[string]string{"channel": "web", "agent": "support", "model": model, "type": "prompt"}); !ok {
+		labels := map[string]string{"channel": "web", "agent": "support", "model": model, "purpose": PurposeChat}
+		if _, ok := series(t, reg, "historyproxy_tokens_total", map[string]string{"channel": "web", "agent": "support", "model": model, "type": "prompt", "purpose": PurposeChat}); !ok {
 			t.Fatalf("%s: no token series", model)
 		}
 		if v, ok := series(t, reg, "historyproxy_cost_usd_total", labels); !ok || v != 0 {
@@ -110,7 +110,7 @@ func TestCostExistsAtZero(t *testing.T) {
 		}
 	}
 	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Reached: true, Billed: true, Code: 200, PromptTokens: 5, Priced: true, CostNanos: 500})
-	if v, _ := series(t, reg, "historyproxy_cost_usd_total", map[string]string{"channel": "web", "agent": "support", "model": "gpt-4o"}); v != 500e-9 {
+	if v, _ := series(t, reg, "historyproxy_cost_usd_total", map[string]string{"channel": "web", "agent": "support", "model": "gpt-4o", "purpose": PurposeChat}); v != 500e-9 {
 		t.Errorf("cost after a billed request: got %v, want 5e-07", v)
 	}
 }

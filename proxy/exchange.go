@@ -124,6 +124,9 @@ type exchange struct {
 	usage                      *tokens.Usage // set by Proxy.usage once the reply has ended
 	newMsgs                    []history.Message
 	counted                    chan struct{} // closed when newMsgs are counted
+	// auth is the client's Authorization, kept for AfterTurn when the
+	// proxy holds no key (background calls use it).
+	auth string
 }
 
 type exchangeKey struct{}
@@ -221,6 +224,9 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	x.record = x.stored != "" && hist != historyReadOnly
+	if x.record && p.opt.AfterTurn != nil && p.opt.APIKey == "" {
+		x.auth = r.Header.Get("Authorization")
+	}
 	if x.record && p.opt.MaxTurnMessages > 0 {
 		if n := req.newCount(); n > p.opt.MaxTurnMessages {
 			// One turn is one store write (a Lua script in Redis, which
@@ -400,11 +406,32 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange, reads bool) (msg
 	}
 	x.conversation = win.ConversationID
 	limits := history.Limits{MaxTokens: budget, MaxMessages: a.MaxMessages}
+	var summary *history.Message
+	if win.Summary != nil {
+		s := history.SummaryMessage(*win.Summary)
+		summary = &s
+	}
+	sel, withSummary := fitSummary(msgs, limits, summary, answered)
+	msgs = sel.Messages
+	if withSummary {
+		msgs = append([]history.Message{*summary}, msgs...)
+	}
+	for _, m := range msgs {
+		x.historyTokens += m.Tokens
+	}
+	x.historyMessages = len(msgs)
+	x.truncated = sel.Truncated || dropped
+	return msgs, false, nil
+}
+
+// selectTurns picks the newest whole turns of msgs within limits. When
+// the request answers a tool call (answered) and no whole turn fits (its
+// user message is beyond the window or the budget), it begins at a whole
+// tool step instead, or the upstream would get tool results with no call
+// before them.
+func selectTurns(msgs []history.Message, limits history.Limits, answered bool) history.Selection {
 	sel := history.Select(msgs, limits)
 	if answered && len(sel.Messages) == 0 {
-		// The request continues a tool loop whose user message is beyond
-		// the window or the budget: begin at a whole tool step instead,
-		// or the upstream gets tool results with no call before them.
 		limits.ToolSteps = true
 		sel = history.Select(msgs, limits)
 		if len(sel.Messages) == 0 {
@@ -415,13 +442,46 @@ func (p *Proxy) selectHistory(ctx context.Context, x *exchange, reads bool) (msg
 			sel = history.Selection{Messages: msgs[len(msgs)-1:], Tokens: last.Tokens, Truncated: len(msgs) > 1}
 		}
 	}
-	msgs = sel.Messages
-	for _, m := range msgs {
-		x.historyTokens += m.Tokens
+	return sel
+}
+
+// fitSummary selects the recent turns to inject beside the conversation's
+// latest summary (nil: none), which counts against the same budget: the
+// summary and one message of max_messages. When both do not fit, the
+// older recent turns yield to the summary, oldest first: the summary holds
+// the whole earlier conversation in a few hundred tokens, an older turn
+// one exchange. But the newest turn never yields: a request continues it
+// ("yes, do that"), so when the summary leaves no room for it, or does
+// not fit the budget at all, the summary is left out and the recent turns
+// get the whole budget. withSummary says whether the summary goes in,
+// before the selected turns.
+func fitSummary(msgs []history.Message, limits history.Limits, summary *history.Message, answered bool) (sel history.Selection, withSummary bool) {
+	full := selectTurns(msgs, limits, answered)
+	if summary == nil || (limits.MaxTokens > 0 && summary.Tokens > limits.MaxTokens) {
+		return full, false
 	}
-	x.historyMessages = len(msgs)
-	x.truncated = sel.Truncated || dropped
-	return msgs, false, nil
+	if len(msgs) == 0 {
+		return full, true // nothing after the summary's range: it alone
+	}
+	if limits.MaxMessages == 1 {
+		return full, false // no room for the summary and the newest turn
+	}
+	rest := limits
+	if rest.MaxTokens > 0 {
+		rest.MaxTokens -= summary.Tokens
+		if rest.MaxTokens == 0 {
+			return full, false
+		}
+	}
+	if rest.MaxMessages > 0 {
+		rest.MaxMessages--
+	}
+	sel = selectTurns(msgs, rest, answered)
+	if len(sel.Messages) == 0 || (rest.MaxTokens > 0 && sel.Tokens > rest.MaxTokens) {
+		// (An answered call forced in over the budget: no summary beside it.)
+		return full, false
+	}
+	return sel, true
 }
 
 // ordered reports whether the request takes its session's turn lease: its
@@ -739,9 +799,15 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 		return nil
 	}
 	t0 := time.Now()
-	_, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
+	res, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
 	p.storeUp(err == nil)
+	if err == nil && p.opt.AfterTurn != nil && len(res.IDs) > 0 {
+		// Background work (compaction, titles) is queued, never run here.
+		p.opt.AfterTurn(Recorded{Session: x.stored, Channel: x.session.Channel, Agent: x.session.Agent,
+			Conversation: res.ConversationID, Model: x.req.Model, Auth: x.auth,
+			Unsummarized: res.Unsummarized, NewConversation: res.NewConversation})
+	}
 	if err == nil {
 		// A client's repeat of a recorded request (res.Duplicate) stores
 		// no second turn, but it did cost a second upstream call: the

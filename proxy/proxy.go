@@ -140,8 +140,29 @@ type Options struct {
 	// bound.
 	ClientWriteTimeout time.Duration
 
+	// AfterTurn, when not nil, is told of each turn written to the store
+	// by a request (not through the retry queue), on the request's path:
+	// it must only queue work, never wait.
+	AfterTurn func(Recorded)
+
 	Logger *slog.Logger
 	Now    func() time.Time
+}
+
+// Recorded is a turn just written, as AfterTurn is told of it.
+type Recorded struct {
+	// Session is the store's id (channel:*:agent in a shared agent);
+	// Channel and Agent are the request's.
+	Session, Channel, Agent string
+	Conversation            string
+	Model                   string
+	// Auth is the request's Authorization header when the proxy holds no
+	// key ("" otherwise): a background call made for the turn uses it.
+	Auth string
+	// Unsummarized counts the conversation's messages its latest summary
+	// does not cover; NewConversation says the turn started it.
+	Unsummarized    int64
+	NewConversation bool
 }
 
 // DefaultPassthrough is what a held key may reach when Options.Passthrough

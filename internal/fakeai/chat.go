@@ -64,6 +64,8 @@ type chatBody struct {
 	N             int              `json:"n"`
 	User          string           `json:"user"`
 	Messages      []map[string]any `json:"messages"`
+	MaxTokens     int              `json:"max_tokens"`
+	MaxCompletion int              `json:"max_completion_tokens"`
 }
 
 type streamOptions struct {
@@ -88,7 +90,8 @@ func parseChat(data []byte) (*ChatRequest, error) {
 }
 
 func (b chatBody) request() *ChatRequest {
-	cr := &ChatRequest{Model: b.Model, Stream: b.Stream, N: b.N, User: b.User, Messages: b.Messages}
+	cr := &ChatRequest{Model: b.Model, Stream: b.Stream, N: b.N, User: b.User, Messages: b.Messages,
+		MaxTokens: b.MaxTokens, MaxCompletionTokens: b.MaxCompletion}
 	if b.StreamOptions != nil {
 		cr.IncludeUsage = b.StreamOptions.IncludeUsage
 	}

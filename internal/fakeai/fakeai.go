@@ -48,10 +48,11 @@ type Server struct {
 
 	seq atomic.Int64 // numbers completions, tool calls and request ids
 
-	mu    sync.Mutex
-	reqs  []Request
-	queue []Reply
-	def   func(ChatRequest) Reply
+	mu        sync.Mutex
+	reqs      []Request
+	queue     []Reply
+	def       func(ChatRequest) Reply
+	intercept func(ChatRequest) (Reply, bool)
 }
 
 // Request is one request as the fake received it.
@@ -78,6 +79,20 @@ type ChatRequest struct {
 	// Messages are the messages as received, decoded into generic maps so a
 	// test sees exactly what the proxy sent (roles, content parts, tool calls).
 	Messages []map[string]any
+	// MaxTokens and MaxCompletionTokens are max_tokens and
+	// max_completion_tokens; 0 when not sent.
+	MaxTokens, MaxCompletionTokens int
+}
+
+// System is the content of the request's first message when it is a
+// system message with text content; "" otherwise. Tests tell the proxy's
+// own calls (a summary, a title) by it.
+func (c ChatRequest) System() string {
+	if len(c.Messages) == 0 || c.Messages[0]["role"] != "system" {
+		return ""
+	}
+	s, _ := c.Messages[0]["content"].(string)
+	return s
 }
 
 // ToolCall is a function call the fake answers with.
@@ -269,9 +284,29 @@ func (s *Server) SetDefault(f func(ChatRequest) Reply) {
 	s.mu.Unlock()
 }
 
-// next returns the reply for req: the oldest queued one, else the default.
-// The default is called without the lock so that it may use the Server.
+// Intercept sets a function that sees every valid chat completion before
+// the queue: when it answers true, its reply is used and the queue is left
+// alone. A test scripts the answers to one kind of request (the proxy's own
+// summarization calls, say) this way, whatever order they come in among
+// the others. It is called without the fake's lock.
+func (s *Server) Intercept(f func(ChatRequest) (Reply, bool)) {
+	s.mu.Lock()
+	s.intercept = f
+	s.mu.Unlock()
+}
+
+// next returns the reply for req: the interceptor's, else the oldest
+// queued one, else the default. The interceptor and the default are called
+// without the lock so that they may use the Server.
 func (s *Server) next(req ChatRequest) Reply {
+	s.mu.Lock()
+	f := s.intercept
+	s.mu.Unlock()
+	if f != nil {
+		if r, ok := f(req); ok {
+			return r
+		}
+	}
 	s.mu.Lock()
 	if len(s.queue) > 0 {
 		r := s.queue[0]

@@ -9,6 +9,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"net/http"
@@ -1119,5 +1120,45 @@ func TestValidateToolOrder(t *testing.T) {
 				t.Fatalf("got ok=%v (%q), want ok=%v", got, msg, tc.ok)
 			}
 		})
+	}
+}
+
+// TestIntercept: an interceptor answers the requests it claims, before the
+// queue, and leaves the others to the queue; max_completion_tokens and the
+// system prompt are seen.
+func TestIntercept(t *testing.T) {
+	s := New(t)
+	s.Enqueue(Reply{Content: "queued"})
+	s.Intercept(func(r ChatRequest) (Reply, bool) {
+		if r.System() != "summarize" {
+			return Reply{}, false
+		}
+		return Reply{Content: fmt.Sprintf("summary (max %d)", r.MaxCompletionTokens)}, true
+	})
+	post := func(body string) string {
+		t.Helper()
+		resp, err := http.Post(s.URL+"/chat/completions", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out struct {
+			Choices []struct {
+				Message struct{ Content string } `json:"message"`
+			} `json:"choices"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || len(out.Choices) == 0 {
+			t.Fatalf("decode: %v", err)
+		}
+		return out.Choices[0].Message.Content
+	}
+	if got := post(`{"model":"m","max_completion_tokens":9,"messages":[{"role":"system","content":"summarize"},{"role":"user","content":"x"}]}`); got != "summary (max 9)" {
+		t.Errorf("intercepted: got %q", got)
+	}
+	if got := post(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`); got != "queued" {
+		t.Errorf("other request: got %q, want the queued reply", got)
+	}
+	if got := s.LastChat().Chat.MaxCompletionTokens; got != 0 {
+		t.Errorf("last request's max_completion_tokens: got %d, want 0", got)
 	}
 }
