@@ -182,6 +182,11 @@ func TestCompactionThresholds(t *testing.T) {
 		req := sum.summary(0)
 		require.Equal(t, "gpt-4o-mini", req.Model, "the model of the request that triggered it")
 		require.Equal(t, 100, req.MaxCompletionTokens)
+		for _, r := range e.up.Requests() {
+			if r.Chat != nil && strings.HasPrefix(r.Chat.System(), "You keep") {
+				require.Equal(t, "Bearer sk-test", r.Header.Get("Authorization"), "the key of the request that triggered it")
+			}
+		}
 		require.Len(t, req.Messages, 2)
 		require.Equal(t, fmt.Sprintf(compaction.DefaultPrompt, 75), req.System())
 		in := req.Messages[1]["content"].(string)
@@ -276,5 +281,198 @@ func TestCompactionLongConversation(t *testing.T) {
 		require.Equal(t, want, n, "one summarization call per compaction")
 		t.Logf("%d summaries; %d of 200 requests had recent turns cut by the budget", want, cut)
 		require.Positive(t, cut, "the budget never pressed: the test proves nothing about it")
+	})
+}
+
+// TestCompactionAcrossInstances: two proxy instances on one Redis; while
+// one compacts a session (its summarizer call held), the other's trigger
+// and an on-demand compaction through its admin API find the lease taken:
+// one summary is made.
+func TestCompactionAcrossInstances(t *testing.T) {
+	rs := redistest.Start(t)
+	b := &adminBackend{name: "redis", rs: rs}
+	path := compactionConfig(t, true, "")
+	a := b.start(t, nil, "-config", path)
+	env := map[string]string{"HISTORYPROXY_UPSTREAM": a.up.URL, "HISTORYPROXY_REDIS_URL": rs.URL, "HISTORYPROXY_REDIS_PREFIX": a.prefix}
+	other := &adminEnv{up: a.up, prefix: a.prefix, p: start(t, env, "-config", path)}
+	sum := newSummarizer(a.up)
+	gate := make(chan struct{})
+	sum.mu.Lock()
+	sum.gate = gate
+	sum.mu.Unlock()
+	const id = "web:bob:support"
+	for i := range 6 {
+		a.chat(t, id, fmt.Sprintf("q%d", i))
+	}
+	<-sum.seen              // instance a's compaction holds the lease, its call waits
+	other.chat(t, id, "q6") // 14 messages: instance other queues one too
+	other.fails(t, http.MethodPost, sessionPath(id, "/compact"), nil, http.StatusConflict, "compaction_running")
+	time.Sleep(300 * time.Millisecond) // other's worker tries, and finds the lease taken
+	close(gate)
+	a.waitSummaries(t, id, 1)
+	time.Sleep(300 * time.Millisecond)
+	n, _, _ := sum.counts()
+	require.Equal(t, 1, n, "summarization calls")
+	require.Len(t, a.summaries(t, id), 1)
+}
+
+// TestCompactionRetry: a summarizer that fails leaves the conversation as
+// it was, is counted, and is retried with backoff until it succeeds.
+func TestCompactionRetry(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, true, ""))
+		sum := newSummarizer(e.up)
+		sum.mu.Lock()
+		sum.fail = 1
+		sum.mu.Unlock()
+		const id = "web:cy:support"
+		for i := range 6 {
+			e.chat(t, id, fmt.Sprintf("q%d", i))
+		}
+		<-sum.seen // the failed call
+		require.Eventually(t, func() bool {
+			return scrapeMetrics(t, e.p.addrs.Admin)[`historyproxy_background_calls_total{purpose="compaction",result="error"}`] == 1
+		}, 10*time.Second, 5*time.Millisecond)
+		require.Empty(t, e.summaries(t, id), "a failed compaction stored something")
+		e.chat(t, id, "q6") // history as it was: no summary
+		require.NotEqual(t, "system", sum.lastChat().Messages[0]["role"])
+		got := e.waitSummaries(t, id, 1) // the retry, after its backoff
+		require.Contains(t, *got[0].Content, "SUMMARY-2")
+		require.Equal(t, 1.0, scrapeMetrics(t, e.p.addrs.Admin)[`historyproxy_background_calls_total{purpose="compaction",result="ok"}`])
+	})
+}
+
+// TestCompactOnDemand: the compact route runs one now, below the trigger,
+// keeping the newest keep_recent_turns user turns, and answers with the
+// summary; below that there is nothing to fold. Compaction need not be
+// enabled for it.
+func TestCompactOnDemand(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+		sum := newSummarizer(e.up)
+		const id = "web:dee:support"
+		e.chat(t, id, "q0 FACT-dee")
+		e.chat(t, id, "q1")
+		var res struct {
+			Conversation string       `json:"conversation"`
+			Compacted    bool         `json:"compacted"`
+			Folded       int          `json:"folded"`
+			Reason       string       `json:"reason"`
+			Summary      *admin.Entry `json:"summary"`
+		}
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/compact"), nil, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
+		require.False(t, res.Compacted)
+		require.Nil(t, res.Summary)
+		require.Contains(t, res.Reason, "nothing to fold")
+		e.chat(t, id, "q2")
+		// The proxy holds no key: the admin call brings one.
+		e.fails(t, http.MethodPost, sessionPath(id, "/compact"), nil, http.StatusBadRequest, "upstream_key_missing")
+		var before admin.SessionDetail
+		e.get(t, sessionPath(id), &before)
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/compact"), map[string]string{"conversation": "c1"}, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
+		checkBackgroundCost(t, e, id, before, "compaction", 1000, 50)
+		require.True(t, res.Compacted)
+		require.Equal(t, 2, res.Folded, "all but the newest 2 user turns")
+		require.Equal(t, "c1", res.Conversation)
+		require.Equal(t, "SUMMARY-1 knows FACT-dee", *res.Summary.Content)
+		require.Equal(t, int64(2), res.Summary.Covers.Messages)
+		require.Equal(t, res.Summary.ID, e.summaries(t, id)[0].ID)
+		e.fails(t, http.MethodPost, sessionPath("web:nobody:support", "/compact"), nil, http.StatusNotFound, "session_not_found")
+		var ae apiError
+		require.Equal(t, http.StatusNotFound, e.call(t, http.MethodPost, sessionPath(id, "/compact"), map[string]string{"conversation": "c9"}, &ae, "X-Upstream-Authorization", "Bearer sk-admin"))
+		require.Equal(t, "conversation_not_found", ae.Error.Code)
+		for _, r := range e.up.Requests() {
+			if r.Chat != nil && strings.HasPrefix(r.Chat.System(), "You keep") {
+				require.Equal(t, "Bearer sk-admin", r.Header.Get("Authorization"), "the key the admin call brought")
+			}
+		}
+		n, _, _ := sum.counts()
+		require.Equal(t, 1, n)
+	})
+}
+
+// TestGenerateTitle: on demand, and in the background after a
+// conversation's first turn with compaction.titles; stored like a title
+// set by hand, its cost counted under the session with purpose title.
+func TestGenerateTitle(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+		sum := newSummarizer(e.up)
+		const id = "web:eve:support"
+		e.chat(t, id, "What is the weather in Paris?")
+		var res struct {
+			Conversation string `json:"conversation"`
+			Title        string `json:"title"`
+		}
+		var before admin.SessionDetail
+		e.get(t, sessionPath(id), &before)
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/title:generate"), nil, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
+		// The call's usage (100 prompt, 5 completion tokens of gpt-4o-mini)
+		// counts under the session, and on the metrics as purpose title.
+		checkBackgroundCost(t, e, id, before, "title", 100, 5)
+		require.Equal(t, "Weather in Paris", res.Title, "quotes and the final period dropped")
+		var s admin.SessionDetail
+		e.get(t, sessionPath(id), &s)
+		require.Equal(t, "Weather in Paris", *s.Conversations[0].Title)
+		require.True(t, s.Conversations[0].TitleSet)
+		_, titles, _ := sum.counts()
+		require.Equal(t, 1, titles)
+		sum.mu.Lock()
+		in := sum.titles[0].Messages[1]["content"]
+		sum.mu.Unlock()
+		require.Contains(t, in, "[user eve]: What is the weather in Paris?")
+
+		bg := b.start(t, nil, "-config", compactionConfig(t, false, "    titles: true\n"))
+		bsum := newSummarizer(bg.up)
+		bg.chat(t, id, "Tell me about Lyon")
+		require.Eventually(t, func() bool {
+			var s admin.SessionDetail
+			bg.get(t, sessionPath(id), &s)
+			return s.Conversations[0].TitleSet && *s.Conversations[0].Title == "Weather in Paris"
+		}, 10*time.Second, 5*time.Millisecond)
+		bg.chat(t, id, "and Nice?")
+		time.Sleep(200 * time.Millisecond)
+		_, titles, _ = bsum.counts()
+		require.Equal(t, 1, titles, "one title per conversation, after its first turn")
+	})
+}
+
+// checkBackgroundCost checks that one background call of purpose, of
+// gpt-4o-mini with these tokens, was added to the session's totals since
+// before, and is on the metrics under its purpose and in the session's
+// series; chat is not.
+func checkBackgroundCost(t *testing.T, e *adminEnv, id string, before admin.SessionDetail, purpose string, prompt, completion int64) {
+	t.Helper()
+	var after admin.SessionDetail
+	e.get(t, sessionPath(id), &after)
+	nanos := prompt*150 + completion*600 // gpt-4o-mini: 0.15 and 0.60 USD per 1M tokens
+	require.Equal(t, prompt, after.Tokens.Prompt-before.Tokens.Prompt, "the session's prompt tokens")
+	require.Equal(t, completion, after.Tokens.Completion-before.Tokens.Completion, "the session's completion tokens")
+	require.InDelta(t, float64(nanos)/1e9, after.CostUSD-before.CostUSD, 1e-12, "the session's cost")
+	require.Equal(t, before.Requests, after.Requests, "a background call is not a request of the session")
+	m := scrapeMetrics(t, e.p.addrs.Admin)
+	labels := `agent="support",channel="web",model="gpt-4o-mini",purpose="` + purpose + `"`
+	require.Equal(t, float64(prompt), m[`historyproxy_tokens_total{`+labels+`,type="prompt"}`])
+	require.Equal(t, float64(completion), m[`historyproxy_tokens_total{`+labels+`,type="completion"}`])
+	require.InDelta(t, float64(nanos)/1e9, m[`historyproxy_cost_usd_total{`+labels+`}`], 1e-12)
+	require.Equal(t, 1.0, m[`historyproxy_background_calls_total{purpose="`+purpose+`",result="ok"}`])
+	require.Equal(t, after.CostUSD, m[`historyproxy_session_cost_usd_total{session="`+id+`"}`], "the session's series: chat and background")
+}
+
+// TestCompactionOff: with compaction off (the default), a long
+// conversation makes no upstream call but its own.
+func TestCompactionOff(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+		sum := newSummarizer(e.up)
+		const id = "web:fay:support"
+		for i := range 15 {
+			e.chat(t, id, fmt.Sprintf("q%d", i))
+		}
+		time.Sleep(300 * time.Millisecond)
+		s, ti, chats := sum.counts()
+		require.Equal(t, [3]int{0, 0, 15}, [3]int{s, ti, chats}, "summaries, titles, chats")
+		require.Len(t, e.up.Requests(), 15, "requests the upstream got")
+		require.Empty(t, e.summaries(t, id))
 	})
 }
