@@ -268,7 +268,7 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			s.abandon(l)
 			return Window{}, nil, fmt.Errorf("take turn %s: %w", session, err)
 		}
-		if len(res) == 4 {
+		if len(res) >= 4 {
 			w.Waited = waited
 			if !o.Hold {
 				return w, nil, nil
@@ -401,6 +401,9 @@ func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, 
 		read, err := windowScript.Run(ctx, s.client, keys[:3], n, 0, 0).Slice()
 		if err != nil {
 			return Window{}, fmt.Errorf("read window: %w", err)
+		}
+		if len(read) == 0 {
+			return w, nil // reset between the two reads
 		}
 		if len(read) != 3 {
 			return Window{}, fmt.Errorf("read window: script reply of %d elements, want 3", len(read))
