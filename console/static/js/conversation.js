@@ -474,8 +474,13 @@ async function doCompact(ctx, view, button, refresh) {
   if (!ok) return;
   button.disabled = true;
   try {
-    await api(sessionPath(view.id, '/compact'), { method: 'POST', signal: ctx.signal });
-    toast('Compacted: the summary is in the transcript.');
+    const res = await api(sessionPath(view.id, '/compact'), { method: 'POST', signal: ctx.signal });
+    if (res && res.compacted === false) {
+      // Nothing to fold (too few turns, say): the server says why.
+      toast('Not compacted: ' + (res.reason || 'nothing to summarize yet.'));
+    } else {
+      toast('Compacted: the summary is in the transcript.');
+    }
     refresh(false);
   } catch (e) {
     if (e instanceof APIError && e.status === 404 && e.code === 'unknown_url') {
