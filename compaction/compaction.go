@@ -261,7 +261,12 @@ func (w *Worker) Run(ctx context.Context) {
 			case !j.due.After(now) && len(ready) < cap(slots)-len(slots):
 				j.running = true
 				ready = append(ready, j)
-			case j.due.Before(next):
+			case j.due.After(now) && j.due.Before(next):
+				// A job already due waits for a free slot, and a slot
+				// that frees pokes w.wake: timing it would wake this loop
+				// every millisecond while the slots are busy, rescanning
+				// the queue under the mutex Recorded takes on the
+				// request path.
 				next = j.due
 			}
 		}
