@@ -57,6 +57,22 @@ func ParseCursor(s string) (Cursor, error) {
 // zeroCursor is the start of both streams.
 var zeroCursor = Cursor{"0-0", "0-0"}
 
+// watchFrom checks a Watch's arguments, the same for both stores: the
+// cursor to resume from, and whether there is one (from "" starts from a
+// snapshot).
+func watchFrom(session, from string) (c Cursor, resume bool, err error) {
+	if session == "" {
+		return Cursor{}, false, fmt.Errorf("watch: %w", ErrEmptySession)
+	}
+	if from == "" {
+		return zeroCursor, false, nil
+	}
+	if c, err = ParseCursor(from); err != nil {
+		return Cursor{}, false, fmt.Errorf("watch %s: %w", session, err)
+	}
+	return c, true, nil
+}
+
 // covers reports whether everything after c is after b too: b is not
 // past c in either stream.
 func (c Cursor) covers(b Cursor) bool {

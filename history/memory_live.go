@@ -2,7 +2,6 @@ package history
 
 import (
 	"context"
-	"fmt"
 	"sort"
 	"strconv"
 	"time"
@@ -86,15 +85,9 @@ func (s *MemoryStore) publishEnd(session, gen, last string) {
 
 // Watch starts following a session live; see RedisStore.Watch.
 func (s *MemoryStore) Watch(ctx context.Context, session, from string) (*Watch, error) {
-	if session == "" {
-		return nil, fmt.Errorf("watch: %w", ErrEmptySession)
-	}
-	c, resume := zeroCursor, from != ""
-	if resume {
-		var err error
-		if c, err = ParseCursor(from); err != nil {
-			return nil, fmt.Errorf("watch %s: %w", session, err)
-		}
+	c, resume, err := watchFrom(session, from)
+	if err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	l := s.live(session)

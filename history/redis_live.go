@@ -100,15 +100,9 @@ return 0
 // event id from. The events come from one blocking read per session in
 // this process, whatever the number of watches. Close the watch when done.
 func (s *RedisStore) Watch(ctx context.Context, session, from string) (*Watch, error) {
-	if session == "" {
-		return nil, fmt.Errorf("watch: %w", ErrEmptySession)
-	}
-	c, resume := zeroCursor, from != ""
-	if resume {
-		var err error
-		if c, err = ParseCursor(from); err != nil {
-			return nil, fmt.Errorf("watch %s: %w", session, err)
-		}
+	c, resume, err := watchFrom(session, from)
+	if err != nil {
+		return nil, err
 	}
 	res, err := watchScript.Run(ctx, s.client, []string{s.streamKey(session), s.liveKey(session), s.leaseKey(session), s.watchedKey(session)},
 		boolArg(resume), c.Messages, c.Live, watchTTL.Milliseconds()).Slice()
