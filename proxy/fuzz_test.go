@@ -234,7 +234,7 @@ func fzExpectStream(in []byte, hide bool) fzStreamWant {
 	for _, ev := range events {
 		data, ok := fzData(ev)
 		switch {
-		case ok && data == "[DONE]":
+		case ok && strings.HasPrefix(data, "[DONE]"):
 			if !w.done {
 				w.done, w.doneAt = true, len(w.out)
 			}
@@ -261,7 +261,7 @@ func fzExpectStream(in []byte, hide bool) fzStreamWant {
 	}
 	// At the end of the stream, data: [DONE] without its blank line still
 	// ends the reply.
-	if data, ok := fzData(rest); ok && data == "[DONE]" && !w.done {
+	if data, ok := fzData(rest); ok && strings.HasPrefix(data, "[DONE]") && !w.done {
 		w.done, w.doneAt = true, len(w.out)
 	}
 	w.out = append(w.out, rest...)

@@ -561,7 +561,10 @@ func nextLine(buf []byte, pos int) (line []byte, next int, ok bool) {
 var doneData = []byte("[DONE]")
 
 // eventData returns the data of an event (its data: lines joined by \n),
-// and whether it is the [DONE] sentinel.
+// and whether it is the [DONE] sentinel. Data that begins with [DONE] is
+// the sentinel whatever follows it, because that is how the official SDKs
+// (Go and Python) match it: a client stops reading there, so the proxy
+// must have recorded the turn by then.
 func eventData(ev []byte) (data []byte, done bool) {
 	var parts [][]byte
 	for pos := 0; pos < len(ev); {
@@ -582,5 +585,5 @@ func eventData(ev []byte) (data []byte, done bool) {
 	default:
 		data = bytes.Join(parts, []byte("\n"))
 	}
-	return data, bytes.Equal(data, doneData)
+	return data, bytes.HasPrefix(data, doneData)
 }
