@@ -36,7 +36,7 @@ type Store interface {
 	StoreSummary(ctx context.Context, session, token string, w history.SummaryWrite) (history.Message, error)
 	AddUsage(ctx context.Context, session string, u history.Usage) error
 	ReadMessages(ctx context.Context, session string, q history.MessageQuery) (string, []history.Message, error)
-	SetTitle(ctx context.Context, session, conversationID, title string) (string, error)
+	StoreTitle(ctx context.Context, session, conv, title string, onlyUnset bool, u history.Usage) (string, bool, error)
 }
 
 // Caller makes upstream calls; *upstream.Client is one.
@@ -428,6 +428,7 @@ func (w *Worker) compact(ctx context.Context, t Turn, force bool) (Result, error
 	}}
 	text, u, err := w.call(ctx, t, PurposeCompaction, req)
 	if err != nil {
+		w.billed(ctx, t, PurposeCompaction, u)
 		return res, err
 	}
 	folded := in.Messages[:n]
@@ -445,6 +446,13 @@ func (w *Worker) compact(ctx context.Context, t Turn, force bool) (Result, error
 	cancel()
 	if err != nil {
 		w.log.Warn("compaction: summary not stored; the conversation is unchanged", "session", t.Session, "err", err)
+		if errors.Is(err, history.ErrCompactionLost) {
+			// Refused, so nothing was written: the call was billed all the
+			// same. (Any other error leaves it unknown whether the write,
+			// usage included, happened: adding it again could count it
+			// twice.)
+			w.billed(ctx, t, PurposeCompaction, u)
+		}
 		return res, err
 	}
 	w.log.Info("compaction: conversation summarized", "session", t.Session, "conversation", in.Conversation, "folded", n, "summary_tokens", m.Tokens)
@@ -553,7 +561,9 @@ func transcriptLine(m history.Message) string {
 }
 
 // call makes one background call, counts it, and returns its text and
-// usage; an empty answer is a failure.
+// usage; an empty answer is a failure, and its usage is returned with
+// the error, since the upstream billed it. u is zero when nothing was
+// billed.
 func (w *Worker) call(ctx context.Context, t Turn, purpose string, req upstream.ChatRequest) (string, history.Usage, error) {
 	cctx, cancel := context.WithTimeout(ctx, w.opt.CallTimeout)
 	resp, err := w.opt.Upstream.Chat(cctx, t.Auth, req)
@@ -573,6 +583,7 @@ func (w *Worker) call(ctx context.Context, t Turn, purpose string, req upstream.
 	}
 	cost, priced := w.opt.Catalog.Cost(req.Model, u)
 	text := strings.TrimSpace(resp.Content)
+	hu := history.Usage{PromptTokens: u.Prompt, CompletionTokens: u.Completion, CachedTokens: u.Cached, CostNanos: cost}
 	b := metrics.Background{Purpose: purpose, Channel: t.Channel, Agent: t.Agent, Model: req.Model, Session: t.Session,
 		PromptTokens: u.Prompt, CompletionTokens: u.Completion, CachedTokens: u.Cached, ReasoningTokens: u.Reasoning,
 		Estimated: u.Estimated, CostNanos: cost, Priced: priced, Result: metrics.ResultOK}
@@ -582,10 +593,27 @@ func (w *Worker) call(ctx context.Context, t Turn, purpose string, req upstream.
 		w.opt.Metrics.ObserveBackground(b)
 		err := fmt.Errorf("%s: the upstream answered nothing (finish_reason %q; a reasoning model may spend max_summary_tokens on reasoning)", purpose, resp.FinishReason)
 		w.log.Warn("background call failed", "purpose", purpose, "session", t.Session, "err", err)
-		return "", history.Usage{}, err
+		return "", hu, err
 	}
 	w.opt.Metrics.ObserveBackground(b)
-	return text, history.Usage{PromptTokens: u.Prompt, CompletionTokens: u.Completion, CachedTokens: u.Cached, CostNanos: cost}, nil
+	return text, hu, nil
+}
+
+// billed adds the usage of a billed call whose result is not stored to
+// the session's totals, which count every call made for it (the metrics
+// counted it already). A session erased meanwhile is not brought back: the
+// stores add usage to existing sessions only.
+func (w *Worker) billed(ctx context.Context, t Turn, purpose string, u history.Usage) {
+	if u == (history.Usage{}) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.opt.StoreTimeout)
+	defer cancel()
+	if err := w.opt.Store.AddUsage(ctx, t.Session, u); err != nil {
+		w.log.Warn("background call: its usage was not added to the session's totals (the metrics have it)",
+			"purpose", purpose, "session", t.Session, "prompt_tokens", u.PromptTokens, "completion_tokens", u.CompletionTokens,
+			"cost_nanos", u.CostNanos, "err", err)
+	}
 }
 
 // failed counts and logs a background call that failed before it was
@@ -659,19 +687,28 @@ func (w *Worker) title(ctx context.Context, t Turn, force bool) (titled, error) 
 	}}
 	text, u, err := w.call(ctx, t, PurposeTitle, req)
 	if err != nil {
+		w.billed(ctx, t, PurposeTitle, u)
 		return titled{conv: conv}, err
 	}
 	title := cleanTitle(text)
 	if title == "" {
+		w.billed(ctx, t, PurposeTitle, u)
 		return titled{conv: conv}, fmt.Errorf("title %s: the upstream's answer %q holds no title", t.Session, text)
 	}
+	// The title and its usage are one write: a title set by hand during
+	// the call is kept (unless forced), the usage counted either way.
 	sctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), w.opt.StoreTimeout)
 	defer cancel()
-	if _, err := w.opt.Store.SetTitle(sctx, t.Session, conv, title); err != nil {
+	got, stored, err := w.opt.Store.StoreTitle(sctx, t.Session, conv, title, !force, u)
+	if err != nil {
+		w.log.Warn("title: not stored; its usage may be missing from the session's totals (the metrics have it)", "session", t.Session, "err", err)
 		return titled{conv: conv}, err
 	}
-	if err := w.opt.Store.AddUsage(sctx, t.Session, u); err != nil {
-		w.log.Warn("title: usage not added to the session's totals", "session", t.Session, "err", err)
+	if got == "" {
+		return titled{}, fmt.Errorf("title %s: conversation %s is gone: %w", t.Session, conv, ErrNotFound)
+	}
+	if !stored {
+		return titled{conv: conv}, nil // a title was set meanwhile
 	}
 	return titled{conv: conv, title: title}, nil
 }

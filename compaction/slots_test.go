@@ -50,8 +50,8 @@ func (s *stubStore) AddUsage(ctx context.Context, session string, u history.Usag
 func (s *stubStore) ReadMessages(ctx context.Context, session string, q history.MessageQuery) (string, []history.Message, error) {
 	return "", nil, nil
 }
-func (s *stubStore) SetTitle(ctx context.Context, session, conversationID, title string) (string, error) {
-	return conversationID, nil
+func (s *stubStore) StoreTitle(ctx context.Context, session, conv, title string, onlyUnset bool, u history.Usage) (string, bool, error) {
+	return conv, true, nil
 }
 
 type blockCaller struct{}

@@ -132,3 +132,35 @@ func (s *MemoryStore) AddUsage(ctx context.Context, session string, u Usage) err
 	}
 	return nil
 }
+
+// StoreTitle stores a generated title for conversation conv ("": the
+// latest) as a title set by hand, and adds u (what generating it cost) to
+// the session's totals, atomically. With onlyUnset a title set meanwhile
+// is kept (stored is false). It returns the conversation, "" when the
+// session or conversation does not exist; the usage is added whenever the
+// session exists.
+func (s *MemoryStore) StoreTitle(ctx context.Context, session, conv, title string, onlyUnset bool, u Usage) (string, bool, error) {
+	if session == "" {
+		return "", false, fmt.Errorf("store title: %w", ErrEmptySession)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ss := s.sessions[session]
+	if ss == nil {
+		return "", false, nil
+	}
+	ss.totals = ss.totals.Add(u)
+	if conv == "" {
+		conv = ss.conversation
+	}
+	c := ss.convs[conv]
+	if c == nil {
+		return "", false, nil
+	}
+	if onlyUnset && c.titleSet {
+		return conv, false, nil
+	}
+	s.grow(ss, int64(len(title)-len(c.title)))
+	c.title, c.titleSet = title, true
+	return conv, true, nil
+}

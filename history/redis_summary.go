@@ -81,6 +81,25 @@ addusage(KEYS[1], 1)
 return 1
 `)
 
+// generatedTitleScript stores a generated title and the usage of the
+// call that made it, in one write: a title set meanwhile (by hand, say)
+// is kept when only unset, and the usage counts all the same, for the call
+// was billed.
+//
+// KEYS: session, conversations. ARGV: conversation ("": the latest),
+// title, only unset (1|0), six usage deltas.
+// Returns {conversation or "" when there is none, 1 if stored}.
+var generatedTitleScript = redis.NewScript(usageLua + `
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 0} end
+addusage(KEYS[1], 4)
+local conv = ARGV[1]
+if conv == '' then conv = redis.call('HGET', KEYS[1], 'conversation') or '' end
+if conv == '' or redis.call('HEXISTS', KEYS[2], conv .. ':created_ms') == 0 then return {'', 0} end
+if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[2], conv .. ':title') == 1 then return {conv, 0} end
+redis.call('HSET', KEYS[2], conv .. ':title', ARGV[2])
+return {conv, 1}
+`)
+
 // releaseCompactionScript deletes the lease if ARGV[1] holds it.
 var releaseCompactionScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -200,4 +219,27 @@ func (s *RedisStore) AddUsage(ctx context.Context, session string, u Usage) erro
 		return fmt.Errorf("add usage %s: %w", session, err)
 	}
 	return nil
+}
+
+// StoreTitle stores a generated title for conversation conv ("": the
+// latest) as a title set by hand, and adds u (what generating it cost) to
+// the session's totals, in one write. With onlyUnset a title set
+// meanwhile is kept (stored is false). It returns the conversation, ""
+// when the session or conversation does not exist; the usage is added
+// whenever the session exists.
+func (s *RedisStore) StoreTitle(ctx context.Context, session, conv, title string, onlyUnset bool, u Usage) (string, bool, error) {
+	if session == "" {
+		return "", false, fmt.Errorf("store title: %w", ErrEmptySession)
+	}
+	args := append([]any{conv, title, boolArg(onlyUnset)}, usageArgs(u)...)
+	res, err := generatedTitleScript.Run(ctx, s.client, s.sessionKeys(session)[:2], args...).Slice()
+	if err != nil {
+		return "", false, fmt.Errorf("store title %s: %w", session, err)
+	}
+	if len(res) != 2 {
+		return "", false, fmt.Errorf("store title %s: script reply of %d elements, want 2", session, len(res))
+	}
+	id, _ := res[0].(string)
+	stored, _ := res[1].(int64)
+	return id, stored == 1, nil
 }

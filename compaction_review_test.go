@@ -1,0 +1,213 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/historyproxy/historyproxy/admin"
+	"github.com/historyproxy/historyproxy/compaction"
+	"github.com/historyproxy/historyproxy/internal/fakeai"
+)
+
+// scripted answers the proxy's own summarization and title calls with
+// what the test sets, optionally held at a gate; proxied calls get the
+// fake's default answer.
+type scripted struct {
+	mu      sync.Mutex
+	summary fakeai.Reply
+	title   fakeai.Reply
+	gate    chan struct{} // when not nil, background calls wait for it
+	seen    chan struct{} // signalled at each background call
+}
+
+func newScripted(up *fakeai.Server) *scripted {
+	s := &scripted{seen: make(chan struct{}, 100),
+		summary: fakeai.Reply{Content: "SUMMARY", Usage: &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 50}},
+		title:   fakeai.Reply{Content: "A title", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 5}},
+	}
+	up.Intercept(func(r fakeai.ChatRequest) (fakeai.Reply, bool) {
+		sys := r.System()
+		s.mu.Lock()
+		var reply fakeai.Reply
+		switch {
+		case strings.HasPrefix(sys, "You keep the running summary"):
+			reply = s.summary
+		case sys == compaction.TitlePrompt:
+			reply = s.title
+		default:
+			s.mu.Unlock()
+			return fakeai.Reply{}, false
+		}
+		gate := s.gate
+		s.mu.Unlock()
+		s.seen <- struct{}{}
+		if gate != nil {
+			<-gate
+		}
+		return reply, true
+	})
+	return s
+}
+
+// totals reads a session's all-time prompt and completion tokens.
+func (e *adminEnv) totals(t *testing.T, id string) (prompt, completion int64) {
+	t.Helper()
+	var s admin.SessionDetail
+	e.get(t, sessionPath(id), &s)
+	return s.Tokens.Prompt, s.Tokens.Completion
+}
+
+// TestBilledBackgroundCallCountsUnderItsSession: the issue counts the
+// tokens and cost of background calls under the session that caused them.
+// A call the upstream billed whose result is not stored (an empty summary,
+// an answer that holds no title, a summary refused because the lease was
+// lost meanwhile) was counted on the metrics but never reached the
+// session's totals. A session erased meanwhile is not brought back by it.
+func TestBilledBackgroundCallCountsUnderItsSession(t *testing.T) {
+	key := []string{"X-Upstream-Authorization", "Bearer sk-admin"}
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		cases := []struct {
+			name          string
+			route         string
+			summary       fakeai.Reply
+			title         fakeai.Reply
+			prompt, compl int64
+			status        int
+		}{
+			{name: "empty summary", route: "/compact", status: http.StatusBadGateway,
+				summary: fakeai.Reply{Content: "", FinishReason: "length", Usage: &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 50}},
+				prompt:  1000, compl: 50},
+			{name: "empty title", route: "/title:generate", status: http.StatusBadGateway,
+				title:  fakeai.Reply{Content: "  ", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 5}},
+				prompt: 100, compl: 5},
+			{name: "answer holds no title", route: "/title:generate", status: http.StatusBadGateway,
+				title:  fakeai.Reply{Content: `"".`, Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 7}},
+				prompt: 100, compl: 7},
+		}
+		for i, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+				s := newScripted(e.up)
+				if tc.summary.Usage != nil {
+					s.summary = tc.summary
+				}
+				if tc.title.Usage != nil {
+					s.title = tc.title
+				}
+				id := fmt.Sprintf("web:u%d:support", i)
+				for q := range 3 {
+					e.chat(t, id, fmt.Sprintf("q%d", q))
+				}
+				p0, c0 := e.totals(t, id)
+				var ae apiError
+				require.Equal(t, tc.status, e.call(t, http.MethodPost, sessionPath(id, tc.route), nil, &ae, key...), "%+v", ae)
+				p1, c1 := e.totals(t, id)
+				require.Equal(t, [2]int64{tc.prompt, tc.compl}, [2]int64{p1 - p0, c1 - c0}, "the billed call's tokens under the session")
+			})
+		}
+	})
+}
+
+// TestBilledSummaryRefusedCountsUnderItsSession: a summary the store
+// refuses (its lease lost during a long call) was billed: its usage goes
+// to the session's totals all the same. An erase during the call is
+// different: the session is gone and stays gone.
+func TestBilledSummaryRefusedCountsUnderItsSession(t *testing.T) {
+	key := []string{"X-Upstream-Authorization", "Bearer sk-admin"}
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		for _, erase := range []bool{false, true} {
+			t.Run(fmt.Sprintf("erase=%v", erase), func(t *testing.T) {
+				if !erase && b.rs == nil {
+					t.Skip("the memory store's lease cannot be taken away from outside")
+				}
+				e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+				s := newScripted(e.up)
+				gate := make(chan struct{})
+				s.mu.Lock()
+				s.gate = gate
+				s.mu.Unlock()
+				const id = "web:lee:support"
+				for q := range 3 {
+					e.chat(t, id, fmt.Sprintf("q%d", q))
+				}
+				p0, c0 := e.totals(t, id)
+				done := make(chan int)
+				var ae apiError
+				go func() {
+					done <- e.call(t, http.MethodPost, sessionPath(id, "/compact"), nil, &ae, key...)
+				}()
+				<-s.seen
+				if erase {
+					require.Equal(t, http.StatusOK, e.call(t, http.MethodDelete, sessionPath(id), nil, nil))
+				} else {
+					// The lease expired during the call (a call longer than it).
+					c := b.rs.Client(t)
+					n, err := c.Del(context.Background(), e.prefix+":{"+id+"}:compact").Result()
+					require.NoError(t, err)
+					require.Equal(t, int64(1), n, "the lease key")
+				}
+				close(gate)
+				select {
+				case status := <-done:
+					require.Equal(t, http.StatusConflict, status)
+					require.Equal(t, "compaction_superseded", ae.Error.Code)
+				case <-time.After(10 * time.Second):
+					t.Fatal("no answer")
+				}
+				if erase {
+					e.fails(t, http.MethodGet, sessionPath(id), nil, http.StatusNotFound, "session_not_found")
+					e.noKeys(t, b, id)
+					return
+				}
+				p1, c1 := e.totals(t, id)
+				require.Equal(t, [2]int64{1000, 50}, [2]int64{p1 - p0, c1 - c0}, "the billed call's tokens under the session")
+				require.Empty(t, e.summaries(t, id))
+			})
+		}
+	})
+}
+
+// TestGeneratedTitleKeepsAHandSetTitle: the background title generation
+// checks for a title before its upstream call; a title set by hand during
+// the call was overwritten by the generated one. It is kept now, and the
+// call's usage still counts under the session. The on-demand route is
+// asked for a new title and replaces it.
+func TestGeneratedTitleKeepsAHandSetTitle(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, false, "    titles: true\n"))
+		s := newScripted(e.up)
+		gate := make(chan struct{})
+		s.mu.Lock()
+		s.gate = gate
+		s.mu.Unlock()
+		const id = "web:hal:support"
+		e.chat(t, id, "What is the weather in Paris?")
+		<-s.seen // the background title call, held
+		p0, c0 := e.totals(t, id)
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPut, sessionPath(id, "/title"), map[string]string{"title": "Mine"}, nil))
+		close(gate)
+		require.Eventually(t, func() bool {
+			return scrapeMetrics(t, e.p.addrs.Admin)[`historyproxy_background_calls_total{purpose="title",result="ok"}`] == 1
+		}, 10*time.Second, 5*time.Millisecond)
+		require.Eventually(t, func() bool {
+			p1, c1 := e.totals(t, id)
+			return p1-p0 == 100 && c1-c0 == 5
+		}, 10*time.Second, 5*time.Millisecond, "the title call's usage under the session")
+		var d admin.SessionDetail
+		e.get(t, sessionPath(id), &d)
+		require.Equal(t, "Mine", *d.Conversations[0].Title, "the title set by hand")
+
+		var res struct{ Title string }
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/title:generate"), nil, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
+		require.Equal(t, "A title", res.Title)
+		e.get(t, sessionPath(id), &d)
+		require.Equal(t, "A title", *d.Conversations[0].Title, "asked for on demand")
+	})
+}
