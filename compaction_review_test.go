@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/openai/openai-go"
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/admin"
@@ -209,5 +211,73 @@ func TestGeneratedTitleKeepsAHandSetTitle(t *testing.T) {
 		require.Equal(t, "A title", res.Title)
 		e.get(t, sessionPath(id), &d)
 		require.Equal(t, "A title", *d.Conversations[0].Title, "asked for on demand")
+	})
+}
+
+// TestCompactionKeepsAToolCallWithItsResults: the product rule is that a
+// tool call is never parted from its results. A compaction folded a call
+// whose results had not come yet into the summary when keep_recent_turns
+// is 0 (which the configuration allows), and in a shared conversation
+// when others spoke keep_recent_turns times before the results came: the
+// results then reached the upstream with no call before them, and it
+// refused the request (400).
+func TestCompactionKeepsAToolCallWithItsResults(t *testing.T) {
+	cases := []struct {
+		name, extra, keep string
+		// others are turns of other users of a shared conversation between
+		// the call and its results.
+		others []string
+	}{
+		{name: "keep_recent_turns 0", keep: "0"},
+		{name: "shared, others speak before the results", keep: "2",
+			extra: "agents:\n  support:\n    mode: shared\n", others: []string{"web:bob:support", "web:cyd:support"}},
+	}
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				path := compactionConfig(t, false, tc.extra)
+				raw, err := os.ReadFile(path)
+				require.NoError(t, err)
+				require.NoError(t, os.WriteFile(path, []byte(strings.Replace(string(raw), "keep_recent_turns: 2", "keep_recent_turns: "+tc.keep, 1)), 0o600))
+				e := b.start(t, nil, "-config", path)
+				newScripted(e.up)
+				const alice = "web:alice:support"
+				stored := alice
+				if len(tc.others) > 0 {
+					stored = "web:*:support"
+				}
+				e.chat(t, alice, "hello")
+				e.up.Enqueue(fakeai.Reply{ToolCalls: []fakeai.ToolCall{{ID: "call_w", Name: "weather", Arguments: `{"city":"Paris"}`}}})
+				ctx := context.Background()
+				res, err := e.p.client(alice).Chat.Completions.New(ctx, openai.ChatCompletionNewParams{
+					Model:    openai.ChatModelGPT4oMini,
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("What is the weather in Paris?")},
+				})
+				require.NoError(t, err)
+				require.Len(t, res.Choices[0].Message.ToolCalls, 1)
+				for _, o := range tc.others {
+					e.chat(t, o, "hi from "+o)
+				}
+				var out struct {
+					Compacted bool   `json:"compacted"`
+					Folded    int    `json:"folded"`
+					Reason    string `json:"reason"`
+				}
+				require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(stored, "/compact"), nil, &out, "X-Upstream-Authorization", "Bearer sk-admin"))
+				t.Logf("compacted %v, folded %d %s", out.Compacted, out.Folded, out.Reason)
+				// The app sends its tool's result: the call must be before it.
+				_, err = e.p.client(alice).Chat.Completions.New(ctx, openai.ChatCompletionNewParams{
+					Model:    openai.ChatModelGPT4oMini,
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.ToolMessage(`{"temp":21}`, "call_w")},
+				})
+				require.NoError(t, err, "the tool's result after a compaction")
+				msgs := e.up.LastChat().Chat.Messages
+				var roles []string
+				for _, m := range msgs {
+					roles = append(roles, fmt.Sprint(m["role"]))
+				}
+				require.Equal(t, []string{"assistant", "tool"}, roles[len(roles)-2:], "the call right before its result")
+			})
+		}
 	})
 }

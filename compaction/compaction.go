@@ -13,9 +13,11 @@ package compaction
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -462,7 +464,8 @@ func (w *Worker) compact(ctx context.Context, t Turn, force bool) (Result, error
 // fold is how many of msgs (oldest first, after the latest summary) to
 // fold into the next summary: down to target messages left, never into
 // the newest keep user turns, at most FoldTokens, and ending where a user
-// turn begins, so a call stays with its results.
+// turn begins and no tool call would be parted from its results (see
+// parts).
 func (w *Worker) fold(msgs []history.Message, target, keep int) int {
 	n := len(msgs) - target
 	if keep > 0 {
@@ -486,10 +489,90 @@ func (w *Worker) fold(msgs []history.Message, target, keep int) int {
 			break
 		}
 	}
-	for n > 0 && n < len(msgs) && msgs[n].Role != history.RoleUser {
+	n = min(max(n, 0), len(msgs))
+	cut := parts(msgs)
+	for n > 0 && (cut[n] || (n < len(msgs) && msgs[n].Role != history.RoleUser)) {
 		n--
 	}
-	return max(n, 0)
+	return n
+}
+
+// parts marks the cuts that would part a tool call from its results:
+// cut[i] (msgs[:i] folded, msgs[i:] kept) is true when a call in msgs[:i]
+// has results in msgs[i:], or has none yet and may still get them. Results
+// come right after their call in a turn of their own, but in a shared
+// conversation others may speak first (and an app may answer late): the
+// request that brings them needs the call in the window, not in the
+// summary, or the upstream refuses tool results that follow no call.
+//
+// A result answers the newest earlier call naming its id, its user's
+// first (servers reuse ids: call_0 in every reply), as the proxy pairs
+// them. A call without results waits for them until its user speaks
+// again: then its app moved on without them, and the proxy injects no
+// such call anyway.
+func parts(msgs []history.Message) []bool {
+	cut := make([]bool, len(msgs)+1)
+	type call struct {
+		at   int
+		ids  []string
+		user string
+		end  int // the index of its last result; 0: none
+	}
+	var calls []*call
+	for i, m := range msgs {
+		switch {
+		case m.Role == history.RoleAssistant && m.ToolCalls != nil:
+			calls = append(calls, &call{at: i, ids: toolCallIDs(m.ToolCalls), user: m.User})
+		case m.Role == history.RoleTool:
+			var c *call
+			for k := len(calls) - 1; k >= 0; k-- {
+				if slices.Contains(calls[k].ids, m.ToolCallID) {
+					if calls[k].user == m.User {
+						c = calls[k]
+						break
+					}
+					if c == nil {
+						c = calls[k]
+					}
+				}
+			}
+			if c != nil {
+				c.end = i
+			}
+		}
+	}
+	for _, c := range calls {
+		end := c.end
+		if end == 0 {
+			end = len(msgs)
+			for _, m := range msgs[c.at+1:] {
+				if m.Role == history.RoleUser && m.User == c.user {
+					end = 0 // abandoned
+					break
+				}
+			}
+		}
+		for i := c.at + 1; i <= end; i++ {
+			cut[i] = true
+		}
+	}
+	return cut
+}
+
+// toolCallIDs returns the ids of a tool_calls array; none when it cannot
+// be read.
+func toolCallIDs(raw json.RawMessage) []string {
+	var calls []struct {
+		ID string `json:"id"`
+	}
+	if json.Unmarshal(raw, &calls) != nil {
+		return nil
+	}
+	ids := make([]string, 0, len(calls))
+	for _, c := range calls {
+		ids = append(ids, c.ID)
+	}
+	return ids
 }
 
 // lastModel is the model of the newest message that names one.
