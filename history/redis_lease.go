@@ -414,6 +414,18 @@ func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, 
 			return w, nil
 		}
 		entries, _ = read[1].([]any)
+		// The messages start after the range of the summary this read
+		// found, which may be newer than the first read's (one stored
+		// between the two): the window carries that one, or the messages
+		// between the two ranges would be in neither.
+		w.Summary = nil
+		if e, ok := read[2].([]any); ok && len(e) > 0 {
+			m, err := decodeEntry(e)
+			if err != nil {
+				return Window{}, err
+			}
+			w.Summary = &m
+		}
 	}
 	if len(entries) > 0 {
 		w.Messages = make([]Message, len(entries))
