@@ -16,6 +16,7 @@ type compactor interface {
 	Compaction(ctx context.Context, session, conv string, limit int) (CompactionInput, bool, error)
 	StoreSummary(ctx context.Context, session, token string, w SummaryWrite) (Message, error)
 	AddUsage(ctx context.Context, session string, u Usage) error
+	StoreTitle(ctx context.Context, session, conv, title string, onlyUnset bool, u Usage) (string, bool, error)
 }
 
 var (
@@ -135,6 +136,52 @@ func testSummaryConformance(t *testing.T, newFixture func(t *testing.T) fixture)
 		mustNoErr(t, err)
 		if win.Summary == nil || win.Summary.ID != second.ID || fmt.Sprint(contents(win.Messages)) != "[q5 a5]" {
 			t.Errorf("after a second summary: got %+v, want it and [q5 a5]", win)
+		}
+	})
+
+	t.Run("summary: StoreTitle", func(t *testing.T) {
+		s, _, _ := setup(t)
+		u := Usage{PromptTokens: 7, CompletionTokens: 2, CostNanos: 3}
+		title := func(want string, wantSet bool) {
+			t.Helper()
+			convs, err := s.Conversations(ctx, session)
+			mustNoErr(t, err)
+			if len(convs) != 1 || convs[0].Title != want || convs[0].TitleSet != wantSet {
+				t.Fatalf("conversations: got %+v, want title %q (set %v)", convs, want, wantSet)
+			}
+		}
+		conv, stored, err := s.StoreTitle(ctx, session, "", "Tea", true, u)
+		mustNoErr(t, err)
+		if conv != "c1" || !stored {
+			t.Errorf("first title: got %q %v, want c1 stored", conv, stored)
+		}
+		title("Tea", true)
+		if _, err := s.SetTitle(ctx, session, "c1", "Mine"); err != nil {
+			t.Fatal(err)
+		}
+		conv, stored, err = s.StoreTitle(ctx, session, "c1", "Coffee", true, u)
+		mustNoErr(t, err)
+		if conv != "c1" || stored {
+			t.Errorf("over a title set: got %q %v, want c1 not stored", conv, stored)
+		}
+		title("Mine", true)
+		if _, stored, _ = s.StoreTitle(ctx, session, "c1", "Coffee", false, u); !stored {
+			t.Errorf("forced: not stored")
+		}
+		title("Coffee", true)
+		if conv, stored, _ = s.StoreTitle(ctx, session, "c9", "X", false, u); conv != "" || stored {
+			t.Errorf("no such conversation: got %q %v", conv, stored)
+		}
+		se, _, err := s.Session(ctx, session)
+		mustNoErr(t, err)
+		if se.Totals.PromptTokens != 100+4*7 || se.Totals.CompletionTokens != 10+4*2 || se.Totals.CostNanos != 500+4*3 {
+			t.Errorf("totals: got %+v, want the summary's usage and four titles'", se.Totals)
+		}
+		if conv, _, _ = s.StoreTitle(ctx, "a:b:unknown", "", "X", false, u); conv != "" {
+			t.Errorf("unknown session: got %q", conv)
+		}
+		if _, found, _ := s.Session(ctx, "a:b:unknown"); found {
+			t.Errorf("StoreTitle created an unknown session")
 		}
 	})
 
