@@ -38,9 +38,10 @@ export function sessionPath(id, rest = '') {
 }
 
 // api calls a route and gives its JSON answer. A 401 throws AuthError;
-// another error status throws APIError with the answer's message.
-export async function api(path, { method = 'GET', body, signal } = {}) {
-  const headers = authHeaders({ Accept: 'application/json' });
+// another error status throws APIError with the answer's message. headers
+// are added to the call's own.
+export async function api(path, { method = 'GET', body, signal, headers: extra } = {}) {
+  const headers = authHeaders({ Accept: 'application/json', ...extra });
   const init = { method, headers, signal, cache: 'no-store', credentials: 'omit', referrerPolicy: 'no-referrer' };
   if (body !== undefined) {
     headers.set('Content-Type', 'application/json');

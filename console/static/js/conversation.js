@@ -474,7 +474,23 @@ async function doCompact(ctx, view, button, refresh) {
   if (!ok) return;
   button.disabled = true;
   try {
-    const res = await api(sessionPath(view.id, '/compact'), { method: 'POST', signal: ctx.signal });
+    const call = (key) => api(sessionPath(view.id, '/compact'), {
+      method: 'POST', signal: ctx.signal, headers: key ? { 'X-Upstream-Authorization': 'Bearer ' + key } : undefined,
+    });
+    let res;
+    try {
+      res = await call('');
+    } catch (e) {
+      // The proxy holds no upstream key: the summarizing call needs one,
+      // which only the operator at this page can give.
+      if (!(e instanceof APIError && e.code === 'upstream_key_missing')) throw e;
+      const key = await askUpstreamKey();
+      if (!key) {
+        toast('Not compacted: the server holds no upstream key and none was given.');
+        return;
+      }
+      res = await call(key);
+    }
     if (res && res.compacted === false) {
       // Nothing to fold (too few turns, say): the server says why.
       toast('Not compacted: ' + (res.reason || 'nothing to summarize yet.'));
@@ -494,6 +510,23 @@ async function doCompact(ctx, view, button, refresh) {
   } finally {
     button.disabled = false;
   }
+}
+
+// askUpstreamKey asks for the upstream API key a compaction's call needs
+// when the server holds none; '' when cancelled. The key goes with that
+// one call and is not kept.
+async function askUpstreamKey() {
+  const r = await dialog({
+    title: 'Upstream API key',
+    build: () => [
+      h('p', null, 'This server holds no key for the upstream model (upstream.api_key_env), so the summarizing call needs yours. It is sent with this call only, in X-Upstream-Authorization, and not kept.'),
+      h('label', { for: 'upstream-key' }, 'API key'),
+      h('input', { id: 'upstream-key', name: 'key', type: 'password', autocomplete: 'off', required: true }),
+    ],
+    buttons: [{ value: 'cancel', label: 'Cancel', class: 'quiet' }, { value: 'send', label: 'Compact', class: 'primary' }],
+  });
+  if (r.value !== 'send') return '';
+  return String(r.data.get('key') || '').trim().replace(/^Bearer\s+/i, '');
 }
 
 async function doErase(ctx, view) {
