@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"os/signal"
@@ -335,7 +336,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// after client.idle_timeout, and each write may wait at most
 	// client.write_timeout for a reader that stopped (per write, never a
 	// whole response: a watch runs for hours).
-	adminSrv := &http.Server{Handler: proxy.WriteDeadlines(cfg.Client.WriteTimeout, adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api)),
+	routes := adminRoutes(store, reg, failClosed, cfg.Store.Timeout, &draining, api)
+	if cfg.Admin.Pprof {
+		routes = withPprof(routes)
+		log.Warn("Go's profiler is served under /debug/pprof/ on the admin listener (admin.pprof), without authentication", "admin", al.Addr().String())
+	}
+	adminSrv := &http.Server{Handler: proxy.WriteDeadlines(cfg.Client.WriteTimeout, routes),
 		ReadHeaderTimeout: min(10*time.Second, cfg.Client.ReadTimeout), ReadTimeout: cfg.Client.ReadTimeout, IdleTimeout: cfg.Client.IdleTimeout,
 		MaxHeaderBytes: 1 << 20, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	if conversations != nil {
@@ -653,6 +659,22 @@ func adminRoutes(s proxy.Store, reg *prometheus.Registry, failClosed bool, store
 		fmt.Fprintln(w, `{"status":"ok","store":"ok"}`)
 	})
 	mux.Handle("GET /metrics", metrics.Handler(reg))
+	return mux
+}
+
+// withPprof adds Go's profiler (net/http/pprof) under /debug/pprof/ to
+// the admin routes (admin.pprof): CPU and heap profiles of the running
+// proxy, under its real load, are what tell where its time and memory go.
+// Its handlers are mounted here only; the package's own registration on
+// http.DefaultServeMux is served by nothing.
+func withPprof(next http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.Handle("/", next)
 	return mux
 }
 

@@ -262,3 +262,33 @@ func TestHealthcheckMode(t *testing.T) {
 	p.shutdown(t)
 	require.Error(t, healthcheck([]string{"-admin-listen", p.addrs.Admin}, func(string) string { return "" }, io.Discard))
 }
+
+// TestPprofOnlyWhenAsked: Go's profiler is on the admin listener only with
+// admin.pprof, and never on the client port; the admin routes stay.
+func TestPprofOnlyWhenAsked(t *testing.T) {
+	up := fakeai.New(t)
+	get := func(addr, path string) int {
+		resp, err := http.Get("http://" + addr + path)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want int
+	}{
+		{"off by default", nil, http.StatusNotFound},
+		{"on", []string{"-admin-pprof"}, http.StatusOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := start(t, map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, tc.args...)
+			require.Equal(t, tc.want, get(p.addrs.Admin, "/debug/pprof/heap?debug=1"))
+			require.Equal(t, tc.want, get(p.addrs.Admin, "/debug/pprof/goroutine?debug=1"))
+			require.Equal(t, http.StatusNotFound, get(p.addrs.Proxy, "/debug/pprof/heap?debug=1"))
+			require.Equal(t, http.StatusOK, get(p.addrs.Admin, "/healthz"))
+			require.Equal(t, http.StatusOK, get(p.addrs.Admin, "/metrics"))
+		})
+	}
+}

@@ -94,6 +94,10 @@ type Admin struct {
 	TokenEnv string `yaml:"token_env"`
 	// Token is read from TokenEnv at load time, never from the file.
 	Token string `yaml:"-"`
+	// Pprof serves Go's profiler (net/http/pprof) under /debug/pprof/ on
+	// the admin listener. Off by default: a profile shows the program's
+	// inner workings and costs CPU while it runs.
+	Pprof bool `yaml:"pprof"`
 }
 
 // MinAdminToken is the shortest admin token Load accepts: a short one

@@ -67,6 +67,12 @@ var settings = []setting{
 		get:   func(c Config) string { return c.Admin.TokenEnv },
 	},
 	{
+		flag: "admin-pprof", env: "ADMIN_PPROF", key: "admin.pprof",
+		usage: "serve Go's profiler (net/http/pprof) under /debug/pprof/ on the admin listener (YAML admin.pprof)",
+		set:   func(c *Config, v string) error { return parseBool(&c.Admin.Pprof, v) },
+		get:   func(c Config) string { return strconv.FormatBool(c.Admin.Pprof) },
+	},
+	{
 		flag: "upstream-timeout", env: "UPSTREAM_TIMEOUT", key: "upstream.timeout", arg: "duration",
 		usage: "longest wait for the upstream's response headers (YAML upstream.timeout)",
 		set:   func(c *Config, v string) error { return parseDuration(&c.Upstream.Timeout, v) },
