@@ -48,6 +48,12 @@ type Config struct {
 	Warmup      int           // requests per client before a path's first round
 	HoldStreams int           // streams held open at once in ModeHold
 
+	// Baseline, when set, is another historyproxy binary (an earlier
+	// build) run beside this one with the Redis store, as the path
+	// "baseline Redis": a change measured against what it changes, in
+	// the same rounds.
+	Baseline string
+
 	Upstream benchfix.UpstreamOptions // the fake upstream's delays and chunks
 	Markdown bool                     // tables in Markdown instead of aligned text
 	Command  string                   // the command line, printed in the header
@@ -104,13 +110,15 @@ const (
 	pathFloor    = "floor"
 	pathHPMemory = "historyproxy memory"
 	pathHPRedis  = "historyproxy Redis"
+	pathBaseline = "baseline Redis" // Config.Baseline
 )
 
 // The key prefixes of the floor's and historyproxy's data in the shared
 // redis-server.
 const (
-	floorPrefix = "floor"
-	hpPrefix    = "hp"
+	floorPrefix    = "floor"
+	hpPrefix       = "hp"
+	baselinePrefix = "hpbase"
 )
 
 // Run builds the programs, starts redis-server, runs every scenario Config
@@ -244,10 +252,11 @@ func (h *harness) header(ctx context.Context, root string) {
 // scenario inherits another's memory or stored conversations.
 type env struct {
 	upstream, bare, floor, hpMemory, hpRedis *proc
+	baseline                                 *proc // nil without Config.Baseline
 }
 
 func (e *env) stop() {
-	for _, p := range []*proc{e.hpRedis, e.hpMemory, e.floor, e.bare, e.upstream} {
+	for _, p := range []*proc{e.baseline, e.hpRedis, e.hpMemory, e.floor, e.bare, e.upstream} {
 		p.stop()
 	}
 }
@@ -285,6 +294,12 @@ func (h *harness) start(ctx context.Context) (e *env, err error) {
 		[]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", hpPrefix}, h.dir); err != nil {
 		return nil, err
 	}
+	if h.cfg.Baseline != "" {
+		if e.baseline, err = startHistoryproxy(ctx, "baseline-redis", h.cfg.Baseline,
+			[]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", baselinePrefix}, h.dir); err != nil {
+			return nil, err
+		}
+	}
 	return e, nil
 }
 
@@ -302,7 +317,7 @@ type path struct {
 const chatPath = "/v1/chat/completions"
 
 func (h *harness) paths(e *env) []*path {
-	return []*path{
+	ps := []*path{
 		{name: pathDirect, url: "http://" + e.upstream.addr + chatPath, proc: e.upstream},
 		{name: pathBare, url: "http://" + e.bare.addr + chatPath, proc: e.bare},
 		{name: pathFloor, url: "http://" + e.floor.addr + chatPath, proc: e.floor, redis: true,
@@ -312,6 +327,11 @@ func (h *harness) paths(e *env) []*path {
 		{name: pathHPRedis, url: "http://" + e.hpRedis.addr + chatPath, proc: e.hpRedis, redis: true,
 			seed: seedHistory(h.rdb, hpPrefix)},
 	}
+	if e.baseline != nil {
+		ps = append(ps, &path{name: pathBaseline, url: "http://" + e.baseline.addr + chatPath, proc: e.baseline, redis: true,
+			seed: seedHistory(h.rdb, baselinePrefix)})
+	}
+	return ps
 }
 
 // pool hands out a path's sessions to the clients of a scenario. A client

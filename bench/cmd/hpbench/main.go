@@ -55,6 +55,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	chunks := fs.Int("chunks", d.Upstream.Chunks, "content chunks of a streamed reply")
 	chunkDelay := fs.Duration("chunk-delay", d.Upstream.ChunkDelay, "the fake upstream's wait before each streamed event after the first")
 	markdown := fs.Bool("markdown", false, "print Markdown tables")
+	baseline := fs.String("baseline", "", "another historyproxy binary (an earlier build) to run beside this one, with Redis, as the path \"baseline Redis\"")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -100,6 +101,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	c.Markdown = *markdown
+	c.Baseline = *baseline
 	c.Command = strings.Join(append([]string{"go run ./bench/cmd/hpbench"}, args...), " ")
 	c.Stdout, c.Stderr = stdout, stderr
 	return harness.Run(ctx, c)
