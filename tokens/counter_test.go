@@ -145,7 +145,7 @@ func TestTextReferenceVectors(t *testing.T) {
 			if got := c.Text(tt.model, tt.text); got != len(tt.ids) {
 				t.Errorf("Text(%q, %q) = %d, want %d", tt.model, tt.text, got, len(tt.ids))
 			}
-			if got := c.encoder(tt.model).EncodeOrdinary(tt.text); !slices.Equal(got, tt.ids) {
+			if got := c.encoder(tt.model).encode(tt.text); !slices.Equal(got, tt.ids) {
 				t.Errorf("encode %q with %s: got %v, want %v", tt.text, c.Encoding(tt.model), got, tt.ids)
 			}
 		})

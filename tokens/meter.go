@@ -6,8 +6,6 @@ import (
 	"sync/atomic"
 	"unicode"
 	"unicode/utf8"
-
-	"github.com/pkoukk/tiktoken-go"
 )
 
 // Bounds on what counting costs. tiktoken's byte-pair merge is quadratic in
@@ -44,7 +42,7 @@ const (
 // within one segment of 16 KiB.
 type Meter struct {
 	ctx     context.Context
-	enc     *tiktoken.Tiktoken
+	enc     *bpe
 	framing string // the encoding's name, for the tools' framing
 
 	left      atomic.Int64 // bytes that may still be tokenized; < 0: no limit
@@ -85,7 +83,7 @@ func (m *Meter) Text(s string) int {
 		if !m.take(len(seg)) {
 			return n + m.estimate(len(s)-done) // the rest of s, estimated whole
 		}
-		t := len(m.enc.EncodeOrdinary(seg))
+		t := m.enc.count(seg)
 		m.bytes.Add(int64(len(seg)))
 		m.tokens.Add(int64(t))
 		n += t
