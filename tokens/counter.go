@@ -16,7 +16,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-
 )
 
 // Encoding names accepted by New.
