@@ -782,7 +782,8 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	// A turn that waits in the retry queue gives the session's turn back
 	// now (or lets it expire): the store is failing, and the requests
 	// behind it would only wait for nothing.
-	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy}
+	pending := pendingTurn{session: x.stored, turn: turn, policy: x.agent.Policy,
+		recorded: Recorded{Session: x.stored, Channel: x.session.Channel, Agent: x.session.Agent, Model: x.req.Model, Auth: x.auth}}
 	pending.turn.Lease = nil
 	if p.retry != nil && (p.retry.queued(x.stored) || (x.degraded && !p.storeOK.Load())) {
 		p.releaseLeaseAsync(x)
@@ -804,9 +805,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	p.storeUp(err == nil)
 	if err == nil && p.opt.AfterTurn != nil && len(res.IDs) > 0 {
 		// Background work (compaction, titles) is queued, never run here.
-		p.opt.AfterTurn(Recorded{Session: x.stored, Channel: x.session.Channel, Agent: x.session.Agent,
-			Conversation: res.ConversationID, Model: x.req.Model, Auth: x.auth,
-			Unsummarized: res.Unsummarized, NewConversation: res.NewConversation})
+		r := pending.recorded
+		r.Conversation, r.Unsummarized, r.NewConversation = res.ConversationID, res.Unsummarized, res.NewConversation
+		p.opt.AfterTurn(r)
 	}
 	if err == nil {
 		// A client's repeat of a recorded request (res.Duplicate) stores

@@ -461,3 +461,35 @@ func TestFailClosedRetryOfALandedWriteStoresOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestRetriedTurnIsToldAfterIt: a turn written from the retry queue once
+// the store is back is handed to AfterTurn like one written at once, so
+// its conversation's compaction and (for a first turn) its title are
+// queued. It was not: a conversation begun during an outage never got its
+// generated title.
+func TestRetriedTurnIsToldAfterIt(t *testing.T) {
+	rs := redistest.Start(t, redistest.WithAOF())
+	up := fakeai.New(t)
+	var mu sync.Mutex
+	var told []Recorded
+	px, srv := redisProxy(t, rs, up, func(o *Options) {
+		o.AfterTurn = func(r Recorded) { mu.Lock(); told = append(told, r); mu.Unlock() }
+	})
+	rs.Stop(t)
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(
+		`{"model":"gpt-4o","messages":[{"role":"user","content":"while down"}]}`))
+	req.Header.Set("X-Session-ID", "web:ann:support")
+	req.Header.Set("Authorization", "Bearer sk-client")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, "degraded", resp.Header.Get("X-History"))
+	rs.Restart(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.True(t, px.retry.drain(ctx, 10*time.Second), "the queued turn is written once Redis is back")
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, []Recorded{{Session: "web:ann:support", Channel: "web", Agent: "support", Conversation: "c1", Model: "gpt-4o",
+		Auth: "Bearer sk-client", Unsummarized: 2, NewConversation: true}}, told)
+}

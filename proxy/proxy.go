@@ -140,9 +140,9 @@ type Options struct {
 	// bound.
 	ClientWriteTimeout time.Duration
 
-	// AfterTurn, when not nil, is told of each turn written to the store
-	// by a request (not through the retry queue), on the request's path:
-	// it must only queue work, never wait.
+	// AfterTurn, when not nil, is told of each turn written to the store,
+	// on the request's path or the retry queue's (a turn written once the
+	// store is back): it must only queue work, never wait.
 	AfterTurn func(Recorded)
 
 	Logger *slog.Logger
@@ -235,6 +235,7 @@ func New(opt Options) (*Proxy, error) {
 	p.stop, p.done = func() {}, make(chan struct{})
 	if !opt.FailClosed && opt.RetryQueue > 0 {
 		p.retry = newRetryQueue(opt.Store, opt.RetryQueue, opt.RetryQueueBytes, opt.StoreTimeout, opt.Metrics, p.log)
+		p.retry.after = opt.AfterTurn
 		ctx, cancel := context.WithCancel(context.Background())
 		p.stop = cancel
 		go func() { // stops when Close cancels ctx

@@ -25,6 +25,9 @@ type pendingTurn struct {
 	turn    history.Turn
 	policy  history.Policy
 	size    int64 // turnBytes, once queued
+	// recorded is what AfterTurn is told once the turn is written, less
+	// what the write answers (conversation, counts).
+	recorded Recorded
 }
 
 // retryQueue holds the turns the store refused while it was down
@@ -43,6 +46,8 @@ type retryQueue struct {
 	timeout  time.Duration
 	obs      RetryObserver
 	log      *slog.Logger
+	// after is told of each turn written (Options.AfterTurn); nil: no one.
+	after func(Recorded)
 
 	mu      sync.Mutex
 	pending map[string][]pendingTurn // per session, oldest first
@@ -213,9 +218,16 @@ func (q *retryQueue) run(ctx context.Context) {
 func (q *retryQueue) write(ctx context.Context, p pendingTurn) error {
 	ctx, cancel := context.WithTimeout(ctx, q.timeout)
 	defer cancel()
-	_, err := q.store.Append(ctx, p.session, p.turn, p.policy)
+	res, err := q.store.Append(ctx, p.session, p.turn, p.policy)
 	q.obs.RetryAttempt(err == nil)
 	q.obs.SetStoreUp(err == nil)
+	if err == nil && q.after != nil && len(res.IDs) > 0 {
+		// As for a turn written at once: background work (compaction,
+		// titles) is queued for it.
+		r := p.recorded
+		r.Conversation, r.Unsummarized, r.NewConversation = res.ConversationID, res.Unsummarized, res.NewConversation
+		q.after(r)
+	}
 	return err
 }
 
