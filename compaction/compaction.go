@@ -301,16 +301,22 @@ func (w *Worker) runJob(ctx context.Context, j *job) {
 	t, compact, title := j.turn, j.compact, j.title
 	j.again = false
 	w.mu.Unlock()
+	// Done: no error, another holds the lease (its holder does the work),
+	// or the session or conversation is gone (erased, expired): nothing to
+	// retry.
+	done := func(err error) bool {
+		return err == nil || errors.Is(err, history.ErrCompacting) || errors.Is(err, ErrNotFound)
+	}
 	var errs []error
 	if title {
-		if _, err := w.title(ctx, t, false); err != nil {
+		if _, err := w.title(ctx, t, false); !done(err) {
 			errs = append(errs, err)
 		} else {
 			title = false
 		}
 	}
 	if compact {
-		if _, err := w.compact(ctx, t, false); err != nil && !errors.Is(err, history.ErrCompacting) {
+		if _, err := w.compact(ctx, t, false); !done(err) {
 			errs = append(errs, err)
 		} else {
 			compact = false
