@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -279,5 +280,57 @@ func TestCompactionKeepsAToolCallWithItsResults(t *testing.T) {
 				require.Equal(t, []string{"assistant", "tool"}, roles[len(roles)-2:], "the call right before its result")
 			})
 		}
+	})
+}
+
+// TestCompactRoutesBadInput: the two on-demand routes answer bad input
+// with an OpenAI-shaped error, make no upstream call and change nothing.
+func TestCompactRoutesBadInput(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
+		s := newScripted(e.up)
+		const id = "web:ivy:support"
+		for q := range 3 {
+			e.chat(t, id, fmt.Sprintf("q%d", q))
+		}
+		var before admin.SessionDetail
+		e.get(t, sessionPath(id), &before)
+		requests := len(e.up.Requests())
+		cases := []struct {
+			name, path, body string
+			status           int
+			code             string
+		}{
+			{"not JSON", sessionPath(id, "/compact"), `{"conversation":`, 400, "invalid_json"},
+			{"an array", sessionPath(id, "/title:generate"), `[]`, 400, "invalid_json"},
+			{"a number for the conversation", sessionPath(id, "/compact"), `{"conversation":1}`, 400, "invalid_json"},
+			{"not UTF-8", sessionPath(id, "/compact"), "{\"conversation\":\"\xff\"}", 400, "invalid_request_body"},
+			{"no such conversation", sessionPath(id, "/compact"), `{"conversation":"c1:start"}`, 404, "conversation_not_found"},
+			{"no such conversation, title", sessionPath(id, "/title:generate"), `{"conversation":"c7"}`, 404, "conversation_not_found"},
+			{"bad session id", "/admin/v1/sessions/nocolons/compact", ``, 400, "invalid_session_id"},
+			{"no such session", sessionPath("web:nobody:support", "/title:generate"), ``, 404, "session_not_found"},
+		}
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				req, err := http.NewRequest(http.MethodPost, "http://"+e.p.addrs.Admin+tc.path, strings.NewReader(tc.body))
+				require.NoError(t, err)
+				req.Header.Set("X-Upstream-Authorization", "Bearer sk-admin")
+				resp, err := http.DefaultClient.Do(req)
+				require.NoError(t, err)
+				defer resp.Body.Close()
+				var ae apiError
+				require.NoError(t, json.NewDecoder(resp.Body).Decode(&ae))
+				require.Equal(t, tc.status, resp.StatusCode, "%+v", ae)
+				require.Equal(t, tc.code, ae.Error.Code)
+				require.NotEmpty(t, ae.Error.Message)
+				require.NotEmpty(t, ae.Error.Type)
+			})
+		}
+		require.Len(t, e.up.Requests(), requests, "no upstream call")
+		require.Empty(t, s.seen)
+		var after admin.SessionDetail
+		e.get(t, sessionPath(id), &after)
+		require.Equal(t, before, after, "the session is unchanged")
+		require.Empty(t, e.summaries(t, id))
 	})
 }
