@@ -334,3 +334,45 @@ func TestCompactRoutesBadInput(t *testing.T) {
 		require.Empty(t, e.summaries(t, id))
 	})
 }
+
+// TestCompactionIsNotActivity: a summary is written to the conversation's
+// stream and its last entry pointer names it, but a compaction is not
+// activity of the conversation: its last message time, its message count,
+// the session's last activity (which idle_timeout, retention and the
+// sessions list read) stay, and the next turn after the idle timeout
+// starts a new conversation even when the compaction ran within it.
+func TestCompactionIsNotActivity(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b *adminBackend) {
+		path := compactionConfig(t, false, "")
+		raw, err := os.ReadFile(path)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(path, []byte(strings.Replace(string(raw), "defaults:\n", "defaults:\n  idle_timeout: 1s\n", 1)), 0o600))
+		e := b.start(t, nil, "-config", path)
+		newScripted(e.up)
+		const id = "web:ida:support"
+		for q := range 3 {
+			e.chat(t, id, fmt.Sprintf("q%d", q))
+		}
+		var before, after admin.SessionDetail
+		e.get(t, sessionPath(id), &before)
+		time.Sleep(600 * time.Millisecond)
+		var res struct {
+			Compacted bool         `json:"compacted"`
+			Summary   *admin.Entry `json:"summary"`
+		}
+		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/compact"), nil, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
+		require.True(t, res.Compacted)
+		e.get(t, sessionPath(id), &after)
+		require.Equal(t, before.LastActiveAt, after.LastActiveAt, "the session's last activity")
+		require.Equal(t, before.MessageCount, after.MessageCount)
+		bc, ac := before.Conversations[0], after.Conversations[0]
+		require.Equal(t, bc.LastMessageAt, ac.LastMessageAt, "the conversation's last message time")
+		require.Equal(t, bc.MessageCount, ac.MessageCount)
+		require.Equal(t, res.Summary.ID, *ac.LastMessageID, "the last entry: the summary, as the timeline shows it")
+		require.Equal(t, []string{id}, listIDs(e.list(t, "active=true")), "listed as before")
+		time.Sleep(600 * time.Millisecond) // 1.2 s after the last turn, 0.6 s after the compaction
+		e.chat(t, id, "after a pause")
+		e.get(t, sessionPath(id), &after)
+		require.Equal(t, "c2", *after.Conversation, "the idle timeout counts from the last turn, not the compaction")
+	})
+}

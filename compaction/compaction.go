@@ -405,6 +405,15 @@ func (w *Worker) compact(ctx context.Context, t Turn, force bool) (Result, error
 		return Result{}, fmt.Errorf("compact %s: %w", t.Session, ErrNotFound)
 	}
 	res := Result{Conversation: in.Conversation, Summary: in.Summary}
+	if !force && !in.Current {
+		// Only the current conversation's window is read, so a summary of
+		// an ended one would never be injected: the call would be billed
+		// for nothing. (It would also be written after the newer
+		// conversation's start, out of reach of retention's trim of this
+		// one.) On demand, it is asked for.
+		res.Reason = "the conversation has ended (reset, or a newer one began)"
+		return res, nil
+	}
 	if !force && in.Unsummarized <= int64(s.TriggerMessages) {
 		res.Reason = "the conversation is not over its trigger (another compaction ran)"
 		return res, nil
