@@ -424,7 +424,7 @@ func (w *Worker) compact(ctx context.Context, t Turn, force bool) (Result, error
 	}
 	n := w.fold(in.Messages, target, s.KeepRecentTurns)
 	if n == 0 {
-		res.Reason = fmt.Sprintf("nothing to fold: the conversation's messages after its summary are within its newest %d user turns", s.KeepRecentTurns)
+		res.Reason = fmt.Sprintf("nothing to fold: the conversation's messages after its summary are within its newest %d user turns, or follow a tool call still waiting for its results", s.KeepRecentTurns)
 		return res, nil
 	}
 	model := s.Model
