@@ -22,6 +22,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
@@ -248,3 +249,94 @@ func (e *benchEvents) Read(p []byte) (int, error) {
 }
 
 func (e *benchEvents) Close() error { return nil }
+
+// BenchmarkHeldStreams holds 200 streams open at once through a bare
+// reverse proxy and through historyproxy (memory store, turns ordered), in
+// front of the same upstream paused after the first chunk, and reports
+// what one open stream holds, client and upstream included (the same in
+// both): heap-KB/stream (in use after a collection), stack-KB/stream and
+// goroutines/stream. Run it with -benchtime 1x; hpbench's hold mode
+// measures the built binary's resident memory.
+func BenchmarkHeldStreams(b *testing.B) {
+	const n = 200
+	upURL := benchfix.StartUpstream(b)
+	body := benchfix.RequestBody(true)
+	for _, name := range []string{"bare", "historyproxy"} {
+		b.Run(name, func(b *testing.B) {
+			var h http.Handler = benchfix.Bare(upURL)
+			ids := []string{"bench:user0@example.com:support"}
+			if name == "historyproxy" {
+				store := history.NewMemory()
+				ids = benchSessions(b, store, n)
+				px, err := New(Options{
+					Upstream: upURL, Store: store, Counter: benchfix.Counter(), Catalog: tokens.NewCatalog(nil),
+					Agent: func(string) Agent {
+						a := benchAgent("")
+						a.Ordering = OrderingWait
+						return a
+					},
+					Metrics:        metrics.New(prometheus.NewRegistry(), 0),
+					DefaultChannel: "api", DefaultAgent: "default", Transport: benchfix.Transport(),
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				h = px.Handler()
+			}
+			srv := httptest.NewServer(h)
+			defer srv.Close()
+			c := &http.Client{Transport: benchfix.Transport()}
+			defer c.CloseIdleConnections()
+			for b.Loop() {
+				heap0, stack0, g0 := benchMemory()
+				ctx, cancel := context.WithCancel(context.Background())
+				var wg sync.WaitGroup
+				opened := make(chan error, n)
+				for i := range n {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						req, err := benchfix.NewRequest(srv.URL+"/v1/chat/completions", body, ids[min(i, len(ids)-1)])
+						if err != nil {
+							opened <- err
+							return
+						}
+						req = req.WithContext(ctx)
+						req.Header.Set(benchfix.PauseHeader, "1m")
+						resp, err := c.Do(req)
+						if err != nil {
+							opened <- err
+							return
+						}
+						defer resp.Body.Close()
+						var one [1]byte
+						_, err = io.ReadFull(resp.Body, one[:])
+						opened <- err
+						_, _ = io.Copy(io.Discard, resp.Body)
+					}()
+				}
+				for range n {
+					if err := <-opened; err != nil {
+						b.Fatal(err)
+					}
+				}
+				heap1, stack1, g1 := benchMemory()
+				cancel()
+				wg.Wait()
+				b.ReportMetric(float64(heap1-heap0)/n/1024, "heap-KB/stream")
+				b.ReportMetric(float64(stack1-stack0)/n/1024, "stack-KB/stream")
+				b.ReportMetric(float64(g1-g0)/n, "goroutines/stream")
+			}
+		})
+	}
+}
+
+// benchMemory returns the heap in use after a collection, the stacks in
+// use and the goroutines.
+func benchMemory() (heap, stack uint64, goroutines int) {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse, m.StackInuse, runtime.NumGoroutine()
+}

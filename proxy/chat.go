@@ -31,11 +31,12 @@ type chatRequest struct {
 	// Reserve is max_completion_tokens, else max_tokens; 0 when neither.
 	Reserve int
 	Tools   json.RawMessage
+	// raw holds each message's bytes as sent, for body.
+	raw []json.RawMessage
 }
 
-// inMessage is one request message: its bytes as sent and what they say.
+// inMessage is one request message: what it says.
 type inMessage struct {
-	raw json.RawMessage
 	msg history.Message
 }
 
@@ -116,16 +117,23 @@ func parseChat(body []byte, lim limits) (*chatRequest, *apiError) {
 	if len(msgs) == 0 {
 		return nil, badRequest("empty_array", "messages", "messages must contain at least one message")
 	}
-	c.Messages = make([]inMessage, len(msgs))
+	c.Messages, c.raw = make([]inMessage, len(msgs)), msgs
 	parts := wire.Parts{Limit: lim.Parts, ToolCallLimit: lim.Tools}
 	for i, m := range msgs {
 		msg, err := wire.ParseCounted(m, fmt.Sprintf("messages[%d]", i), &parts)
 		if err != nil {
 			return nil, err
 		}
-		c.Messages[i] = inMessage{raw: m, msg: msg}
+		c.Messages[i] = inMessage{msg: msg}
 	}
 	return c, nil
+}
+
+// rewritten drops what only body reads (the request's fields and each
+// message's bytes as sent), once the body to forward is written: an open
+// stream keeps its request until it ends.
+func (c *chatRequest) rewritten() {
+	c.fields, c.raw = nil, nil
 }
 
 // leadingSystem is the number of system or developer messages at the start:

@@ -326,8 +326,12 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 		r, x.undetach = p.detach(r)
 	}
 	r = r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x))
-	r.Body = io.NopCloser(bytes.NewReader(out))
+	// An open stream holds its request until it ends: the rewritten body
+	// (the history injected, 9 KB in the benchmark's) is let go once sent,
+	// and what only the rewrite read of the request now.
+	r.Body = &sentBody{b: out}
 	r.ContentLength = int64(len(out))
+	req.rewritten()
 	r.Header.Del("Content-Length")
 	if d := p.opt.UpstreamIdleTimeout; d > 0 {
 		// Cut by the reply's body when the upstream falls silent (see
@@ -338,6 +342,27 @@ func (p *Proxy) chat(w http.ResponseWriter, r *http.Request) {
 	}
 	x.upstreamStart = p.now()
 	p.rp.ServeHTTP(cw, r)
+}
+
+// sentBody is a request body that lets go of its bytes once they are
+// read to the end.
+type sentBody struct{ b []byte }
+
+func (s *sentBody) Read(p []byte) (int, error) {
+	if len(s.b) == 0 {
+		s.b = nil
+		return 0, io.EOF
+	}
+	n := copy(p, s.b)
+	if s.b = s.b[n:]; len(s.b) == 0 {
+		s.b = nil
+	}
+	return n, nil
+}
+
+func (s *sentBody) Close() error {
+	s.b = nil
+	return nil
 }
 
 // selectHistory reads the session's window and cuts it to the budget;

@@ -64,11 +64,11 @@ func (c *chatRequest) body(orig []byte, inject []history.Message) ([]byte, error
 func (c *chatRequest) appendMessages(b []byte, inject []history.Message) []byte {
 	lead := c.leadingSystem()
 	b = append(b, '[')
-	for i, m := range c.Messages[:lead] {
+	for i, raw := range c.raw[:lead] {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(b, m.raw...)
+		b = append(b, raw...)
 	}
 	for i, m := range inject {
 		if lead+i > 0 {
@@ -76,9 +76,9 @@ func (c *chatRequest) appendMessages(b []byte, inject []history.Message) []byte 
 		}
 		b = appendWire(b, m)
 	}
-	for _, m := range c.Messages[lead:] {
+	for _, raw := range c.raw[lead:] {
 		b = append(b, ',') // inject is not empty: something precedes
-		b = append(b, m.raw...)
+		b = append(b, raw...)
 	}
 	return append(b, ']')
 }
