@@ -16,6 +16,7 @@ import (
 
 	"github.com/openai/openai-go"
 	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/config"
@@ -133,6 +134,33 @@ func TestRedisClientsHonourContextDeadlines(t *testing.T) {
 			}
 			require.True(t, enabled, "ContextTimeoutEnabled")
 		})
+	}
+}
+
+// TestWatchClientHasNoMaintNotifications: the watches' blocking client
+// (a pool of 10,000) is built without go-redis's maintenance notifications,
+// whose queue go-redis sizes by the pool (5.9 MB at rest); the turns'
+// client keeps go-redis's default. Sentinel's client has no such setting.
+func TestWatchClientHasNoMaintNotifications(t *testing.T) {
+	for _, rc := range []config.Redis{{URL: "redis://127.0.0.1:1/0"}, {ClusterAddrs: []string{"127.0.0.1:1"}}} {
+		for _, blocking := range []bool{false, true} {
+			var opts []func(*redis.UniversalOptions)
+			if blocking {
+				opts = append(opts, poolOf(blockingPool), noMaintNotifications)
+			}
+			c, err := newRedisClient(rc, opts...)
+			require.NoError(t, err)
+			var mc *maintnotifications.Config
+			switch c := c.(type) {
+			case *redis.Client:
+				mc = c.Options().MaintNotificationsConfig
+			case *redis.ClusterClient:
+				mc = c.Options().MaintNotificationsConfig
+			}
+			c.Close()
+			off := mc != nil && mc.Mode == maintnotifications.ModeDisabled
+			require.Equal(t, blocking, off, "%+v, blocking %v", rc, blocking)
+		}
 	}
 }
 
