@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/historyproxy/historyproxy/history"
 )
 
@@ -299,4 +301,22 @@ func BenchmarkArrange(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestArrangeWithoutToolsCopiesNothing: a window without tool calls or
+// results, for a request with no results, is injected as it is, and its
+// messages are not copied (14 KB a request for 20 messages).
+func TestArrangeWithoutToolsCopiesNothing(t *testing.T) {
+	window := at("u:1 a:1 u:2 a:2 u:3 a:3")
+	for _, key := range []string{"", "k"} {
+		got, answered, dropped := arrange(window, answer{key: key, user: "alice"})
+		require.Equal(t, show(window), show(got))
+		require.False(t, answered)
+		require.False(t, dropped)
+		require.Zero(t, testing.AllocsPerRun(10, func() { arrange(window, answer{key: key}) }))
+	}
+	// With tools, the pairing still runs.
+	got, _, dropped := arrange(at("u:1 c:x u:2 a:2"), answer{})
+	require.Equal(t, "u:1 u:2 a:2", show(got))
+	require.True(t, dropped)
 }
