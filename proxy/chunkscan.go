@@ -126,7 +126,7 @@ func (s *chunkScan) object(names []string, field func(int) bool) bool {
 	}
 	var seen uint8
 	for {
-		key, ok := s.text()
+		key, ok := s.skippedText() // compared with ASCII names only
 		if !ok || key == nil || !s.byte(':') {
 			return false
 		}
@@ -176,6 +176,17 @@ func (s *chunkScan) textInto(p **string, t *string) bool {
 // true). Invalid UTF-8, a control character or a broken escape is
 // encoding/json's.
 func (s *chunkScan) text() ([]byte, bool) {
+	v, ok := s.skippedText()
+	if ok && v != nil && !utf8.Valid(v) {
+		return nil, false
+	}
+	return v, ok
+}
+
+// skippedText is text for a string that is only compared with ASCII or
+// skipped: invalid UTF-8 in it changes nothing (encoding/json accepts it,
+// and replaces it only in what it decodes).
+func (s *chunkScan) skippedText() ([]byte, bool) {
 	if s.null() {
 		return nil, true
 	}
@@ -188,9 +199,6 @@ func (s *chunkScan) text() ([]byte, bool) {
 		case c == '"':
 			s.pos = i + 1
 			v := s.data[start:i]
-			if !utf8.Valid(v) {
-				return nil, false
-			}
 			if v == nil {
 				v = []byte{}
 			}
@@ -214,7 +222,7 @@ func (s *chunkScan) escaped(start int) ([]byte, bool) {
 		switch {
 		case c == '"':
 			s.pos = i + 1
-			return out, utf8.Valid(out)
+			return out, true
 		case c < 0x20:
 			return nil, false
 		case c != '\\':
@@ -323,7 +331,7 @@ func (s *chunkScan) skip(depth int) bool {
 			return true
 		}
 		for {
-			if _, ok := s.text(); !ok || !s.byte(':') || !s.skip(depth+1) {
+			if _, ok := s.skippedText(); !ok || !s.byte(':') || !s.skip(depth+1) {
 				return false
 			}
 			if s.byte('}') {
@@ -349,7 +357,7 @@ func (s *chunkScan) skip(depth int) bool {
 			}
 		}
 	case c == '"':
-		_, ok := s.text()
+		_, ok := s.skippedText()
 		return ok
 	case c == 't':
 		return s.literal("true")
