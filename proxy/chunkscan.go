@@ -14,9 +14,9 @@ import (
 // CPU on streams: reflection over every field of every chunk, about 350
 // bytes for a word or two of text.
 //
-// The scanner reads the chunks of the API's usual shape: text deltas,
-// role and finish chunks, fields it does not need (skipped, but checked).
-// Whatever else it meets (tool calls, the usage chunk, an error, a field
+// The scanner reads the chunks of the API's usual shape: text and tool-call
+// deltas, role and finish chunks, fields it does not need (skipped, but
+// checked). Whatever else it meets (the usage chunk, an error, a field
 // named in another case, a field twice, a value of an unexpected type,
 // invalid UTF-8 in a text) it leaves to encoding/json, so that what it
 // accepts it reads exactly as json.Unmarshal does: FuzzChunkScan holds
@@ -30,12 +30,19 @@ type chunkScan struct {
 	scratch []byte
 }
 
+// choiceScratch is what a choice's pointers and slices point into, reused
+// from chunk to chunk.
+type choiceScratch struct {
+	content, refusal, finish string
+	calls                    []chunkToolCall
+	indexes                  []int
+}
+
 // scanChunk reads data into c. sure is false when data is not of the
 // shape the scanner reads: then nothing about c holds, and encoding/json
-// must decide. texts holds each choice's content, refusal and
-// finish_reason, which c's pointers point into; it and scratch are reused
-// from chunk to chunk.
-func scanChunk(data []byte, c *chunk, texts *[][3]string, scratch *[]byte) (sure bool) {
+// must decide. texts holds what each choice's fields point into; it and
+// scratch are reused from chunk to chunk.
+func scanChunk(data []byte, c *chunk, texts *[]choiceScratch, scratch *[]byte) (sure bool) {
 	s := chunkScan{data: data, scratch: *scratch}
 	defer func() { *scratch = s.scratch }()
 	*c = chunk{Choices: c.Choices[:0]}
@@ -57,7 +64,7 @@ func scanChunk(data []byte, c *chunk, texts *[][3]string, scratch *[]byte) (sure
 }
 
 // choices reads the choices array, or null.
-func (s *chunkScan) choices(c *chunk, texts *[][3]string) bool {
+func (s *chunkScan) choices(c *chunk, texts *[]choiceScratch) bool {
 	if s.null() {
 		return true
 	}
@@ -69,7 +76,7 @@ func (s *chunkScan) choices(c *chunk, texts *[][3]string) bool {
 	}
 	for i := 0; ; i++ {
 		if len(*texts) <= i {
-			*texts = append(*texts, [3]string{})
+			*texts = append(*texts, choiceScratch{})
 		}
 		t := &(*texts)[i]
 		c.Choices = append(c.Choices, chunkChoice{})
@@ -81,7 +88,7 @@ func (s *chunkScan) choices(c *chunk, texts *[][3]string) bool {
 			case 1:
 				return s.delta(&ch.Delta, t)
 			}
-			return s.textInto(&ch.FinishReason, &t[2])
+			return s.textInto(&ch.FinishReason, &t.finish)
 		})
 		if !ok {
 			return false
@@ -95,21 +102,76 @@ func (s *chunkScan) choices(c *chunk, texts *[][3]string) bool {
 	}
 }
 
-// delta reads a choice's delta, or null: its content and refusal (tool
-// calls are encoding/json's).
-func (s *chunkScan) delta(d *chunkDelta, t *[3]string) bool {
+// delta reads a choice's delta, or null.
+func (s *chunkScan) delta(d *chunkDelta, t *choiceScratch) bool {
 	if s.null() {
 		return true
 	}
 	return s.object([]string{"content", "refusal", "tool_calls"}, func(field int) bool {
 		switch field {
 		case 0:
-			return s.textInto(&d.Content, &t[0])
+			return s.textInto(&d.Content, &t.content)
 		case 1:
-			return s.textInto(&d.Refusal, &t[1])
+			return s.textInto(&d.Refusal, &t.refusal)
 		}
-		return s.null()
+		return s.toolCalls(d, t)
 	})
+}
+
+// toolCalls reads a delta's tool calls, or null.
+func (s *chunkScan) toolCalls(d *chunkDelta, t *choiceScratch) bool {
+	d.ToolCalls = nil
+	if s.null() {
+		return true
+	}
+	if !s.byte('[') {
+		return false
+	}
+	d.ToolCalls = t.calls[:0]
+	if s.byte(']') {
+		return true
+	}
+	for j := 0; ; j++ {
+		if len(t.calls) <= j {
+			t.calls = append(t.calls, chunkToolCall{})
+			t.indexes = append(t.indexes, 0)
+		}
+		tc := &t.calls[j]
+		*tc = chunkToolCall{}
+		ok := s.object([]string{"index", "id", "type", "function"}, func(field int) bool {
+			switch field {
+			case 0:
+				if s.null() {
+					return true
+				}
+				tc.Index = &t.indexes[j]
+				return s.int(tc.Index)
+			case 1:
+				return s.textTo(&tc.ID)
+			case 2:
+				return s.textTo(&tc.Type)
+			}
+			if s.null() {
+				return true
+			}
+			return s.object([]string{"name", "arguments"}, func(field int) bool {
+				if field == 0 {
+					return s.textTo(&tc.Function.Name)
+				}
+				return s.textTo(&tc.Function.Arguments)
+			})
+		})
+		if !ok {
+			return false
+		}
+		d.ToolCalls = t.calls[:j+1]
+		if s.byte(']') {
+			return true
+		}
+		if !s.byte(',') {
+			return false
+		}
+	}
 }
 
 // object reads an object whose fields (the ones decoded; at most 8) are
@@ -150,6 +212,15 @@ func (s *chunkScan) object(names []string, field func(int) bool) bool {
 			return false
 		}
 	}
+}
+
+// textTo reads a string into *t; null leaves it as it is.
+func (s *chunkScan) textTo(t *string) bool {
+	v, ok := s.text()
+	if ok && len(v) > 0 {
+		*t = string(v)
+	}
+	return ok
 }
 
 // textInto reads a string into *t and points *p at it, or null into a

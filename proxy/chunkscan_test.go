@@ -53,11 +53,16 @@ var usualChunks = []string{
 	` { "choices" : [ { "index" : 0 , "delta" : { "content" : "x" } } ] , "created" : 1.5e3 , "x" : [ true , false , null , -0.0 , {} , [] ] } `,
 	`{"choices":[]}`, `{"choices":null}`, `{}`, `{"object":"chat.completion.chunk","choices":[{"index":0,"delta":null}]}`,
 	`{"choices":[{"index":0,"delta":{"content":"\ud800"}}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]},"finish_reason":null}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":[{"id":"a","function":{"name":"f"}},{"index":null,"id":null,"type":null,"function":null},{"index":3,"extra":[1]}]}}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":[]}}]}`,
 }
 
 // unusualChunks are left to encoding/json; some are not JSON at all.
 var unusualChunks = []string{
-	`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":5}]}}]}`, `{"choices":[{"index":0,"delta":{"tool_calls":[{"Index":0}]}}]}`,
+	`{"choices":[{"index":0,"delta":{"tool_calls":{}}}]}`, `{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"name":"a","name":"b"}}]}}]}`,
 	`{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}`,
 	`{"error":{"message":"boom","type":"server_error"}}`, `{"object":"error","message":"boom"}`,
 	`{"Choices":[{"index":0,"delta":{"content":"case"}}]}`, `{"choices":[{"index":0,"delta":{"Content":"case"}}]}`,
@@ -81,7 +86,7 @@ func TestChunkScan(t *testing.T) {
 	}
 	for _, data := range usual {
 		var c chunk
-		var texts [][3]string
+		var texts []choiceScratch
 		var scratch []byte
 		require.True(t, scanChunk([]byte(data), &c, &texts, &scratch), "the scanner left %s to encoding/json", data)
 		var want chunk
@@ -118,7 +123,8 @@ func FuzzChunkScan(f *testing.F) {
 // nothing of it (the scanner reuses the choices and their texts).
 func TestChunkDecoderReusesNothingStale(t *testing.T) {
 	var d chunkDecoder
-	seq := []string{usualChunks[4], usualChunks[2], unusualChunks[0], usualChunks[1], usualChunks[8], usualChunks[3]}
+	u := usualChunks
+	seq := []string{u[4], u[2], u[13], u[1], u[8], u[3], u[14], u[15], u[16], u[13], u[0], u[12]}
 	for _, data := range seq {
 		checkChunk(t, []byte(data)) // fresh decoder
 		var want chunk

@@ -358,7 +358,7 @@ type chunkDecoder struct {
 	fed int64
 	c   chunk
 	// The scanner's: the choices' texts c points into, and its buffer.
-	texts   [][3]string
+	texts   []choiceScratch
 	scratch []byte
 }
 
