@@ -186,43 +186,67 @@ return {h[1], w[1], w[2]}
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate),
 // messages its latest summary does not cover, ids...}.
 var appendScript = redis.NewScript(luaLease + `
+-- The script runs on every request, and Redis serves nothing else
+-- meanwhile: it reads each hash once (HMGET) and writes what changed in
+-- one HSET per hash, rather than a command per field.
+local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
+
+-- int writes a count for HSET: a Lua number (a double) as an integer, not
+-- as 1e+15.
+local function int(x) return string.format('%d', x) end
+
 local function write()
   local now = tonumber(ARGV[1])
   local idle = tonumber(ARGV[2])
   local retention = tonumber(ARGV[3])
-  local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained')
+  local h = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'retained', 'created_ms', 'messages',
+    'cost_micros', unpack(usage))
   local conv = h[1] or ''
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
   local dup = false
   if ARGV[4] ~= '' then
     local w = ARGV[18]
     -- This very write, retried after its answer was lost: nothing to do.
-    if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2} end
-    dup = redis.call('ZSCORE', KEYS[4], ARGV[4]) ~= false
+    if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2}, 0 end
+    -- NX: a key already there marks a repeat, and keeps its time.
+    dup = redis.call('ZADD', KEYS[4], 'NX', ARGV[1], ARGV[4]) == 0
     -- Another write's repeat, without a write key: nothing either.
-    if dup and w == '' then return {conv, 2} end
-    if not dup then redis.call('ZADD', KEYS[4], ARGV[1], ARGV[4]) end
+    if dup and w == '' then return {conv, 2}, 0 end
     if w ~= '' then redis.call('ZADD', KEYS[4], ARGV[1], w) end
     redis.call('PEXPIRE', KEYS[4], ARGV[6])
     -- Otherwise a repeat of a recorded request: no second turn, but its
     -- upstream call is billed, so its usage counts (below).
   end
-  local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
-  -- Every total is written, 0 included, so HGETALL shows each field the
-  -- README lists from a session's first turn on.
-  for i = 1, 6 do redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
+  -- The session hash's changes, written by flush.
+  local set = {}
+  local function put(f, v)
+    set[#set + 1] = f
+    set[#set + 1] = v
+  end
+  local function flush()
+    if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+    set = {}
+  end
   -- A session written before costs were kept in nano-USD has cost_micros:
   -- fold it into cost_nanos, times 1000 by appending three zeros to the
   -- integer (exact, where a Lua number is not beyond 2^53).
-  local micros = redis.call('HGET', KEYS[1], 'cost_micros')
-  if micros then
-    if micros ~= '0' then redis.call('HINCRBY', KEYS[1], 'cost_nanos', micros .. '000') end
+  if h[7] then
+    if h[7] ~= '0' then h[13] = redis.call('HINCRBY', KEYS[1], 'cost_nanos', h[7] .. '000') end
     redis.call('HDEL', KEYS[1], 'cost_micros')
   end
-  redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
+  -- Every total is written, 0 included, so HGETALL shows each field the
+  -- README lists from a session's first turn on. A sum is exact in Lua's
+  -- numbers below 2^53; beyond, Redis adds it (exact to 2^63).
+  for i = 1, 6 do
+    local t, d = tonumber(h[7 + i] or '0'), tonumber(ARGV[6 + i])
+    if t and math.abs(t) < 2^52 and math.abs(d) < 2^52 then put(usage[i], int(t + d))
+    else redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
+  end
+  if not h[5] then put('created_ms', ARGV[1]) end
   local n = tonumber(ARGV[17])
   if dup then n = 0 end
   if n == 0 then
+    flush()
     -- A turn that records no message (read-only, or a repeat's usage) may
     -- be the session's first: its fields still all exist.
     if not h[1] then
@@ -233,56 +257,79 @@ local function write()
       redis.call('HINCRBY', KEYS[1], 'conversations', 0)
       redis.call('HSETNX', KEYS[1], 'retained', '1')
     end
-    if dup then return {conv, 2} end
-    return {conv, 0}
+    if dup then return {conv, 2}, 0 end
+    return {conv, 0}, 0
   end
   local last = tonumber(h[2] or '0')
   local arrived = tonumber(ARGV[13])
   local read = ARGV[14]
-  -- kept reports whether conversation c still has messages: retention
-  -- removes them, and one written by an older layout is not in the stream.
-  local function kept(c)
-    if c == '' then return false end
-    local r = redis.call('HMGET', KEYS[2], c .. ':start', c .. ':last')
-    return r[1] and #redis.call('XRANGE', KEYS[3], r[1], r[2], 'COUNT', 1) > 0
+  -- meta reads conversation c's fields the turn reads or changes.
+  local function meta(c)
+    return redis.call('HMGET', KEYS[2], c .. ':start', c .. ':last', c .. ':messages', c .. ':last_ms', c .. ':auto_title',
+      c .. ':summarized')
   end
-  local new = 0
+  -- kept reports whether the conversation of meta m still has messages:
+  -- retention removes them, and one written by an older layout is not in
+  -- the stream.
+  local function kept(m)
+    return m[1] and #redis.call('XRANGE', KEYS[3], m[1], m[2], 'COUNT', 1) > 0
+  end
   if ARGV[16] == '1' then
     -- A new conversation asked for: the read one does not matter.
     read = ''
     h[3] = '0'
   end
-  if read ~= '' and kept(read) then
+  local m = false -- the meta of the conversation the turn goes to
+  if read ~= '' then
+    local r = meta(read)
     -- The turn was answered from this conversation: it belongs there,
     -- however long the reply took or the tool ran, and even when a newer
     -- one began meanwhile (without making it current again).
-    conv = read
-  elseif h[3] ~= '1' or (idle > 0 and arrived - last > idle) or not kept(conv) then
+    if kept(r) then conv, m = read, r end
+  end
+  if not m and conv ~= '' and h[3] == '1' and not (idle > 0 and arrived - last > idle) then
+    local r = meta(conv)
+    if kept(r) then m = r end
+  end
+  local new = 0
+  if not m then
     -- An expired conversation is not refilled: a new turn starts a new one.
     conv = 'c' .. redis.call('HINCRBY', KEYS[1], 'conversations', 1)
-    redis.call('HSET', KEYS[1], 'conversation', conv, 'is_active', '1')
-    redis.call('HSET', KEYS[2], conv .. ':created_ms', ARGV[1])
+    put('conversation', conv)
+    put('is_active', '1')
+    m = {}
     new = 1
   end
-  if now > last then redis.call('HSET', KEYS[1], 'last_active_ms', ARGV[1]) end
+  if now > last then put('last_active_ms', ARGV[1]) end
   local res = {conv, new}
   local i = 23
-  for m = 1, n do
-    local k = tonumber(ARGV[i])
+  for k = 1, n do
+    local c = tonumber(ARGV[i])
     local fields = {'conversation', conv}
-    for j = 1, k do fields[j + 2] = ARGV[i + j] end
-    res[m + 2] = redis.call('XADD', KEYS[3], '*', unpack(fields))
-    i = i + k + 1
+    for j = 1, c do fields[j + 2] = ARGV[i + j] end
+    res[k + 2] = redis.call('XADD', KEYS[3], '*', unpack(fields))
+    i = i + c + 1
   end
-  if new == 1 then redis.call('HSET', KEYS[2], conv .. ':start', res[3]) end
-  redis.call('HSET', KEYS[2], conv .. ':last', res[n + 2])
-  redis.call('HINCRBY', KEYS[2], conv .. ':messages', n)
-  if now > tonumber(redis.call('HGET', KEYS[2], conv .. ':last_ms') or '0') then
-    redis.call('HSET', KEYS[2], conv .. ':last_ms', ARGV[1])
+  local count = tonumber(m[3] or '0') + n
+  local cset = {conv .. ':last', res[n + 2], conv .. ':messages', int(count)}
+  if new == 1 then
+    cset[#cset + 1] = conv .. ':created_ms'
+    cset[#cset + 1] = ARGV[1]
+    cset[#cset + 1] = conv .. ':start'
+    cset[#cset + 1] = res[3]
   end
-  if ARGV[15] ~= '' then redis.call('HSETNX', KEYS[2], conv .. ':auto_title', ARGV[15]) end
-  redis.call('HINCRBY', KEYS[1], 'messages', n)
-  redis.call('HSETNX', KEYS[1], 'retained', '1')
+  if now > tonumber(m[4] or '0') then
+    cset[#cset + 1] = conv .. ':last_ms'
+    cset[#cset + 1] = ARGV[1]
+  end
+  if ARGV[15] ~= '' and not m[5] then
+    cset[#cset + 1] = conv .. ':auto_title'
+    cset[#cset + 1] = ARGV[15]
+  end
+  redis.call('HSET', KEYS[2], unpack(cset))
+  put('messages', int(tonumber(h[6] or '0') + n))
+  if not h[4] then put('retained', '1') end
+  flush()
   if retention > 0 then
     -- The stream expires with the session's last activity; before that,
     -- ended conversations whose last turn is older than the retention are
@@ -303,21 +350,16 @@ local function write()
       redis.call('HSET', KEYS[1], 'retained', k)
     end
   end
-  return res
+  -- What the conversation's latest summary does not cover: compaction is
+  -- queued on it.
+  return res, count - tonumber(m[6] or '0')
 end
-local res = write()
+local res, pending = write()
 if ARGV[19] ~= '' then
   -- The turn is written: the next waiting request reads it.
   local last = ''
   if #res > 2 then last = res[#res] end
   release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
-end
--- What the conversation's latest summary does not cover: compaction is
--- queued on it.
-local pending = 0
-if #res > 2 then
-  local c = redis.call('HMGET', KEYS[2], res[1] .. ':messages', res[1] .. ':summarized')
-  pending = tonumber(c[1] or '0') - tonumber(c[2] or '0')
 end
 table.insert(res, 3, pending)
 return res

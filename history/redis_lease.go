@@ -94,11 +94,13 @@ local function nowms()
 end
 
 -- head returns the first waiter still alive, dropping those whose time ran
--- out (a request that gave up, a process that died).
+-- out (a request that gave up, a process that died). now (nowms) is read
+-- here when nil: an empty queue, the usual case, needs no TIME.
 local function head(queue, waiters, now)
   while true do
     local h = redis.call('LINDEX', queue, 0)
     if not h then return false end
+    now = now or nowms()
     local d = redis.call('HGET', waiters, h)
     if d and tonumber(d) >= now then return h end
     redis.call('LPOP', queue)
@@ -108,7 +110,7 @@ end
 
 -- wake tells the first waiter still alive that the lease is free.
 local function wake(queue, waiters, channel)
-  local h = head(queue, waiters, nowms())
+  local h = head(queue, waiters, nil)
   if h then redis.call('PUBLISH', channel, h) end
 end
 
@@ -155,10 +157,10 @@ local holder = redis.call('GET', KEYS[4])
 if holder == token then
   redis.call('PEXPIRE', KEYS[4], ttl)
 else
-  local now = nowms()
   local h = false
-  if not holder then h = head(KEYS[5], KEYS[6], now) end
+  if not holder then h = head(KEYS[5], KEYS[6], nil) end
   if holder or (h and h ~= token) then
+    local now = nowms()
     if ARGV[7] ~= '1' then
       -- Queued once, in arrival order; a waiter that comes back only
       -- renews its time.

@@ -322,3 +322,37 @@ func fillConversation(b *testing.B, s *RedisStore, session string, n int, p Poli
 		b.Fatalf("filled %d messages, want %d", sess.MessageCount, n)
 	}
 }
+
+// TestRedisTotalsStayExact checks that the append script adds usage to a
+// session's totals exactly however large they grow: it sums in Lua's
+// numbers (doubles) only while that is exact, and lets Redis add beyond.
+func TestRedisTotalsStayExact(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	key := s.sessionKey(session)
+	for _, tc := range []struct {
+		name        string
+		stored      string // prompt_tokens before the append
+		delta, want int64
+	}{
+		{"small", "7", 5, 12},
+		{"just below 2^52", "4503599627370495", 1, 4503599627370496},
+		{"stored beyond 2^53", "9007199254740993", 2, 9007199254740995},
+		{"delta beyond 2^53", "1", 9007199254740993, 9007199254740994},
+		{"near 2^63", "9223372036854775000", 7, 9223372036854775007},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mustNoErr(t, c.Del(ctx, key).Err())
+			mustNoErr(t, c.HSet(ctx, key, "prompt_tokens", tc.stored, "cost_nanos", tc.stored).Err())
+			_, err := s.Append(ctx, session, Turn{NowMs: t0, Usage: Usage{PromptTokens: tc.delta, CostNanos: tc.delta, Requests: 1}}, Policy{})
+			mustNoErr(t, err)
+			h, err := c.HGetAll(ctx, key).Result()
+			mustNoErr(t, err)
+			want := strconv.FormatInt(tc.want, 10)
+			if h["prompt_tokens"] != want || h["cost_nanos"] != want || h["requests"] != "1" {
+				t.Errorf("got prompt_tokens %s, cost_nanos %s, requests %s; want %s, %s, 1", h["prompt_tokens"], h["cost_nanos"], h["requests"], want, want)
+			}
+		})
+	}
+}
