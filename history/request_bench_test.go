@@ -17,8 +17,9 @@ import (
 // BenchmarkRedisRequest is the store's part of one proxied chat request
 // with turn ordering on, as the proxy makes it: take the session's turn and
 // read its 20-message window (one round trip), then append the user
-// message and the reply with their idempotency and write keys, giving the
-// turn back (the other). take is the read alone (the turn passed on at
+// message and the reply, giving the turn back (the other). The turn carries
+// the idempotency key the proxy makes for a client that sends none, and so
+// no write key. take is the read alone (the turn passed on at
 // once). A session takes at most turnsPerSession turns, so the window and
 // the session's keys stay the size of a typical request's.
 //
