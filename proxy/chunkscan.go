@@ -383,9 +383,12 @@ func (s *chunkScan) int(p *int) bool {
 	return err == nil
 }
 
-// maxDepth bounds the nesting of skipped values, as encoding/json does
-// (10,000); deeper is encoding/json's to refuse.
-const maxDepth = 10000
+// maxDepth bounds the nesting of skipped values. encoding/json refuses
+// more than 10,000 levels counted from the chunk itself, and a skipped
+// value sits inside up to 7 of the scanner's own (the chunk, choices, a
+// choice, its delta, tool_calls, a call, its function): a value deeper
+// than what is left is encoding/json's to decide (TestChunkScanDeepNesting).
+const maxDepth = 10000 - 8
 
 // skip reads any value, checking that it is JSON.
 func (s *chunkScan) skip(depth int) bool {

@@ -134,3 +134,25 @@ func TestChunkDecoderReusesNothingStale(t *testing.T) {
 		require.Equal(t, chunkView(&want), chunkView(got), data)
 	}
 }
+
+// TestChunkScanDeepNesting: a skipped value nested near encoding/json's
+// limit (10,000 levels, counted from the chunk itself) is read only if
+// encoding/json reads it. The scanner counted the depth from the skipped
+// value, and read chunks encoding/json refuses.
+func TestChunkScanDeepNesting(t *testing.T) {
+	for _, wrap := range []string{`{"x":%s,"choices":[{"index":0,"delta":{"content":"a"}}]}`,
+		`{"choices":[{"index":0,"delta":{"content":"a","x":%s}}]}`,
+		`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a","x":%s}}]}}]}`} {
+		for k := 9985; k <= 10003; k++ {
+			data := []byte(fmt.Sprintf(wrap, strings.Repeat("[", k)+strings.Repeat("]", k)))
+			var want chunk
+			wantErr := json.Unmarshal(data, &want)
+			var d chunkDecoder
+			got, ok := d.decode(data)
+			require.Equal(t, wantErr == nil, ok, "%.60s with %d levels: json.Unmarshal says %v", wrap, k, wantErr)
+			if ok {
+				require.Equal(t, chunkView(&want), chunkView(got), "%.60s with %d levels", wrap, k)
+			}
+		}
+	}
+}
