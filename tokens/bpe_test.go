@@ -90,8 +90,9 @@ func TestBPEMatchesTiktoken(t *testing.T) {
 	}
 }
 
-// FuzzBPE: any text counts as tiktoken-go counts it, with o200k_base and
-// cl100k_base. go test -fuzz FuzzBPE ./tokens/
+// FuzzBPE: any text counts as tiktoken-go counts it, with every encoding
+// (p50k_base and r50k_base too: their split pattern is another function).
+// go test -fuzz FuzzBPE ./tokens/
 func FuzzBPE(f *testing.F) {
 	for _, s := range adversarial {
 		f.Add(s)
@@ -101,7 +102,7 @@ func FuzzBPE(f *testing.F) {
 		if len(text) > 300 { // the merge is quadratic in tiktoken-go too
 			return
 		}
-		for _, name := range []string{O200kBase, Cl100kBase} {
+		for _, name := range supportedEncodings {
 			enc, err := c.encoders[name]()
 			require.NoError(t, err)
 			want := reference(t, name).EncodeOrdinary(text)
