@@ -286,8 +286,16 @@ func (h *harness) start(ctx context.Context) (e *env, err error) {
 		"-prefix", floorPrefix, "-window", fmt.Sprint(benchfix.HistoryLen)}, h.dir); err != nil {
 		return nil, err
 	}
+	// The memory store's default cap (256 MiB) is below what the 64-client
+	// scenarios with 10,000 stored messages hold: past it the store erases
+	// the least recently active sessions, and their next request carries
+	// no history. The benchmark measures the store holding everything.
+	memConfig := filepath.Join(h.dir, "historyproxy-memory.yaml")
+	if err = os.WriteFile(memConfig, []byte("store:\n  memory_max_bytes: 4294967296\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("write the memory instance's configuration: %w", err)
+	}
 	if e.hpMemory, err = startHistoryproxy(ctx, "historyproxy-memory", h.bin(binHistoryproxy),
-		[]string{"-upstream", up + "/v1"}, h.dir); err != nil {
+		[]string{"-config", memConfig, "-upstream", up + "/v1"}, h.dir); err != nil {
 		return nil, err
 	}
 	if e.hpRedis, err = startHistoryproxy(ctx, "historyproxy-redis", h.bin(binHistoryproxy),
