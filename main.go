@@ -342,6 +342,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		routes = withPprof(routes)
 		log.Warn("Go's profiler is served under /debug/pprof/ on the admin listener (admin.pprof), without authentication", "admin", al.Addr().String())
 	}
+	// Outermost, so that the path-cleaning redirects of the muxes inside
+	// carry the console's security headers too.
+	routes = console.Headers(routes)
 	adminSrv := &http.Server{Handler: proxy.WriteDeadlines(cfg.Client.WriteTimeout, routes),
 		ReadHeaderTimeout: min(10*time.Second, cfg.Client.ReadTimeout), ReadTimeout: cfg.Client.ReadTimeout, IdleTimeout: cfg.Client.IdleTimeout,
 		MaxHeaderBytes: 1 << 20, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}

@@ -70,6 +70,20 @@ func Handler() http.Handler {
 	})
 }
 
+// Headers sets the security headers on every answer under the console's
+// paths before next runs. The console's own handler sets them too; this
+// covers what a mux in front of it answers by itself: a ServeMux cleans
+// a path such as /console/./x or /console//x with a redirect before any
+// handler is chosen, and a browser renders that answer as well.
+func Headers(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/console" || strings.HasPrefix(r.URL.Path, Prefix) {
+			setHeaders(w)
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
 // setHeaders sets the security headers of every answer. The files change
 // only with the binary, and carry no validator (embedded files have no
 // modification time), so browsers are told to ask again each time.
