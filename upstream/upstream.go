@@ -149,7 +149,9 @@ func (c *Client) Chat(ctx context.Context, auth string, req ChatRequest) (ChatRe
 			msg = e.Error.Message
 		}
 		if len(msg) > 300 {
-			msg = msg[:300]
+			// Cut on a character's boundary: the message reaches logs
+			// and the admin API's JSON.
+			msg = strings.ToValidUTF8(msg[:300], "")
 		}
 		return ChatResponse{}, &StatusError{Status: resp.StatusCode, Message: msg}
 	}
