@@ -4,6 +4,7 @@
 package config
 
 import (
+	"cmp"
 	"maps"
 	"net/url"
 	"slices"
@@ -366,63 +367,29 @@ func (c Config) Agent(name string) Agent {
 		return c.Defaults
 	}
 	d := c.Defaults
-	if a.Mode == "" {
-		a.Mode = d.Mode
-	}
-	if a.MaxTokens == 0 {
-		a.MaxTokens = d.MaxTokens
-	}
-	if a.MaxMessages == 0 {
-		a.MaxMessages = d.MaxMessages
-	}
-	if a.OutputReserve == 0 {
-		a.OutputReserve = d.OutputReserve
-	}
-	if a.IdleTimeout == 0 {
-		a.IdleTimeout = d.IdleTimeout
-	}
-	if a.Retention == 0 {
-		a.Retention = d.Retention
-	}
-	if a.Ordering == "" {
-		a.Ordering = d.Ordering
-	}
-	if a.OrderingTimeout == 0 {
-		a.OrderingTimeout = d.OrderingTimeout
-	}
-	if a.OnClientDisconnect == "" {
-		a.OnClientDisconnect = d.OnClientDisconnect
-	}
+	a.Mode = cmp.Or(a.Mode, d.Mode)
+	a.MaxTokens = cmp.Or(a.MaxTokens, d.MaxTokens)
+	a.MaxMessages = cmp.Or(a.MaxMessages, d.MaxMessages)
+	a.OutputReserve = cmp.Or(a.OutputReserve, d.OutputReserve)
+	a.IdleTimeout = cmp.Or(a.IdleTimeout, d.IdleTimeout)
+	a.Retention = cmp.Or(a.Retention, d.Retention)
+	a.Ordering = cmp.Or(a.Ordering, d.Ordering)
+	a.OrderingTimeout = cmp.Or(a.OrderingTimeout, d.OrderingTimeout)
+	a.OnClientDisconnect = cmp.Or(a.OnClientDisconnect, d.OnClientDisconnect)
 	a.Compaction = a.Compaction.inherit(d.Compaction)
 	return a
 }
 
 // inherit fills c's unset fields from d.
 func (c Compaction) inherit(d Compaction) Compaction {
-	if c.Enabled == nil {
-		c.Enabled = d.Enabled
-	}
-	if c.TriggerMessages == 0 {
-		c.TriggerMessages = d.TriggerMessages
-	}
-	if c.TargetMessages == 0 {
-		c.TargetMessages = d.TargetMessages
-	}
-	if c.KeepRecentTurns == 0 {
-		c.KeepRecentTurns = d.KeepRecentTurns
-	}
-	if c.Model == "" {
-		c.Model = d.Model
-	}
-	if c.Prompt == "" {
-		c.Prompt = d.Prompt
-	}
-	if c.MaxSummaryTokens == 0 {
-		c.MaxSummaryTokens = d.MaxSummaryTokens
-	}
-	if c.Titles == nil {
-		c.Titles = d.Titles
-	}
+	c.Enabled = cmp.Or(c.Enabled, d.Enabled)
+	c.TriggerMessages = cmp.Or(c.TriggerMessages, d.TriggerMessages)
+	c.TargetMessages = cmp.Or(c.TargetMessages, d.TargetMessages)
+	c.KeepRecentTurns = cmp.Or(c.KeepRecentTurns, d.KeepRecentTurns)
+	c.Model = cmp.Or(c.Model, d.Model)
+	c.Prompt = cmp.Or(c.Prompt, d.Prompt)
+	c.MaxSummaryTokens = cmp.Or(c.MaxSummaryTokens, d.MaxSummaryTokens)
+	c.Titles = cmp.Or(c.Titles, d.Titles)
 	return c
 }
 
