@@ -13,7 +13,6 @@ package compaction
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -537,7 +536,7 @@ func parts(msgs []history.Message) []bool {
 	for i, m := range msgs {
 		switch {
 		case m.Role == history.RoleAssistant && m.ToolCalls != nil:
-			calls = append(calls, &call{at: i, ids: toolCallIDs(m.ToolCalls), user: m.User})
+			calls = append(calls, &call{at: i, ids: history.ToolCallIDs(m.ToolCalls), user: m.User})
 		case m.Role == history.RoleTool:
 			var c *call
 			for k := len(calls) - 1; k >= 0; k-- {
@@ -572,22 +571,6 @@ func parts(msgs []history.Message) []bool {
 		}
 	}
 	return cut
-}
-
-// toolCallIDs returns the ids of a tool_calls array; none when it cannot
-// be read.
-func toolCallIDs(raw json.RawMessage) []string {
-	var calls []struct {
-		ID string `json:"id"`
-	}
-	if json.Unmarshal(raw, &calls) != nil {
-		return nil
-	}
-	ids := make([]string, 0, len(calls))
-	for _, c := range calls {
-		ids = append(ids, c.ID)
-	}
-	return ids
 }
 
 // lastModel is the model of the newest message that names one.

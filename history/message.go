@@ -298,3 +298,22 @@ type SessionPage struct {
 	// Total is how many sessions match the query, on every page.
 	Total int64
 }
+
+// ToolCallIDs returns the ids of a tool_calls array; an empty (non-nil)
+// slice when it has none or cannot be read, so a message with unreadable
+// calls still counts as one that calls tools. The proxy pairs calls with
+// their results by these ids when it injects a window, and compaction when
+// it chooses where a summary may end: one parse, so both pair alike.
+func ToolCallIDs(raw json.RawMessage) []string {
+	var calls []struct {
+		ID string `json:"id"`
+	}
+	if json.Unmarshal(raw, &calls) != nil {
+		return []string{}
+	}
+	ids := make([]string, 0, len(calls))
+	for _, c := range calls {
+		ids = append(ids, c.ID)
+	}
+	return ids
+}

@@ -182,7 +182,7 @@ func callInWindow(t *testing.T, h *e2eHarness, sid string, ids []string, n int) 
 		if m.ToolCalls == nil {
 			continue
 		}
-		got := toolCallIDs(m.ToolCalls)
+		got := history.ToolCallIDs(m.ToolCalls)
 		slices.Sort(got)
 		if slices.Equal(got, want) {
 			return true
@@ -196,7 +196,7 @@ func simStored(t *testing.T, h *e2eHarness, sid string) string {
 	for _, m := range h.messages(t, sid, "") {
 		w := m.Role + ":" + m.Content
 		if m.ToolCalls != nil {
-			w = "call" + fmt.Sprint(toolCallIDs(m.ToolCalls))
+			w = "call" + fmt.Sprint(history.ToolCallIDs(m.ToolCalls))
 		}
 		if m.ToolCallID != "" {
 			w = "tool:" + m.ToolCallID

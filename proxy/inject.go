@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"encoding/json"
 	"slices"
 
 	"github.com/historyproxy/historyproxy/history"
@@ -76,7 +75,7 @@ func arrange(window []history.Message, a answer) (msgs []history.Message, answer
 	for _, m := range window {
 		it := item{m: m}
 		if m.Role == history.RoleAssistant && m.ToolCalls != nil {
-			it.ids = toolCallIDs(m.ToolCalls)
+			it.ids = history.ToolCallIDs(m.ToolCalls)
 		}
 		items = append(items, it)
 	}
@@ -256,21 +255,4 @@ func covers(block []item, ids []string) bool {
 		}
 	}
 	return true
-}
-
-// toolCallIDs returns the ids of a tool_calls array; an empty (non-nil)
-// slice when it has none or cannot be read, so the message still counts as
-// one that calls tools and is never injected with its calls.
-func toolCallIDs(raw json.RawMessage) []string {
-	var calls []struct {
-		ID string `json:"id"`
-	}
-	if json.Unmarshal(raw, &calls) != nil {
-		return []string{}
-	}
-	ids := make([]string, 0, len(calls))
-	for _, c := range calls {
-		ids = append(ids, c.ID)
-	}
-	return ids
 }

@@ -67,9 +67,9 @@ func show(ms []history.Message) string {
 		case m.Role == history.RoleTool:
 			out = append(out, "t:"+m.ToolCallID)
 		case m.ToolCalls != nil:
-			w := "c:" + strings.Join(toolCallIDs(m.ToolCalls), ",")
+			w := "c:" + strings.Join(history.ToolCallIDs(m.ToolCalls), ",")
 			if m.Content != "" {
-				w = "ct:" + strings.Join(toolCallIDs(m.ToolCalls), ",") + ":" + m.Content
+				w = "ct:" + strings.Join(history.ToolCallIDs(m.ToolCalls), ",") + ":" + m.Content
 			}
 			out = append(out, w)
 		case m.Role == history.RoleUser:
@@ -264,7 +264,7 @@ func validOrder(ms []history.Message, results []string, answered bool) error {
 		open = nil
 		if m.ToolCalls != nil {
 			open = map[string]bool{}
-			for _, id := range toolCallIDs(m.ToolCalls) {
+			for _, id := range history.ToolCallIDs(m.ToolCalls) {
 				open[id] = true
 			}
 		}

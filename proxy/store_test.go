@@ -331,7 +331,7 @@ func testE2EToolCalls(t *testing.T, b e2eBackend) {
 		"assistant/" + history.KindMessage,
 	}, kinds)
 	require.True(t, stored[1].ContentNull, "the tool-call message keeps content null")
-	require.Equal(t, []string{"call_a", "call_b"}, toolCallIDs(stored[1].ToolCalls))
+	require.Equal(t, []string{"call_a", "call_b"}, history.ToolCallIDs(stored[1].ToolCalls))
 	require.Equal(t, "call_a", stored[2].ToolCallID)
 	require.Equal(t, "call_b", stored[3].ToolCallID)
 	for i, m := range stored {
