@@ -185,11 +185,10 @@ return {h[1], w[1], w[2]}
 // message its number of field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate),
 // messages its latest summary does not cover, ids...}.
-var appendScript = redis.NewScript(luaLease + `
+var appendScript = redis.NewScript(luaLease + luaUsage + `
 -- The script runs on every request, and Redis serves nothing else
 -- meanwhile: it reads each hash once (HMGET) and writes what changed in
 -- one HSET per hash, rather than a command per field.
-local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
 
 -- int writes a count for HSET: a Lua number (a double) as an integer, not
 -- as 1e+15.

@@ -41,10 +41,16 @@ return {conv, cur, sum, collect(KEYS[3], conv, lo, r[2], tonumber(ARGV[2]), fals
   tonumber(r[5] or '0') - tonumber(r[6] or '0'), titled}
 `)
 
+// luaUsage names a session hash's six usage totals, in the order of
+// usageArgs and of the append script's usage arguments; every script that
+// adds usage reads the names from here.
+const luaUsage = `
+local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
+`
+
 // usageLua adds six usage deltas (ARGV[i] to ARGV[i+5]) to a session hash.
-const usageLua = `
+const usageLua = luaUsage + `
 local function addusage(key, i)
-  local usage = {'prompt_tokens', 'completion_tokens', 'cached_tokens', 'history_tokens', 'requests', 'cost_nanos'}
   for k = 1, 6 do redis.call('HINCRBY', key, usage[k], ARGV[i + k - 1]) end
 end
 `
