@@ -208,11 +208,10 @@ func (ss *memSession) search(id string, exclusive bool) int {
 // collect mirrors the scripts' collect: up to n (0: all) entries of conv
 // within stream positions [i, j), oldest first or, with rev, newest first;
 // summaries left out when nosum.
-func (ss *memSession) collect(conv string, i, j, n int, rev bool, nosum ...bool) []Message {
+func (ss *memSession) collect(conv string, i, j, n int, rev, nosum bool) []Message {
 	var out []Message
-	skip := len(nosum) > 0 && nosum[0]
 	take := func(k int) bool {
-		if ss.stream[k].Conversation == conv && !(skip && ss.stream[k].Kind == KindSummary) {
+		if ss.stream[k].Conversation == conv && !(nosum && ss.stream[k].Kind == KindSummary) {
 			out = append(out, cloneMessage(ss.stream[k]))
 		}
 		return n > 0 && len(out) >= n
@@ -578,7 +577,7 @@ func (s *MemoryStore) ReadMessages(ctx context.Context, session string, q Messag
 	if i >= j {
 		return conv, nil, nil
 	}
-	msgs := ss.collect(conv, i, j, max(q.Limit, 0), q.Newest)
+	msgs := ss.collect(conv, i, j, max(q.Limit, 0), q.Newest, false)
 	if q.Newest {
 		for a, b := 0, len(msgs)-1; a < b; a, b = a+1, b-1 {
 			msgs[a], msgs[b] = msgs[b], msgs[a]
