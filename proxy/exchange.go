@@ -481,21 +481,23 @@ func selectTurns(msgs []history.Message, limits history.Limits, answered bool) h
 // get the whole budget. withSummary says whether the summary goes in,
 // before the selected turns.
 func fitSummary(msgs []history.Message, limits history.Limits, summary *history.Message, answered bool) (sel history.Selection, withSummary bool) {
-	full := selectTurns(msgs, limits, answered)
+	// The turns without the summary, computed only where they are the
+	// answer: most requests with a summary take the other selection.
+	full := func() history.Selection { return selectTurns(msgs, limits, answered) }
 	if summary == nil || (limits.MaxTokens > 0 && summary.Tokens > limits.MaxTokens) {
-		return full, false
+		return full(), false
 	}
 	if len(msgs) == 0 {
-		return full, true // nothing after the summary's range: it alone
+		return full(), true // nothing after the summary's range: it alone
 	}
 	if limits.MaxMessages == 1 {
-		return full, false // no room for the summary and the newest turn
+		return full(), false // no room for the summary and the newest turn
 	}
 	rest := limits
 	if rest.MaxTokens > 0 {
 		rest.MaxTokens -= summary.Tokens
 		if rest.MaxTokens == 0 {
-			return full, false
+			return full(), false
 		}
 	}
 	if rest.MaxMessages > 0 {
@@ -504,7 +506,7 @@ func fitSummary(msgs []history.Message, limits history.Limits, summary *history.
 	sel = selectTurns(msgs, rest, answered)
 	if len(sel.Messages) == 0 || (rest.MaxTokens > 0 && sel.Tokens > rest.MaxTokens) {
 		// (An answered call forced in over the budget: no summary beside it.)
-		return full, false
+		return full(), false
 	}
 	return sel, true
 }
