@@ -830,13 +830,9 @@ func (p *Proxy) recordTurn(ctx context.Context, x *exchange, complete bool) erro
 	res, err := p.opt.Store.Append(ctx, x.stored, turn, x.agent.Policy)
 	p.opt.Metrics.ObserveStore("append", time.Since(t0), err)
 	p.storeUp(err == nil)
-	if err == nil && p.opt.AfterTurn != nil && len(res.IDs) > 0 {
-		// Background work (compaction, titles) is queued, never run here.
-		r := pending.recorded
-		r.Conversation, r.Unsummarized, r.NewConversation = res.ConversationID, res.Unsummarized, res.NewConversation
-		p.opt.AfterTurn(r)
-	}
 	if err == nil {
+		// Background work (compaction, titles) is queued, never run here.
+		pending.written(res, p.opt.AfterTurn)
 		// A client's repeat of a recorded request (res.Duplicate) stores
 		// no second turn, but it did cost a second upstream call: the
 		// store counted its usage (WriteKey), here or from the retry queue.

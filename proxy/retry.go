@@ -221,14 +221,24 @@ func (q *retryQueue) write(ctx context.Context, p pendingTurn) error {
 	res, err := q.store.Append(ctx, p.session, p.turn, p.policy)
 	q.obs.RetryAttempt(err == nil)
 	q.obs.SetStoreUp(err == nil)
-	if err == nil && q.after != nil && len(res.IDs) > 0 {
+	if err == nil {
 		// As for a turn written at once: background work (compaction,
 		// titles) is queued for it.
-		r := p.recorded
-		r.Conversation, r.Unsummarized, r.NewConversation = res.ConversationID, res.Unsummarized, res.NewConversation
-		q.after(r)
+		p.written(res, q.after)
 	}
 	return err
+}
+
+// written tells after (Options.AfterTurn; nil: no one) of the turn the
+// store just wrote as res, whether from the request or the retry queue. A
+// repeat that wrote nothing (no ids) is not news.
+func (p pendingTurn) written(res history.AppendResult, after func(Recorded)) {
+	if after == nil || len(res.IDs) == 0 {
+		return
+	}
+	r := p.recorded
+	r.Conversation, r.Unsummarized, r.NewConversation = res.ConversationID, res.Unsummarized, res.NewConversation
+	after(r)
 }
 
 // drain waits until the queue is empty, ctx is done, or stall passes
