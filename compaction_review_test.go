@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,49 +14,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/historyproxy/historyproxy/admin"
-	"github.com/historyproxy/historyproxy/compaction"
 	"github.com/historyproxy/historyproxy/internal/fakeai"
 )
-
-// scripted answers the proxy's own summarization and title calls with
-// what the test sets, optionally held at a gate; proxied calls get the
-// fake's default answer.
-type scripted struct {
-	mu      sync.Mutex
-	summary fakeai.Reply
-	title   fakeai.Reply
-	gate    chan struct{} // when not nil, background calls wait for it
-	seen    chan struct{} // signalled at each background call
-}
-
-func newScripted(up *fakeai.Server) *scripted {
-	s := &scripted{seen: make(chan struct{}, 100),
-		summary: fakeai.Reply{Content: "SUMMARY", Usage: &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 50}},
-		title:   fakeai.Reply{Content: "A title", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 5}},
-	}
-	up.Intercept(func(r fakeai.ChatRequest) (fakeai.Reply, bool) {
-		sys := r.System()
-		s.mu.Lock()
-		var reply fakeai.Reply
-		switch {
-		case strings.HasPrefix(sys, "You keep the running summary"):
-			reply = s.summary
-		case sys == compaction.TitlePrompt:
-			reply = s.title
-		default:
-			s.mu.Unlock()
-			return fakeai.Reply{}, false
-		}
-		gate := s.gate
-		s.mu.Unlock()
-		s.seen <- struct{}{}
-		if gate != nil {
-			<-gate
-		}
-		return reply, true
-	})
-	return s
-}
 
 // totals reads a session's all-time prompt and completion tokens.
 func (e *adminEnv) totals(t *testing.T, id string) (prompt, completion int64) {
@@ -97,12 +55,12 @@ func TestBilledBackgroundCallCountsUnderItsSession(t *testing.T) {
 		for i, tc := range cases {
 			t.Run(tc.name, func(t *testing.T) {
 				e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
-				s := newScripted(e.up)
+				s := newSummarizer(e.up)
 				if tc.summary.Usage != nil {
-					s.summary = tc.summary
+					s.summaryAs = &tc.summary
 				}
 				if tc.title.Usage != nil {
-					s.title = tc.title
+					s.titleAs = &tc.title
 				}
 				id := fmt.Sprintf("web:u%d:support", i)
 				for q := range 3 {
@@ -131,7 +89,7 @@ func TestBilledSummaryRefusedCountsUnderItsSession(t *testing.T) {
 					t.Skip("the memory store's lease cannot be taken away from outside")
 				}
 				e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
-				s := newScripted(e.up)
+				s := newSummarizer(e.up)
 				gate := make(chan struct{})
 				s.mu.Lock()
 				s.gate = gate
@@ -185,7 +143,7 @@ func TestBilledSummaryRefusedCountsUnderItsSession(t *testing.T) {
 func TestGeneratedTitleKeepsAHandSetTitle(t *testing.T) {
 	eachBackend(t, func(t *testing.T, b *adminBackend) {
 		e := b.start(t, nil, "-config", compactionConfig(t, false, "    titles: true\n"))
-		s := newScripted(e.up)
+		s := newSummarizer(e.up)
 		gate := make(chan struct{})
 		s.mu.Lock()
 		s.gate = gate
@@ -209,9 +167,9 @@ func TestGeneratedTitleKeepsAHandSetTitle(t *testing.T) {
 
 		var res struct{ Title string }
 		require.Equal(t, http.StatusOK, e.call(t, http.MethodPost, sessionPath(id, "/title:generate"), nil, &res, "X-Upstream-Authorization", "Bearer sk-admin"))
-		require.Equal(t, "A title", res.Title)
+		require.Equal(t, "Weather in Paris", res.Title)
 		e.get(t, sessionPath(id), &d)
-		require.Equal(t, "A title", *d.Conversations[0].Title, "asked for on demand")
+		require.Equal(t, "Weather in Paris", *d.Conversations[0].Title, "asked for on demand")
 	})
 }
 
@@ -241,7 +199,7 @@ func TestCompactionKeepsAToolCallWithItsResults(t *testing.T) {
 				require.NoError(t, err)
 				require.NoError(t, os.WriteFile(path, []byte(strings.Replace(string(raw), "keep_recent_turns: 2", "keep_recent_turns: "+tc.keep, 1)), 0o600))
 				e := b.start(t, nil, "-config", path)
-				newScripted(e.up)
+				newSummarizer(e.up)
 				const alice = "web:alice:support"
 				stored := alice
 				if len(tc.others) > 0 {
@@ -288,7 +246,7 @@ func TestCompactionKeepsAToolCallWithItsResults(t *testing.T) {
 func TestCompactRoutesBadInput(t *testing.T) {
 	eachBackend(t, func(t *testing.T, b *adminBackend) {
 		e := b.start(t, nil, "-config", compactionConfig(t, false, ""))
-		s := newScripted(e.up)
+		s := newSummarizer(e.up)
 		const id = "web:ivy:support"
 		for q := range 3 {
 			e.chat(t, id, fmt.Sprintf("q%d", q))
@@ -348,7 +306,7 @@ func TestCompactionIsNotActivity(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, os.WriteFile(path, []byte(strings.Replace(string(raw), "defaults:\n", "defaults:\n  idle_timeout: 1s\n", 1)), 0o600))
 		e := b.start(t, nil, "-config", path)
-		newScripted(e.up)
+		newSummarizer(e.up)
 		const id = "web:ida:support"
 		for q := range 3 {
 			e.chat(t, id, fmt.Sprintf("q%d", q))

@@ -28,15 +28,18 @@ import (
 // summarizer scripts the fake upstream's answers to the proxy's own
 // summarization and title calls, and keeps every request it saw: the
 // summaries carry each "FACT-..." word of their input, so a fact stated
-// once survives summary after summary, as a good summarizer's would.
+// once survives summary after summary, as a good summarizer's would. A
+// test that needs another answer sets summaryAs or titleAs.
 type summarizer struct {
 	mu        sync.Mutex
 	summaries []fakeai.ChatRequest // summarization requests, in order
 	titles    []fakeai.ChatRequest
 	chats     []fakeai.ChatRequest // everything else: the proxied requests
 	fail      int                  // answer the next this many summarization calls with 500
-	gate      chan struct{}        // when not nil, summarization calls wait for it
-	seen      chan struct{}        // signalled at each summarization call
+	summaryAs *fakeai.Reply        // when not nil, the answer to every summarization call
+	titleAs   *fakeai.Reply        // when not nil, the answer to every title call
+	gate      chan struct{}        // when not nil, background calls (summaries, titles) wait for it
+	seen      chan struct{}        // signalled at each background call
 }
 
 var factRE = regexp.MustCompile(`FACT-\w+`)
@@ -46,35 +49,39 @@ func newSummarizer(up *fakeai.Server) *summarizer {
 	up.Intercept(func(r fakeai.ChatRequest) (fakeai.Reply, bool) {
 		sys := r.System()
 		s.mu.Lock()
+		var reply fakeai.Reply
 		switch {
 		case strings.HasPrefix(sys, "You keep the running summary"):
 			s.summaries = append(s.summaries, r)
-			n := len(s.summaries)
-			fail := s.fail > 0
-			if fail {
-				s.fail--
-			}
-			gate := s.gate
-			s.mu.Unlock()
-			s.seen <- struct{}{}
-			if gate != nil {
-				<-gate
-			}
-			if fail {
-				return fakeai.Reply{Status: http.StatusInternalServerError, ErrorMessage: "summarizer down"}, true
-			}
 			in, _ := r.Messages[1]["content"].(string)
 			facts := strings.Join(unique(factRE.FindAllString(in, -1)), " ")
-			return fakeai.Reply{Content: fmt.Sprintf("SUMMARY-%d knows %s", n, facts),
-				Usage: &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 50}}, true
+			reply = fakeai.Reply{Content: fmt.Sprintf("SUMMARY-%d knows %s", len(s.summaries), facts),
+				Usage: &fakeai.Usage{PromptTokens: 1000, CompletionTokens: 50}}
+			switch {
+			case s.fail > 0:
+				s.fail--
+				reply = fakeai.Reply{Status: http.StatusInternalServerError, ErrorMessage: "summarizer down"}
+			case s.summaryAs != nil:
+				reply = *s.summaryAs
+			}
 		case sys == compaction.TitlePrompt:
 			s.titles = append(s.titles, r)
+			reply = fakeai.Reply{Content: "\"Weather in Paris.\"", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 5}}
+			if s.titleAs != nil {
+				reply = *s.titleAs
+			}
+		default:
+			s.chats = append(s.chats, r)
 			s.mu.Unlock()
-			return fakeai.Reply{Content: "\"Weather in Paris.\"", Usage: &fakeai.Usage{PromptTokens: 100, CompletionTokens: 5}}, true
+			return fakeai.Reply{}, false
 		}
-		s.chats = append(s.chats, r)
+		gate := s.gate
 		s.mu.Unlock()
-		return fakeai.Reply{}, false
+		s.seen <- struct{}{}
+		if gate != nil {
+			<-gate
+		}
+		return reply, true
 	})
 	return s
 }

@@ -17,7 +17,7 @@ func TestConsoleCompactAsksForTheUpstreamKey(t *testing.T) {
 	findChromium(t)
 	path := compactionConfig(t, false, "")
 	e := (&adminBackend{name: "memory"}).start(t, nil, "-config", path)
-	s := newScripted(e.up)
+	s := newSummarizer(e.up)
 	const id = "web:kim:support"
 	for _, q := range []string{"q0", "q1", "q2"} {
 		e.chat(t, id, q)
