@@ -54,6 +54,15 @@ type Config struct {
 	// the same rounds.
 	Baseline string
 
+	// HoldProfiles, when set, is a directory: in ModeHold historyproxy
+	// (and the baseline) run with -admin-pprof, and while the streams are
+	// open their heap profile and goroutine list are written there
+	// (<path>-heap.pb.gz, after a collection; <path>-heap.txt, the same
+	// as text ending with the runtime's memory statistics just after it;
+	// <path>-goroutine.txt), to see what each stream holds. The profiler costs nothing while idle, and both builds run
+	// with it.
+	HoldProfiles string
+
 	Upstream benchfix.UpstreamOptions // the fake upstream's delays and chunks
 	Markdown bool                     // tables in Markdown instead of aligned text
 	Command  string                   // the command line, printed in the header
@@ -261,8 +270,10 @@ func (e *env) stop() {
 	}
 }
 
-// start starts the scenario's processes and empties Redis.
-func (h *harness) start(ctx context.Context) (e *env, err error) {
+// start starts the scenario's processes and empties Redis. With pprof,
+// historyproxy and the baseline serve Go's profiler on their admin
+// listener.
+func (h *harness) start(ctx context.Context, pprof bool) (e *env, err error) {
 	if err := h.rdb.FlushAll(ctx).Err(); err != nil {
 		return nil, fmt.Errorf("flush redis: %w", err)
 	}
@@ -278,6 +289,10 @@ func (h *harness) start(ctx context.Context) (e *env, err error) {
 		return nil, err
 	}
 	up := "http://" + e.upstream.addr
+	var hpArgs []string
+	if pprof {
+		hpArgs = []string{"-admin-pprof"}
+	}
 	redisURL := "redis://" + h.redis.addr + "/0"
 	if e.bare, err = startServer(ctx, "bareproxy", h.bin(binBare), []string{"-upstream", up}, h.dir); err != nil {
 		return nil, err
@@ -295,16 +310,16 @@ func (h *harness) start(ctx context.Context) (e *env, err error) {
 		return nil, fmt.Errorf("write the memory instance's configuration: %w", err)
 	}
 	if e.hpMemory, err = startHistoryproxy(ctx, "historyproxy-memory", h.bin(binHistoryproxy),
-		[]string{"-config", memConfig, "-upstream", up + "/v1"}, h.dir); err != nil {
+		append([]string{"-config", memConfig, "-upstream", up + "/v1"}, hpArgs...), h.dir); err != nil {
 		return nil, err
 	}
 	if e.hpRedis, err = startHistoryproxy(ctx, "historyproxy-redis", h.bin(binHistoryproxy),
-		[]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", hpPrefix}, h.dir); err != nil {
+		append([]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", hpPrefix}, hpArgs...), h.dir); err != nil {
 		return nil, err
 	}
 	if h.cfg.Baseline != "" {
 		if e.baseline, err = startHistoryproxy(ctx, "baseline-redis", h.cfg.Baseline,
-			[]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", baselinePrefix}, h.dir); err != nil {
+			append([]string{"-upstream", up + "/v1", "-redis-url", redisURL, "-redis-prefix", baselinePrefix}, hpArgs...), h.dir); err != nil {
 			return nil, err
 		}
 	}
@@ -403,7 +418,7 @@ func (p *pool) advance(perClient []int) {
 // runScenario runs every path of s, interleaved in rounds, and prints the
 // table.
 func (h *harness) runScenario(ctx context.Context, s scenario) error {
-	e, err := h.start(ctx)
+	e, err := h.start(ctx, false)
 	if err != nil {
 		return err
 	}

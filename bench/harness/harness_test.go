@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -101,6 +102,31 @@ func TestShort(t *testing.T) {
 		for _, p := range []string{pathDirect, pathBare, pathFloor, pathHPMemory, pathHPRedis} {
 			if !tables[table+"/"+p] {
 				t.Errorf("no %s row in the %s table", p, table)
+			}
+		}
+	}
+}
+
+// TestHoldProfiles: with HoldProfiles, the held streams leave each
+// historyproxy's heap profile, its memory statistics and its goroutines,
+// taken while the streams are open: the goroutine list holds them.
+func TestHoldProfiles(t *testing.T) {
+	c := Short()
+	c.binDir = built(t)
+	c.Modes, c.HoldStreams, c.HoldProfiles = []string{ModeHold}, 5, t.TempDir()
+	var out, progress bytes.Buffer
+	c.Stdout, c.Stderr = &out, &progress
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := Run(ctx, c); err != nil {
+		t.Fatalf("Run: %v\nprogress:\n%s", err, progress.String())
+	}
+	for _, p := range []string{pathHPMemory, pathHPRedis} {
+		name := filepath.Join(c.HoldProfiles, strings.ReplaceAll(p, " ", "-"))
+		for file, want := range map[string]string{"-heap.pb.gz": "", "-heap.txt": "# Stack = ", "-goroutine.txt": "(*streamBody).Read"} {
+			b, err := os.ReadFile(name + file)
+			if err != nil || len(b) == 0 || !bytes.Contains(b, []byte(want)) {
+				t.Errorf("%s%s: %d bytes, %v; want it holding %q", name, file, len(b), err, want)
 			}
 		}
 	}

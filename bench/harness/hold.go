@@ -3,7 +3,11 @@ package harness
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/historyproxy/historyproxy/bench/load"
@@ -20,7 +24,7 @@ const holdTimeout = 2 * time.Minute
 // (benchfix.PauseHeader) until the harness lets go of them; the proxies
 // then see their clients leave, as in a real cut stream.
 func (h *harness) runHold(ctx context.Context, id int) error {
-	e, err := h.start(ctx)
+	e, err := h.start(ctx, h.cfg.HoldProfiles != "")
 	if err != nil {
 		return err
 	}
@@ -54,6 +58,9 @@ func (h *harness) runHold(ctx context.Context, id int) error {
 		var open int64
 		if err == nil {
 			open, _, err = p.proc.memory()
+			if err == nil && h.cfg.HoldProfiles != "" && p.proc.admin != "" {
+				err = saveProfiles(hctx, h.cfg.HoldProfiles, p)
+			}
 			if ended := held.Ended(); err == nil && ended > 0 {
 				err = fmt.Errorf("%d of %d streams ended before they were let go: were they paused (%s)?",
 					ended, n, benchfix.PauseHeader)
@@ -80,4 +87,47 @@ func (h *harness) runHold(ctx context.Context, id int) error {
 	writeTable(h.cfg.Stdout, fmt.Sprintf("hold · %d streams open at once · %d stored messages each", n, benchfix.HistoryLen),
 		cells, h.cfg.Markdown)
 	return nil
+}
+
+// saveProfiles writes p's heap profile and goroutine list, taken from its
+// admin listener's profiler, to dir (Config.HoldProfiles). heap.txt ends
+// with the runtime's memory statistics just after the heap profile's
+// collection: HeapAlloc is the live heap, Stack the goroutines' stacks.
+func saveProfiles(ctx context.Context, dir string, p *path) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	name := strings.ReplaceAll(p.name, " ", "-")
+	// In this order: the text's statistics are those just after the
+	// profile's collection, the live heap.
+	for _, f := range [][2]string{{"goroutine.txt", "goroutine?debug=1"}, {"heap.pb.gz", "heap?gc=1"}, {"heap.txt", "heap?debug=1"}} {
+		if err := fetch(ctx, "http://"+p.proc.admin+"/debug/pprof/"+f[1], filepath.Join(dir, name+"-"+f[0])); err != nil {
+			return fmt.Errorf("profile %s: %w", p.name, err)
+		}
+	}
+	return nil
+}
+
+func fetch(ctx context.Context, url, file string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

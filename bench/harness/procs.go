@@ -65,11 +65,12 @@ func build(ctx context.Context, root, dir string) error {
 // proc is one server process the harness started, with what /proc says of
 // it.
 type proc struct {
-	name string
-	addr string // host:port it serves on
-	log  string // file holding its stdout and stderr
-	cmd  *exec.Cmd
-	done chan struct{} // closed when it has exited
+	name  string
+	addr  string // host:port it serves on
+	admin string // historyproxy's admin listener (host:port); "" for the others
+	log   string // file holding its stdout and stderr
+	cmd   *exec.Cmd
+	done  chan struct{} // closed when it has exited
 }
 
 // launch starts bin with args, its output going to a file in logDir. The
@@ -152,7 +153,7 @@ func startHistoryproxy(ctx context.Context, name, bin string, args []string, log
 		if err != nil {
 			return nil, err
 		}
-		p.addr = addr
+		p.addr, p.admin = addr, admin
 		if err := p.start(f); err != nil {
 			return nil, err
 		}

@@ -56,6 +56,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	chunkDelay := fs.Duration("chunk-delay", d.Upstream.ChunkDelay, "the fake upstream's wait before each streamed event after the first")
 	markdown := fs.Bool("markdown", false, "print Markdown tables")
 	baseline := fs.String("baseline", "", "another historyproxy binary (an earlier build) to run beside this one, with Redis, as the path \"baseline Redis\"")
+	holdProfiles := fs.String("hold-profiles", "", "a directory: in mode hold, historyproxy runs with -admin-pprof and its heap profile and goroutines with the streams open are written there")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -102,6 +103,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	c.Markdown = *markdown
 	c.Baseline = *baseline
+	c.HoldProfiles = *holdProfiles
 	c.Command = strings.Join(append([]string{"go run ./bench/cmd/hpbench"}, args...), " ")
 	c.Stdout, c.Stderr = stdout, stderr
 	return harness.Run(ctx, c)
