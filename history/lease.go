@@ -216,10 +216,28 @@ type Lease struct {
 	all      *replyAcc // the reply so far, up to maxLiveReply
 	over     bool      // the reply passed maxLiveReply: no more deltas
 	pending  *replyAcc // fragments not written yet (only while watched)
-	wake     chan struct{}
-	stop     chan struct{}
-	done     chan struct{}
+
+	// The renewals and the deltas' writes run from timer, not from a
+	// goroutine of their own: a lease is held for a whole reply, mostly
+	// waiting, and a parked goroutine per open stream costs its stack
+	// (hpbench -mode hold). The timer runs work, which writes at most one
+	// thing at a time (phase) and arms the timer again for the next
+	// renewal, or for the end of a gap between two writes.
+	timer   *time.Timer
+	phase   leasePhase
+	due     time.Time // when the timer is armed for: a run before it is stale
+	renewAt time.Time // when the next renewal is due
+	woken   bool      // a fragment came while work was writing: look again
 }
+
+// leasePhase is what a held lease's timer waits for.
+type leasePhase uint8
+
+const (
+	phaseIdle    leasePhase = iota // the next renewal; a watched fragment starts work at once
+	phaseWriting                   // work is writing: a fragment waits for it
+	phaseGap                       // the gap after a write: fragments merge into the next
+)
 
 func newToken() string {
 	var b [16]byte
@@ -235,8 +253,7 @@ func newLease(session string, b leaseBackend, mark string, ttl, opTimeout time.D
 		log = slog.New(slog.DiscardHandler)
 	}
 	l := &Lease{session: session, token: newToken(), gen: "g" + newToken()[:16], backend: b,
-		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, ttl: ttl, obs: obs, log: log, mark: mark, all: &replyAcc{}, pending: &replyAcc{},
-		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+		interval: min(ttl/3, beatEvery), opTimeout: opTimeout, ttl: ttl, obs: obs, log: log, mark: mark, all: &replyAcc{}, pending: &replyAcc{}}
 	if l.interval <= 0 {
 		l.interval = beatEvery
 	}
@@ -246,7 +263,17 @@ func newLease(session string, b leaseBackend, mark string, ttl, opTimeout time.D
 // start begins renewing the lease; call it once the lease is granted.
 func (l *Lease) start() {
 	l.obs.GenerationStarted()
-	go l.run() // ends when the lease is released
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.renewAt = time.Now().Add(l.interval)
+	l.due = l.renewAt
+	l.timer = time.AfterFunc(l.interval, l.work) // stopped when the lease is released
+}
+
+// armLocked has the timer run work after d. l.mu must be held.
+func (l *Lease) armLocked(phase leasePhase, d time.Duration) {
+	l.phase, l.due = phase, time.Now().Add(d)
+	l.timer.Reset(d)
 }
 
 // Session is the session whose lease this is.
@@ -267,9 +294,9 @@ func (l *Lease) Generation() string {
 }
 
 // Publish hands a fragment of the reply to the session's watchers. It
-// never blocks: fragments are merged and written by the lease's own
-// goroutine, at most one write in flight and one every minDeltaGap, and
-// only while someone watches. Past maxLiveReply they are dropped.
+// never blocks: fragments are merged and written by the lease's timer, at
+// most one write in flight and one every minDeltaGap, and only while
+// someone watches. Past maxLiveReply they are dropped.
 func (l *Lease) Publish(d Delta) {
 	if l == nil || d.empty() {
 		return
@@ -288,16 +315,26 @@ func (l *Lease) Publish(d Delta) {
 		return
 	}
 	l.all.add(d)
-	watched := l.mark != ""
-	if watched && !l.replace {
-		l.pending.add(d)
+	if l.mark != "" {
+		if !l.replace {
+			l.pending.add(d)
+		}
+		l.wakeLocked()
 	}
 	l.mu.Unlock()
-	if watched {
-		select {
-		case l.wake <- struct{}{}:
-		default:
-		}
+}
+
+// wakeLocked has work write what is pending: at once when the timer waits
+// for a renewal; once the write in flight is done; in a gap, at its end
+// (as armed). l.mu must be held.
+func (l *Lease) wakeLocked() {
+	switch {
+	case l.timer == nil:
+		// Not started yet: its first run writes what is pending.
+	case l.phase == phaseIdle:
+		l.armLocked(phaseIdle, 0)
+	case l.phase == phaseWriting:
+		l.woken = true
 	}
 }
 
@@ -337,54 +374,57 @@ func (l *Lease) flush() *Delta {
 	return l.next()
 }
 
-// run renews the lease every interval and writes the deltas; it stops
-// when the lease is released or lost.
-func (l *Lease) run() {
-	defer close(l.done)
-	t := time.NewTimer(l.interval)
-	defer t.Stop()
+// work renews the lease when a renewal is due and writes the deltas, from
+// the lease's timer. One runs at a time (phase), and a run the timer was
+// armed again after is stale (due): a Reset that crossed the timer's
+// firing runs work twice. A write in flight and a Release may cross: a
+// released lease is neither written nor armed again. work arms the timer
+// for the end of the gap after a write, or for the next renewal; a lease
+// lost is not renewed again.
+func (l *Lease) work() {
+	l.mu.Lock()
+	now := time.Now()
+	if l.released || l.phase == phaseWriting || now.Before(l.due) {
+		l.mu.Unlock()
+		return
+	}
+	l.phase, l.woken = phaseWriting, false
+	beat := !now.Before(l.renewAt)
+	l.mu.Unlock()
 	for {
-		beat := false
-		select {
-		case <-l.stop:
-			return
-		case <-t.C:
-			beat = true
-		case <-l.wake:
+		d := l.next()
+		if d == nil && !beat {
+			break
 		}
-		for {
-			d := l.next()
-			if d == nil && !beat {
-				break
-			}
-			beat = false
-			ok, held := l.beatOnce(d)
-			if !held {
-				return
-			}
-			if !ok || d == nil {
-				// A failed write waits for the next renewal; a renewal
-				// that found a new watch loops once more to send it the
-				// reply so far.
-				if !ok {
-					break
-				}
-				continue
-			}
-			// Merge the fragments of the next minDeltaGap into one write.
-			gap := time.NewTimer(minDeltaGap)
-			select {
-			case <-l.stop:
-				gap.Stop()
-				return
-			case <-gap.C:
-			}
-			select {
-			case <-l.wake:
-			default:
-			}
+		beat = false
+		ok, held := l.beatOnce(d)
+		if !held {
+			return // phaseWriting for good: nothing runs work again
 		}
-		t.Reset(l.interval)
+		if !ok {
+			break // a failed write waits for the next renewal
+		}
+		if d == nil {
+			// A renewal that found a new watch loops once more to send
+			// it the reply so far.
+			continue
+		}
+		// Merge the fragments of the next minDeltaGap into one write.
+		l.mu.Lock()
+		if !l.released {
+			l.armLocked(phaseGap, minDeltaGap)
+		}
+		l.mu.Unlock()
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch {
+	case l.released:
+	case l.woken:
+		l.armLocked(phaseIdle, 0)
+	default:
+		l.armLocked(phaseIdle, time.Until(l.renewAt))
 	}
 }
 
@@ -394,39 +434,44 @@ func (l *Lease) beatOnce(d *Delta) (ok, held bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.opTimeout)
 	held, mark, err := l.backend.beat(ctx, l, d)
 	cancel()
-	if err != nil {
+	l.mu.Lock()
+	// Every beat renews, or tried to: the next renewal is an interval on.
+	l.renewAt = time.Now().Add(l.interval)
+	switch {
+	case err != nil:
+		if d != nil {
+			l.replace = true // the next write makes up for this one
+		}
+	case !held:
+		l.over = true
+	default:
+		if mark != "" && mark != l.mark {
+			// A watch began (or the mark expired and came back): send
+			// the whole reply so far, whatever the watcher missed.
+			l.replace = true
+		}
+		if mark == "" {
+			l.replace, l.pending = false, &replyAcc{}
+		}
+		l.mark = mark
+	}
+	l.mu.Unlock()
+	switch {
+	case err != nil:
 		l.log.Warn("turn lease: renewal failed", "session", l.session, "err", err)
 		if d != nil {
 			l.obs.DeltasDropped(1)
-			l.mu.Lock()
-			l.replace = true // the next write makes up for this one
-			l.mu.Unlock()
 		}
 		return false, true
-	}
-	if !held {
+	case !held:
 		// Its TTL passed (the store was unreachable that long) or the
 		// session was erased: another request may be generating.
 		l.log.Warn("turn lease lost before its turn was recorded: another request of the session may have started", "session", l.session)
-		l.mu.Lock()
-		l.over = true
-		l.mu.Unlock()
 		return true, false
 	}
 	if d != nil {
 		l.obs.DeltasPublished(1)
 	}
-	l.mu.Lock()
-	if mark != "" && mark != l.mark {
-		// A watch began (or the mark expired and came back): send the
-		// whole reply so far, whatever the watcher missed.
-		l.replace = true
-	}
-	if mark == "" {
-		l.replace, l.pending = false, &replyAcc{}
-	}
-	l.mark = mark
-	l.mu.Unlock()
 	return true, true
 }
 
@@ -444,7 +489,9 @@ func (l *Lease) ended() bool {
 	}
 	l.released = true
 	l.all, l.pending = &replyAcc{}, &replyAcc{}
-	close(l.stop)
+	if l.timer != nil {
+		l.timer.Stop()
+	}
 	l.obs.GenerationEnded()
 	return true
 }

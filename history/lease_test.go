@@ -305,6 +305,29 @@ func testLeaseConformance(t *testing.T, newFixture func(t *testing.T) leaseFixtu
 		mustNoErr(t, l2.Release(ctx))
 	})
 
+	t.Run("held leases keep no goroutine of their own", func(t *testing.T) {
+		// A lease is held for a whole reply, mostly waiting: its renewals
+		// run from a timer (hpbench -mode hold counts what each open
+		// stream costs).
+		s := newFixture(t).store
+		const n = 50
+		_, l, err := s.TakeTurn(ctx, "warm-up", 20, t0, Policy{}, hold)
+		mustNoErr(t, err)
+		mustNoErr(t, l.Release(ctx))
+		before := runtime.NumGoroutine()
+		leases := make([]*Lease, n)
+		for i := range leases {
+			_, leases[i], err = s.TakeTurn(ctx, fmt.Sprintf("%s-%d", session, i), 20, t0, Policy{}, hold)
+			mustNoErr(t, err)
+		}
+		if grew := runtime.NumGoroutine() - before; grew >= n/2 {
+			t.Errorf("%d held leases: %d goroutines more, want none of their own", n, grew)
+		}
+		for _, l := range leases {
+			mustNoErr(t, l.Release(ctx))
+		}
+	})
+
 	t.Run("a duplicate turn releases the lease too", func(t *testing.T) {
 		s := newFixture(t).store
 		_, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0, IdempotencyKey: "k"}, Policy{})

@@ -1,0 +1,127 @@
+package history
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// beatLog is a leaseBackend that records the lease's beats: when each
+// began, what it wrote, and how many ran at once. A beat waits on gate
+// when it is set.
+type beatLog struct {
+	mu        sync.Mutex
+	starts    []time.Time
+	writes    []string // the content of each delta written
+	inFlight  int
+	overlap   bool          // two beats ran at once
+	gate      chan struct{} // when set, a beat waits for it
+	mark      string        // the watch mark beats report
+	beginning chan struct{} // a beat began (buffered)
+}
+
+func newBeatLog(mark string) *beatLog {
+	return &beatLog{mark: mark, beginning: make(chan struct{}, 100)}
+}
+
+func (b *beatLog) beat(ctx context.Context, _ *Lease, d *Delta) (bool, string, error) {
+	b.mu.Lock()
+	b.inFlight++
+	b.overlap = b.overlap || b.inFlight > 1
+	b.starts = append(b.starts, time.Now())
+	if d != nil {
+		b.writes = append(b.writes, d.Content)
+	}
+	gate, mark := b.gate, b.mark
+	b.mu.Unlock()
+	select {
+	case b.beginning <- struct{}{}:
+	default:
+	}
+	if gate != nil {
+		<-gate
+	}
+	b.mu.Lock()
+	b.inFlight--
+	b.mu.Unlock()
+	return true, mark, nil
+}
+
+func (b *beatLog) release(context.Context, *Lease) error { return nil }
+
+func (b *beatLog) snapshot() (starts []time.Time, writes []string, overlap bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]time.Time(nil), b.starts...), append([]string(nil), b.writes...), b.overlap
+}
+
+// TestLeaseRenewsUntilReleased: a held lease is renewed every interval
+// (a third of its TTL) from its timer, one beat at a time, and not once
+// it is released.
+func TestLeaseRenewsUntilReleased(t *testing.T) {
+	b := newBeatLog("")
+	l := newLease(session, b, "", 60*time.Millisecond, time.Second, nil, nil) // renewed every 20 ms
+	l.start()
+	time.Sleep(250 * time.Millisecond)
+	mustNoErr(t, l.Release(context.Background()))
+	starts, _, overlap := b.snapshot()
+	if len(starts) < 5 {
+		t.Errorf("%d renewals in 250 ms, want one every 20 ms", len(starts))
+	}
+	for i := 1; i < len(starts); i++ {
+		if gap := starts[i].Sub(starts[i-1]); gap < 20*time.Millisecond {
+			t.Errorf("renewal %d came %s after the one before, want 20 ms at least", i, gap)
+		}
+	}
+	if overlap {
+		t.Error("two beats ran at once")
+	}
+	time.Sleep(100 * time.Millisecond)
+	if after, _, _ := b.snapshot(); len(after) != len(starts) {
+		t.Errorf("%d renewals after the release, want none", len(after)-len(starts))
+	}
+}
+
+// TestLeaseWritesWatchedFragments: a watched lease writes a fragment at
+// once, merges those that come while a write is in flight and for
+// minDeltaGap after it into the next write, and writes none once
+// released, a write in flight at the release included.
+func TestLeaseWritesWatchedFragments(t *testing.T) {
+	b := newBeatLog("1")
+	b.gate = make(chan struct{})
+	l := newLease(session, b, "1", DefaultLeaseTTL, time.Second, nil, nil)
+	l.start()
+	start := time.Now()
+	l.Publish(Delta{Content: "a"})
+	<-b.beginning
+	if waited := time.Since(start); waited > 500*time.Millisecond {
+		t.Errorf("the first fragment was written after %s, want at once", waited)
+	}
+	// Written meanwhile: merged into one write, after the gap.
+	l.Publish(Delta{Content: "b"})
+	l.Publish(Delta{Content: "c"})
+	b.gate <- struct{}{}
+	<-b.beginning
+	b.gate <- struct{}{}
+	// A write in flight when the lease is released.
+	l.Publish(Delta{Content: "d"})
+	<-b.beginning
+	mustNoErr(t, l.Release(context.Background()))
+	l.Publish(Delta{Content: "e"})
+	close(b.gate)
+	time.Sleep(100 * time.Millisecond)
+
+	starts, writes, overlap := b.snapshot()
+	if want := []string{"a", "bc", "d"}; len(writes) != len(want) || writes[0] != want[0] || writes[1] != want[1] || writes[2] != want[2] {
+		t.Errorf("wrote %q, want %q", writes, want)
+	}
+	for i := 1; i < len(starts); i++ {
+		if gap := starts[i].Sub(starts[i-1]); gap < minDeltaGap {
+			t.Errorf("write %d came %s after the one before, want %s at least", i, gap, minDeltaGap)
+		}
+	}
+	if overlap {
+		t.Error("two beats ran at once")
+	}
+}
