@@ -263,7 +263,9 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 	return true, len(old), len(entries) - len(current), nil
 }
 
-// fieldOrder is the order encodeMessage writes fields in.
+// fieldOrder is the order encodeMessage writes fields in. The message
+// it encodes has a kind and a status that are not the defaults, so that
+// both are written.
 var fieldOrder = func() map[string]int {
 	order := map[string]int{}
 	all := encodeMessage(Message{

@@ -514,14 +514,7 @@ func prepareTurn(t Turn, now time.Time) Turn {
 			m.CreatedMs = t.NowMs
 		}
 		if m.Kind == "" {
-			switch {
-			case len(m.ToolCalls) > 0:
-				m.Kind = KindToolCall
-			case m.Role == RoleTool:
-				m.Kind = KindToolResult
-			default:
-				m.Kind = KindMessage
-			}
+			m.Kind = impliedKind(m)
 		}
 		if m.Status == "" {
 			m.Status = StatusComplete
@@ -593,8 +586,26 @@ func boolArg(b bool) int {
 	return 0
 }
 
-// encodeMessage gives a message's stream fields, omitting empty ones. The
-// script puts the conversation's id first.
+// impliedKind is the kind a message's role and tool calls imply: what
+// Append gives a message without one, and what an entry without a kind
+// field is read as.
+func impliedKind(m Message) string {
+	switch {
+	case len(m.ToolCalls) > 0:
+		return KindToolCall
+	case m.Role == RoleTool:
+		return KindToolResult
+	default:
+		return KindMessage
+	}
+}
+
+// encodeMessage gives a message's stream fields, omitting empty ones, and
+// two that hold their default: kind when it is the one role and tool calls
+// imply, and status when complete. Those two are on almost every message,
+// and each field costs Redis and the proxy on every window read (20
+// entries, newest first): decodeEntry gives both back. The script puts the
+// conversation's id first.
 func encodeMessage(m Message) []string {
 	f := make([]string, 0, 30)
 	add := func(k, v string) {
@@ -612,7 +623,9 @@ func encodeMessage(m Message) []string {
 	add("tool_calls", string(m.ToolCalls))
 	add("tool_call_id", m.ToolCallID)
 	add("refusal", m.Refusal)
-	add("kind", m.Kind)
+	if m.Kind != impliedKind(m) {
+		add("kind", m.Kind)
+	}
 	add("user", m.User)
 	add("model", m.Model)
 	if m.Tokens != 0 {
@@ -625,7 +638,9 @@ func encodeMessage(m Message) []string {
 	if m.Usage != nil {
 		add("usage", encodeUsage(*m.Usage))
 	}
-	add("status", m.Status)
+	if m.Status != StatusComplete {
+		add("status", m.Status)
+	}
 	add("idem", m.IdempotencyKey)
 	add("covers_from", m.CoversFrom)
 	add("covers_to", m.CoversTo)
@@ -645,6 +660,9 @@ func encodeSummary(m Message) []string {
 
 // decodeEntry turns a stream entry, {id, {field, value, ...}}, into a
 // Message. Unknown fields are ignored so that older code reads newer data.
+// A missing kind is the one role and tool calls imply, a missing status is
+// complete (see encodeMessage); entries written before these were left
+// out carry both, and read the same.
 func decodeEntry(e any) (Message, error) {
 	pair, ok := e.([]any)
 	if !ok || len(pair) != 2 {
@@ -712,6 +730,12 @@ func decodeEntry(e any) (Message, error) {
 		if err != nil {
 			return Message{}, fmt.Errorf("stream entry %s field %s: %w", id, k, err)
 		}
+	}
+	if m.Kind == "" {
+		m.Kind = impliedKind(m)
+	}
+	if m.Status == "" {
+		m.Status = StatusComplete
 	}
 	return m, nil
 }
