@@ -3,8 +3,11 @@ package history
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"sort"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -159,7 +162,7 @@ func readEveryWay(t *testing.T, s *RedisStore, n int) map[string]any {
 }
 
 // fieldCount is how many fields the entries of stream key hold in all.
-func fieldCount(t *testing.T, c *redis.Client, key string) int {
+func fieldCount(t testing.TB, c *redis.Client, key string) int {
 	t.Helper()
 	es, err := c.XRange(context.Background(), key, "-", "+").Result()
 	mustNoErr(t, err)
@@ -182,7 +185,7 @@ func order(k string) int {
 // rewriteFull writes stream key again, same ids, in the form versions
 // before wrote it: every entry with its kind and status, in encodeMessage's
 // order (a summary's kind first, after its conversation).
-func rewriteFull(t *testing.T, c *redis.Client, key string) {
+func rewriteFull(t testing.TB, c *redis.Client, key string) {
 	t.Helper()
 	ctx := context.Background()
 	es, err := c.XRange(ctx, key, "-", "+").Result()
@@ -211,5 +214,55 @@ func rewriteFull(t *testing.T, c *redis.Client, key string) {
 			fields = append(fields, k, v[k])
 		}
 		mustNoErr(t, c.XAdd(ctx, &redis.XAddArgs{Stream: key, ID: e.ID, Values: fields}).Err())
+	}
+}
+
+// BenchmarkLayout is BenchmarkRedisRequest/take (the turn taken and the
+// 20-message window read, the turn passed on at once) on the entries as
+// they are written now ("lean") and as versions before wrote them, kind
+// and status on each ("full"): the same messages, ids and session, so the
+// difference is the layout's. With -count the two alternate, which keeps
+// them comparable on a busy machine.
+func BenchmarkLayout(b *testing.B) {
+	ctx := context.Background()
+	c := redistest.Start(b).Client(b)
+	user := strings.Repeat("And how do I rotate the API key for staging? ", 4)
+	reply := strings.Repeat("Create a second key, switch the workflow to it, then revoke the old one. ", 6)
+	for _, full := range []bool{false, true} {
+		name := "lean"
+		if full {
+			name = "full"
+		}
+		b.Run(name, func(b *testing.B) {
+			s := NewRedis(c, fmt.Sprintf("bench-layout-%d", time.Now().UnixNano()))
+			defer s.Close()
+			for i := 0; i < 10; i++ {
+				id := "req_" + strconv.Itoa(i)
+				_, err := s.Append(ctx, session, Turn{Messages: []Message{
+					{Role: RoleUser, Content: user, Tokens: 40, Model: "gpt-4o-mini", User: "john@example.com", RequestID: id},
+					{Role: RoleAssistant, Content: reply, Tokens: 90, Model: "gpt-4o-mini", User: "john@example.com", RequestID: id},
+				}, IdempotencyKey: "hp-" + id, Usage: Usage{PromptTokens: 1400, CompletionTokens: 118, Requests: 1, CostNanos: 281000}}, Policy{})
+				mustNoErr(b, err)
+			}
+			if full {
+				rewriteFull(b, c, s.streamKey(session))
+			}
+			o := TurnOptions{Wait: time.Minute}
+			cpu0, rcpu0 := processCPU(b), redisCPU(b, c)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				w, _, err := s.TakeTurn(ctx, session, 20, time.Now().UnixMilli(), Policy{}, o)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(w.Messages) != 20 {
+					b.Fatalf("window of %d messages, want 20", len(w.Messages))
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+			b.ReportMetric(float64((redisCPU(b, c)-rcpu0).Microseconds())/float64(b.N), "redis-cpu-us/op")
+		})
 	}
 }
