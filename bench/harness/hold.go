@@ -23,70 +23,108 @@ const holdTimeout = 2 * time.Minute
 // upstream pauses every stream after its first content chunk
 // (benchfix.PauseHeader) until the harness lets go of them; the proxies
 // then see their clients leave, as in a real cut stream.
+//
+// It runs Config.Rounds rounds, each with every process started afresh,
+// and the table shows medians: one reading of a process's memory moves by
+// several percent with where its collector stood when the last stream
+// opened.
 func (h *harness) runHold(ctx context.Context, id int) error {
-	e, err := h.start(ctx, h.cfg.HoldProfiles != "")
-	if err != nil {
-		return err
-	}
-	defer e.stop()
 	n := h.cfg.HoldStreams
-	body := benchfix.RequestBody(true)
-	header := http.Header{benchfix.PauseHeader: {holdTimeout.String()}}
-	cells := [][]string{{"path", "RSS idle MB", fmt.Sprintf("RSS with %d open MB", n), "KB/stream", "RSS open ÷bare", "opened in s"}}
-	var bareOpen int64
-	for i, p := range h.paths(e) {
-		fmt.Fprintf(h.cfg.Stderr, "hold: %s: %d streams ...\n", p.name, n)
-		session := func(k int) string { return fmt.Sprintf("bench:hold%d-%d@example.com:support", id, k) }
-		if p.seed != nil {
-			pl := newPool(fmt.Sprintf("%d-%d", id, i), n, benchfix.HistoryLen, p.seed)
-			if err := pl.ensure(ctx, 1); err != nil {
-				return fmt.Errorf("%s: %w", p.name, err)
-			}
-			session = func(k int) string { return pl.name(k, 0) }
+	type reading struct{ idle, open, opened []float64 }
+	var names []string
+	got := map[string]*reading{}
+	for r := range h.cfg.Rounds {
+		fmt.Fprintf(h.cfg.Stderr, "hold: round %d of %d\n", r+1, h.cfg.Rounds)
+		// The profiles are the last round's.
+		profiles := ""
+		if r == h.cfg.Rounds-1 {
+			profiles = h.cfg.HoldProfiles
 		}
-		idle, _, err := p.proc.memory()
+		e, err := h.start(ctx, profiles != "")
 		if err != nil {
 			return err
 		}
-		client := &http.Client{Transport: load.NewTransport(n)}
-		hctx, cancel := context.WithTimeout(ctx, holdTimeout)
-		t0 := time.Now()
-		held, err := load.Hold(hctx, client, n, func(ctx context.Context, k int) (*http.Request, error) {
-			return load.NewRequest(ctx, p.url, body, session(k), header)
-		})
-		opened := time.Since(t0)
-		var open int64
-		if err == nil {
-			open, _, err = p.proc.memory()
-			if err == nil && h.cfg.HoldProfiles != "" && p.proc.admin != "" {
-				err = saveProfiles(hctx, h.cfg.HoldProfiles, p)
+		paths := h.paths(e)
+		if names == nil {
+			for _, p := range paths {
+				names = append(names, p.name)
+				got[p.name] = &reading{}
 			}
-			if ended := held.Ended(); err == nil && ended > 0 {
-				err = fmt.Errorf("%d of %d streams ended before they were let go: were they paused (%s)?",
-					ended, n, benchfix.PauseHeader)
+		}
+		// In the same order every round: direct's process is the
+		// upstream, which serves every path's streams after its own.
+		for i := range paths {
+			idle, open, opened, err := h.holdPath(ctx, paths[i], fmt.Sprintf("%d-%d-%d", id, r, i), profiles)
+			if err != nil {
+				e.stop()
+				return fmt.Errorf("round %d: %s: %w", r+1, paths[i].name, err)
 			}
-			held.Close()
+			g := got[paths[i].name]
+			g.idle, g.open, g.opened = append(g.idle, idle), append(g.open, open), append(g.opened, opened)
 		}
-		cancel()
-		client.CloseIdleConnections()
-		if err != nil {
-			return fmt.Errorf("%s: %w", p.name, err)
+		e.stop()
+	}
+	cells := [][]string{{"path", "RSS idle MB", fmt.Sprintf("RSS with %d open MB", n), "KB/stream", "RSS open ÷bare", "opened in s"}}
+	bare := got[pathBare].open
+	for _, name := range names {
+		g := got[name]
+		perStream := make([]float64, len(g.open))
+		for r := range g.open {
+			perStream[r] = (g.open[r] - g.idle[r]) / float64(n) / (1 << 10)
 		}
-		if p.name == pathBare {
-			bareOpen = open
-		}
-		ratio := "-"
-		if bareOpen > 0 {
-			ratio = fmt.Sprintf("%.2fx", float64(open)/float64(bareOpen))
-		}
-		cells = append(cells, []string{p.name, fmt.Sprintf("%.1f", float64(idle)/(1<<20)),
-			fmt.Sprintf("%.1f", float64(open)/(1<<20)), fmt.Sprintf("%.1f", float64(open-idle)/float64(n)/(1<<10)),
-			ratio, fmt.Sprintf("%.2f", opened.Seconds())})
+		cells = append(cells, []string{name, fmt.Sprintf("%.1f", median(g.idle)/(1<<20)),
+			fmt.Sprintf("%.1f", median(g.open)/(1<<20)), fmt.Sprintf("%.1f", median(perStream)),
+			ratioTo(name, g.open, bare), fmt.Sprintf("%.2f", median(g.opened))})
 	}
 	fmt.Fprintln(h.cfg.Stdout)
-	writeTable(h.cfg.Stdout, fmt.Sprintf("hold · %d streams open at once · %d stored messages each", n, benchfix.HistoryLen),
-		cells, h.cfg.Markdown)
+	writeTable(h.cfg.Stdout, fmt.Sprintf("hold · %d streams open at once · %d stored messages each · medians of %d round(s)",
+		n, benchfix.HistoryLen, h.cfg.Rounds), cells, h.cfg.Markdown)
 	return nil
+}
+
+// holdPath opens the held streams through p, in sessions named after tag,
+// and returns p's resident memory (bytes) before and with them open, and
+// how long opening them took (seconds). With profiles, it saves p's
+// profiles there meanwhile.
+func (h *harness) holdPath(ctx context.Context, p *path, tag, profiles string) (idle, open, opened float64, err error) {
+	n := h.cfg.HoldStreams
+	fmt.Fprintf(h.cfg.Stderr, "hold: %s: %d streams ...\n", p.name, n)
+	session := func(k int) string { return fmt.Sprintf("bench:hold%s-%d@example.com:support", tag, k) }
+	if p.seed != nil {
+		pl := newPool(tag, n, benchfix.HistoryLen, p.seed)
+		if err := pl.ensure(ctx, 1); err != nil {
+			return 0, 0, 0, err
+		}
+		session = func(k int) string { return pl.name(k, 0) }
+	}
+	rssIdle, _, err := p.proc.memory()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	body := benchfix.RequestBody(true)
+	header := http.Header{benchfix.PauseHeader: {holdTimeout.String()}}
+	client := &http.Client{Transport: load.NewTransport(n)}
+	defer client.CloseIdleConnections()
+	hctx, cancel := context.WithTimeout(ctx, holdTimeout)
+	defer cancel()
+	t0 := time.Now()
+	held, err := load.Hold(hctx, client, n, func(ctx context.Context, k int) (*http.Request, error) {
+		return load.NewRequest(ctx, p.url, body, session(k), header)
+	})
+	took := time.Since(t0)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer held.Close()
+	rssOpen, _, err := p.proc.memory()
+	if err == nil && profiles != "" && p.proc.admin != "" {
+		err = saveProfiles(hctx, profiles, p)
+	}
+	if ended := held.Ended(); err == nil && ended > 0 {
+		err = fmt.Errorf("%d of %d streams ended before they were let go: were they paused (%s)?",
+			ended, n, benchfix.PauseHeader)
+	}
+	return float64(rssIdle), float64(rssOpen), took.Seconds(), err
 }
 
 // saveProfiles writes p's heap profile and goroutine list, taken from its
@@ -130,4 +168,13 @@ func fetch(ctx context.Context, url, file string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// ratioTo is ratio(open, bare) for a proxy's row; direct's process is the
+// upstream, not a proxy: "-".
+func ratioTo(name string, open, bare []float64) string {
+	if name == pathDirect {
+		return "-"
+	}
+	return ratio(open, bare)
 }

@@ -6,7 +6,7 @@
 // avoid) and historyproxy with its memory and its Redis store. See
 // bench/README.md for what each column means.
 //
-//	go run ./bench/cmd/hpbench                     # everything (about 20 minutes)
+//	go run ./bench/cmd/hpbench                     # everything (about 27 minutes)
 //	go run ./bench/cmd/hpbench -short              # a smoke test of every part
 //	go run ./bench/cmd/hpbench -mode json -c 16 -stored 20
 package main
