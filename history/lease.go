@@ -437,6 +437,7 @@ func (l *Lease) beatOnce(d *Delta) (ok, held bool) {
 	l.mu.Lock()
 	// Every beat renews, or tried to: the next renewal is an interval on.
 	l.renewAt = time.Now().Add(l.interval)
+	released := l.released
 	switch {
 	case err != nil:
 		if d != nil {
@@ -464,6 +465,11 @@ func (l *Lease) beatOnce(d *Delta) (ok, held bool) {
 		}
 		return false, true
 	case !held:
+		if released {
+			// A renewal that crossed the release (the append or
+			// Release): the lease ended as it should.
+			return true, false
+		}
 		// Its TTL passed (the store was unreachable that long) or the
 		// session was erased: another request may be generating.
 		l.log.Warn("turn lease lost before its turn was recorded: another request of the session may have started", "session", l.session)
