@@ -228,6 +228,11 @@ type Lease struct {
 	due     time.Time // when the timer is armed for: a run before it is stale
 	renewAt time.Time // when the next renewal is due
 	woken   bool      // a fragment came while work was writing: look again
+	// writing is closed when the run of work in flight ends (nil when
+	// none), and final stops its writes of deltas: the turn's append
+	// waits for the write in flight and carries what is left (flush).
+	writing chan struct{}
+	final   bool
 }
 
 // leasePhase is what a held lease's timer waits for.
@@ -338,11 +343,20 @@ func (l *Lease) wakeLocked() {
 	}
 }
 
-// next takes what the next write should carry: nil when nothing is to
-// be written (no one watches, or nothing new).
+// next takes what work's next write should carry: nil when nothing is
+// to be written (no one watches, nothing new, or the turn's append takes
+// it).
 func (l *Lease) next() *Delta {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.final {
+		return nil
+	}
+	return l.takeLocked()
+}
+
+// takeLocked takes what is not written yet. l.mu must be held.
+func (l *Lease) takeLocked() *Delta {
 	if l.released || l.mark == "" || l.over {
 		return nil
 	}
@@ -366,12 +380,29 @@ func (l *Lease) next() *Delta {
 
 // flush takes what has not been written yet, for the append that ends
 // the generation to write before its end: nil when there is nothing, or
-// no one watches.
-func (l *Lease) flush() *Delta {
+// no one watches. It first waits (within ctx) for a write in flight: the
+// append, on another connection, could overtake it, and the store then
+// drops it as written after the lease's release, a fragment lost to
+// watchers. A write that failed meanwhile leaves the whole reply so far
+// to carry (replace). From then on the timer writes no more deltas, only
+// renewals (an append that fails leaves the lease held).
+func (l *Lease) flush(ctx context.Context) *Delta {
 	if l == nil {
 		return nil
 	}
-	return l.next()
+	l.mu.Lock()
+	l.final = true
+	w := l.writing
+	l.mu.Unlock()
+	if w != nil {
+		select {
+		case <-w:
+		case <-ctx.Done():
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.takeLocked()
 }
 
 // work renews the lease when a renewal is due and writes the deltas, from
@@ -390,7 +421,15 @@ func (l *Lease) work() {
 	}
 	l.phase, l.woken = phaseWriting, false
 	beat := !now.Before(l.renewAt)
+	done := make(chan struct{})
+	l.writing = done
 	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		l.writing = nil
+		l.mu.Unlock()
+		close(done)
+	}()
 	for {
 		d := l.next()
 		if d == nil && !beat {

@@ -202,6 +202,52 @@ func testWatchConformance(t *testing.T, newStore func(t *testing.T) watchStore) 
 		}
 	})
 
+	t.Run("a write in flight when the turn is appended is not lost", func(t *testing.T) {
+		// The store is slow to answer the write of "a" (a loaded Redis,
+		// another connection's commands first): the turn's append, which
+		// carries the fragments after it, must not overtake it, or "a"
+		// lands after the lease is released and is dropped.
+		s := newStore(t)
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+		mustNoErr(t, err)
+		g := &slowWrites{began: make(chan struct{}, 10), gate: make(chan struct{})}
+		l.mu.Lock()
+		g.leaseBackend, l.backend = l.backend, g
+		l.mu.Unlock()
+		l.Publish(Delta{Content: "a"})
+		<-g.began // the write of "a" is in flight
+		l.Publish(Delta{Content: "b"})
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0, Lease: l}, Policy{})
+			done <- err
+		}()
+		time.Sleep(100 * time.Millisecond)
+		close(g.gate)
+		mustNoErr(t, <-done)
+		var text string
+		var got []string
+		for {
+			e := next(t, w)
+			got = append(got, show(e))
+			if e.Kind == EventComplete {
+				break
+			}
+			if e.Kind == EventDelta {
+				if e.Delta.Replace {
+					text = ""
+				}
+				text += e.Delta.Content
+			}
+		}
+		if text != "ab" {
+			t.Errorf("a watcher assembled %q from %q, want the whole reply %q", text, got, "ab")
+		}
+	})
+
 	t.Run("an id too old to resume gives a snapshot", func(t *testing.T) {
 		s := newStore(t)
 		appendQA(t, s, session, 1, t0, Policy{})
@@ -343,4 +389,20 @@ func TestMemorySweepForgetsLiveStreams(t *testing.T) {
 	if n := lives(); n != 0 {
 		t.Errorf("got %d live streams a minute after the last watch, want 0", n)
 	}
+}
+
+// slowWrites is a lease backend whose delta writes wait for gate: a store
+// slow to answer them.
+type slowWrites struct {
+	leaseBackend
+	began chan struct{} // a write began (buffered)
+	gate  chan struct{}
+}
+
+func (g *slowWrites) beat(ctx context.Context, l *Lease, d *Delta) (bool, string, error) {
+	if d != nil {
+		g.began <- struct{}{}
+		<-g.gate
+	}
+	return g.leaseBackend.beat(ctx, l, d)
 }

@@ -275,6 +275,8 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 	if session == "" {
 		return AppendResult{}, fmt.Errorf("append turn: %w", ErrEmptySession)
 	}
+	// Before s.mu: a delta write in flight, which flush waits for, takes it.
+	final := t.Lease.flush(ctx)
 	s.mu.Lock()
 	r := s.appendTurn(session, t, p)
 	if len(r.IDs) > 0 {
@@ -285,8 +287,8 @@ func (s *MemoryStore) Append(ctx context.Context, session string, t Turn, p Poli
 		if len(r.IDs) > 0 {
 			last = r.IDs[len(r.IDs)-1]
 		}
-		if d := t.Lease.flush(); d != nil {
-			s.publishDelta(session, t.Lease.gen, *d)
+		if final != nil {
+			s.publishDelta(session, t.Lease.gen, *final)
 		}
 		s.publishEnd(session, t.Lease.gen, last)
 	}

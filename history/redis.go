@@ -433,7 +433,7 @@ func (s *RedisStore) Append(ctx context.Context, session string, t Turn, p Polic
 		return AppendResult{}, fmt.Errorf("append turn: %w", ErrEmptySession)
 	}
 	t = prepareTurn(t, time.Now())
-	keys, args := s.appendCall(session, t, p)
+	keys, args := s.appendCall(ctx, session, t, p)
 	res, err := s.runPipelined(ctx, appendScript, keys, args, func(pipe redis.Pipeliner) {
 		s.queueIndex(ctx, pipe, session, t)
 	})
@@ -530,10 +530,10 @@ func prepareTurn(t Turn, now time.Time) Turn {
 }
 
 // appendCall is appendScript's keys and arguments for a turn.
-func (s *RedisStore) appendCall(session string, t Turn, p Policy) (keys []string, args []any) {
+func (s *RedisStore) appendCall(ctx context.Context, session string, t Turn, p Policy) (keys []string, args []any) {
 	token, gen := t.Lease.args()
 	final := ""
-	if d := t.Lease.flush(); d != nil {
+	if d := t.Lease.flush(ctx); d != nil {
 		// The fragments not written yet go before the generation's end.
 		final = d.json()
 	}

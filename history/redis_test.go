@@ -311,7 +311,7 @@ func fillConversation(b *testing.B, s *RedisStore, session string, n int, p Poli
 				},
 				NowMs: t0 + int64(j),
 			}, time.Now())
-			keys, args := s.appendCall(session, t, p)
+			keys, args := s.appendCall(ctx, session, t, p)
 			appendScript.EvalSha(ctx, pipe, keys, args...)
 			s.queueIndex(ctx, pipe, session, t)
 		}
