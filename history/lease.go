@@ -241,7 +241,7 @@ type leasePhase uint8
 const (
 	phaseIdle    leasePhase = iota // the next renewal; a watched fragment starts work at once
 	phaseWriting                   // work is writing: a fragment waits for it
-	phaseGap                       // the gap after a write: fragments merge into the next
+	phaseGap                       // the gap after a write (after a failed one, until the next renewal): fragments merge into the next
 )
 
 func newToken() string {
@@ -441,7 +441,16 @@ func (l *Lease) work() {
 			return // phaseWriting for good: nothing runs work again
 		}
 		if !ok {
-			break // a failed write waits for the next renewal
+			// A failed write (or renewal) waits for the next renewal,
+			// fragments merging meanwhile as in a gap: a store that fails
+			// at once would otherwise be sent the whole reply so far
+			// (replace) for every fragment.
+			l.mu.Lock()
+			if !l.released {
+				l.armLocked(phaseGap, time.Until(l.renewAt))
+			}
+			l.mu.Unlock()
+			return
 		}
 		if d == nil {
 			// A renewal that found a new watch loops once more to send

@@ -3,6 +3,7 @@ package history
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
 	"testing"
@@ -165,5 +166,46 @@ func TestLeaseRenewalCrossingReleaseIsNotLost(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if got := out.String(); got != "" {
 		t.Errorf("logged %q, want nothing", got)
+	}
+}
+
+// failingStore is a lease backend whose every beat fails at once, as a
+// Redis that refuses connections does.
+type failingStore struct {
+	mu     sync.Mutex
+	writes int // beats that carried a delta
+	beats  int
+}
+
+func (f *failingStore) beat(_ context.Context, _ *Lease, d *Delta) (bool, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.beats++
+	if d != nil {
+		f.writes++
+	}
+	return false, "", errors.New("dial tcp 127.0.0.1:6379: connect: connection refused")
+}
+
+func (f *failingStore) release(context.Context, *Lease) error { return nil }
+
+// TestLeaseFailedWriteWaitsForRenewal: a delta write that fails is tried
+// again with the next renewal (carrying the whole reply), not at the next
+// fragment: a store that fails at once would otherwise get a write, of
+// the whole reply so far, for every fragment of every open stream.
+func TestLeaseFailedWriteWaitsForRenewal(t *testing.T) {
+	f := &failingStore{}
+	l := newLease(session, f, "1", DefaultLeaseTTL, time.Second, nil, nil) // renewed every second
+	l.start()
+	defer func() { _ = l.Release(context.Background()) }()
+	for range 100 {
+		l.Publish(Delta{Content: "x"})
+		time.Sleep(2 * time.Millisecond)
+	}
+	f.mu.Lock()
+	writes := f.writes
+	f.mu.Unlock()
+	if writes > 2 {
+		t.Errorf("%d writes tried for 100 fragments in %s against a failing store, want the first and none before the next renewal", writes, 100*2*time.Millisecond)
 	}
 }
