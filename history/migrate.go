@@ -280,7 +280,8 @@ var fieldOrder = func() map[string]int {
 }()
 
 // newMigEntry reads an entry of an old stream, its fields in the order
-// encodeMessage writes them (fields it does not know last, by name).
+// encodeMessage writes them (fields it does not know last, by name; a
+// summary's kind first, as encodeSummary writes it).
 func newMigEntry(e redis.XMessage, conv string) migEntry {
 	keys := make([]string, 0, len(e.Values))
 	for k := range e.Values {
@@ -288,7 +289,13 @@ func newMigEntry(e redis.XMessage, conv string) migEntry {
 			keys = append(keys, k)
 		}
 	}
+	// A summary's kind comes first, as encodeSummary writes it: the
+	// scripts and takeWindow tell a summary by it.
+	summary := e.Values["kind"] == KindSummary
 	sort.Slice(keys, func(i, j int) bool {
+		if ki, kj := keys[i] == "kind", keys[j] == "kind"; summary && ki != kj {
+			return ki
+		}
 		oi, iok := fieldOrder[keys[i]]
 		oj, jok := fieldOrder[keys[j]]
 		switch {

@@ -227,3 +227,55 @@ func TestRedisEraseAfterInterruptedMigrate(t *testing.T) {
 		t.Errorf("after erase: got keys %q, want none", keys)
 	}
 }
+
+// TestRedisMigrateKeepsSummaries: a session whose current-layout
+// conversation was compacted before the migration (a proxy of this
+// version wrote turns and a summary beside old-layout streams) reads the
+// same after it, through every reader of its stream. The scripts and
+// takeWindow tell a summary by its kind right after its conversation
+// (encodeSummary): a migration that moves it leaves the summary in the
+// window as a message and the messages it covers with it.
+func TestRedisMigrateKeepsSummaries(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	oldConversation(t, c, "hp", session, "c1", t0-1000, []string{"4000-0", "4000-1"}, []string{"old question", "old answer"}, 0)
+	mustNoErr(t, c.HSet(ctx, "hp:{"+session+"}:session", "conversation", "c1", "is_active", "0", "created_ms", t0-1000,
+		"last_active_ms", t0-999, "messages", 2, "conversations", 1).Err())
+	var ids []string
+	for i := range 3 {
+		res, err := s.Append(ctx, session, Turn{Messages: qa(i), NowMs: t0 + int64(i)}, Policy{})
+		mustNoErr(t, err)
+		ids = append(ids, res.IDs...)
+	}
+	tok, err := s.TakeCompaction(ctx, session, time.Minute)
+	mustNoErr(t, err)
+	_, err = s.StoreSummary(ctx, session, tok, SummaryWrite{Conversation: "c2", Message: Message{Content: "earlier", Tokens: 5, Model: "m"},
+		CoversFrom: ids[0], CoversTo: ids[3], Covers: 4})
+	mustNoErr(t, err)
+	mustNoErr(t, s.ReleaseCompaction(ctx, session, tok))
+	appendQA(t, s, session, 3, t0+5, Policy{})
+
+	before, err := s.Window(ctx, session, 20, t0+10, Policy{})
+	mustNoErr(t, err)
+	if before.Summary == nil || !reflect.DeepEqual(contents(before.Messages), []string{"q2", "a2", "q3", "a3"}) {
+		t.Fatalf("before the migration: window %q, summary %v; want the messages after the summary's range", contents(before.Messages), before.Summary)
+	}
+	_, err = s.Migrate(ctx, nil)
+	mustNoErr(t, err)
+	for name, read := range map[string]func() (Window, error){
+		"window": func() (Window, error) { return s.Window(ctx, session, 20, t0+10, Policy{}) },
+		"take": func() (Window, error) {
+			w, _, err := s.TakeTurn(ctx, session, 20, t0+10, Policy{}, TurnOptions{Wait: time.Minute})
+			w.Waited = 0
+			return w, err
+		},
+	} {
+		after, err := read()
+		mustNoErr(t, err)
+		if !reflect.DeepEqual(after, before) {
+			t.Errorf("%s after the migration: messages %q, summary %v; want %q, summary %v as before", name,
+				contents(after.Messages), after.Summary, contents(before.Messages), before.Summary)
+		}
+	}
+}
