@@ -98,11 +98,26 @@ func (s *RedisStore) sessionKeys(id string) []string {
 	return []string{s.sessionKey(id), s.convsKey(id), s.streamKey(id), s.idemKey(id)}
 }
 
+// luaSummary reads a conversation's latest summary, for the scripts that
+// read a window (luaLib's and the lease's).
+const luaSummary = `
+-- latestsum returns the summary entry id of stream (nil: none) and the
+-- bound after the range it covers, to (exclusive); when it has none, or
+-- it is gone, {} and lo.
+local function latestsum(stream, id, to, lo)
+  if id then
+    local e = redis.call('XRANGE', stream, id, id)
+    if #e == 1 then return e[1], '(' .. to end
+  end
+  return {}, lo
+end
+`
+
 // luaLib is shared by the scripts that read a conversation. A session's
 // conversations follow each other in its stream; collect still checks each
 // entry's conversation, because a turn that was read from a conversation
 // is written to it even when a newer one began meanwhile.
-const luaLib = `
+const luaLib = luaSummary + `
 -- issum reports whether stream entry e is a summary: its kind comes right
 -- after its conversation (see encodeSummary).
 local function issum(e)
@@ -137,11 +152,7 @@ end
 local function win(convs, stream, conv, n)
   local r = redis.call('HMGET', convs, conv .. ':start', conv .. ':last', conv .. ':summary', conv .. ':summary_to')
   if not r[1] then return {{}, {}} end
-  local lo, sum = r[1], {}
-  if r[3] then
-    local e = redis.call('XRANGE', stream, r[3], r[3])
-    if #e == 1 then sum, lo = e[1], '(' .. r[4] end
-  end
+  local sum, lo = latestsum(stream, r[3], r[4], r[1])
   return {collect(stream, conv, lo, r[2], n, true, true), sum}
 end
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -148,9 +149,10 @@ end
 // not queue), wake channel.
 // Returns {0, ms until the lease or the first waiter's place runs out}
 // when busy, else {1, conversation or ”, its first entry's id or ”,
-// watch mark or ”, latest summary entry or {}, the last id that summary
-// covers or ”}.
-var takeScript = redis.NewScript(luaLease + `
+// watch mark or ”, latest summary entry or {}, and the window's lower
+// bound as XRANGE takes it: '(' and the last id that summary covers, or
+// the first entry's id}.
+var takeScript = redis.NewScript(luaLease + luaSummary + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
 local holder = redis.call('GET', KEYS[4])
@@ -191,12 +193,8 @@ local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', '', mark} end
 if tonumber(ARGV[1]) <= 0 then return {1, s[1], '', mark} end
 local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':summary', s[1] .. ':summary_to')
-local sum, to = {}, ''
-if r[2] then
-  local e = redis.call('XRANGE', KEYS[3], r[2], r[2])
-  if #e == 1 then sum, to = e[1], r[3] end
-end
-return {1, s[1], r[1] or '', mark, sum, to}
+local sum, lo = latestsum(KEYS[3], r[2], r[3], r[1] or '')
+return {1, s[1], r[1] or '', mark, sum, lo}
 `)
 
 // releaseScript gives a lease up without a turn, or takes a waiter that
@@ -387,7 +385,8 @@ func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, 
 				return Window{}, err
 			}
 			w.Summary = &m
-			if to, _ := res[5].(string); to != "" {
+			bound, _ := res[5].(string)
+			if to, ok := strings.CutPrefix(bound, "("); ok {
 				lo, inclusive = to, false
 			}
 		}

@@ -29,11 +29,7 @@ if conv == '' then return {} end
 local r = redis.call('HMGET', KEYS[2], conv .. ':start', conv .. ':last', conv .. ':summary', conv .. ':summary_to',
   conv .. ':messages', conv .. ':summarized', conv .. ':title')
 if not r[1] then return {} end
-local lo, sum = r[1], {}
-if r[3] then
-  local e = redis.call('XRANGE', KEYS[3], r[3], r[3])
-  if #e == 1 then sum, lo = e[1], '(' .. r[4] end
-end
+local sum, lo = latestsum(KEYS[3], r[3], r[4], r[1])
 local cur, titled = 0, 0
 if h[1] == conv and h[2] == '1' then cur = 1 end
 if r[7] then titled = 1 end
