@@ -426,7 +426,11 @@ func (l *Lease) work() {
 	l.mu.Unlock()
 	defer func() {
 		l.mu.Lock()
-		l.writing = nil
+		// The next run may have begun already, once this one re-armed
+		// the timer: its channel stays for flush to wait on.
+		if l.writing == done {
+			l.writing = nil
+		}
 		l.mu.Unlock()
 		close(done)
 	}()
