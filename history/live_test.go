@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -405,4 +406,71 @@ func (g *slowWrites) beat(ctx context.Context, l *Lease, d *Delta) (bool, string
 		<-g.gate
 	}
 	return g.leaseBackend.beat(ctx, l, d)
+}
+
+// TestRedisWatchLostLeaseTurnCompletes: a holder whose lease was lost
+// (its TTL passed while the store was unreachable) and that still records
+// its turn ends its generation with that write, when no other request
+// holds the lease: its watchers get complete with the turn's messages,
+// not a hub's block later from the dead-holder check.
+func TestRedisWatchLostLeaseTurnCompletes(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	defer func(b time.Duration) { hubBlock = b }(hubBlock)
+	hubBlock = time.Minute // the dead-holder check cannot be what ends it
+	s := NewRedis(c, "t")
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	w, err := s.Watch(ctx, session, "")
+	mustNoErr(t, err)
+	defer w.Close()
+	_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+	mustNoErr(t, err)
+	n, err := c.Del(ctx, s.leaseKey(session)).Result() // as if it expired
+	mustNoErr(t, err)
+	if n != 1 {
+		t.Fatalf("deleted %d lease keys, want 1", n)
+	}
+	_, err = s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, Lease: l}, Policy{})
+	mustNoErr(t, err)
+	var got []string
+	for len(got) < 3 {
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		e, err := w.Next(ectx)
+		cancel()
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		got = append(got, show(e))
+		if e.Kind == EventComplete && e.Generation != l.Generation() {
+			t.Errorf("complete of %q, want the lost holder's %q", e.Generation, l.Generation())
+		}
+	}
+	if want := []string{"message q1", "message a1", "complete"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+
+	// Lost again, but another request took the lease meanwhile: its
+	// generation is active, and ends with its own release.
+	_, l, err = s.TakeTurn(ctx, session, 20, t0+2, Policy{}, hold)
+	mustNoErr(t, err)
+	mustNoErr(t, c.Del(ctx, s.leaseKey(session)).Err())
+	_, other, err := s.TakeTurn(ctx, session, 20, t0+3, Policy{}, hold)
+	mustNoErr(t, err)
+	_, err = s.Append(ctx, session, Turn{Messages: qa(2), NowMs: t0 + 4, Lease: l}, Policy{})
+	mustNoErr(t, err)
+	for _, want := range []string{"message q2", "message a2"} {
+		if e := next(t, w); show(e) != want {
+			t.Fatalf("got %s, want %s", show(e), want)
+		}
+	}
+	ectx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	e, err := w.Next(ectx)
+	cancel()
+	if err == nil {
+		t.Fatalf("got %s of %q while another generation is active, want nothing", show(e), e.Generation)
+	}
+	mustNoErr(t, other.Release(ctx))
+	if e := next(t, w); e.Kind != EventComplete || e.Generation != other.Generation() {
+		t.Errorf("got %s of %q, want complete of %q", show(e), e.Generation, other.Generation())
+	}
 }

@@ -369,7 +369,13 @@ if ARGV[19] ~= '' then
   -- The turn is written: the next waiting request reads it.
   local last = ''
   if #res > 2 then last = res[#res] end
-  release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
+  if not release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
+    and redis.call('EXISTS', KEYS[5]) == 0 then
+    -- The lease was lost (its TTL passed) and no one holds it: no
+    -- generation is active, so this one's end is said with its turn,
+    -- not a hub's block later by the dead-holder check (settle).
+    endmark(KEYS[8], KEYS[9], ARGV[20], last)
+  end
 end
 table.insert(res, 3, pending)
 return res
