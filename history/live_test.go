@@ -1,13 +1,19 @@
 package history
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/historyproxy/historyproxy/internal/redistest"
 )
@@ -473,4 +479,110 @@ func TestRedisWatchLostLeaseTurnCompletes(t *testing.T) {
 	if e := next(t, w); e.Kind != EventComplete || e.Generation != other.Generation() {
 		t.Errorf("got %s of %q, want complete of %q", show(e), e.Generation, other.Generation())
 	}
+}
+
+// TestRedisWatchRetriedAppendCompletesOnce: a turn's write whose answer
+// is lost after Redis ran it (the connection breaks) is sent again by
+// go-redis on a new connection. That second run finds the turn recorded
+// and the lease already released by the first: it must not end the
+// generation a second time, whether the request had a key of its own (a
+// write key then tells the retry) or not (its generated key does), and
+// whether the first run released the lease or found it lost.
+func TestRedisWatchRetriedAppendCompletesOnce(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := context.Background()
+	cut := &cutAnswer{mark: []byte(appendScript.Hash())}
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr, Dialer: cut.dial})
+	t.Cleanup(func() { _ = c.Close() })
+	// Loaded first: an EVALSHA answered NOSCRIPT runs nothing.
+	mustNoErr(t, appendScript.Load(ctx, c).Err())
+	tests := []struct {
+		name        string
+		idem, write string
+		lost        bool
+	}{
+		{name: "generated key", idem: "hp-1"},
+		{name: "client key", idem: "k1", write: "hp-w-1"},
+		{name: "lease lost before the write", idem: "hp-2", lost: true},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := NewRedis(c, fmt.Sprintf("t%d", i))
+			t.Cleanup(func() { _ = s.Close() })
+			w, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			defer w.Close()
+			_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+			mustNoErr(t, err)
+			if tc.lost {
+				mustNoErr(t, c.Del(ctx, s.leaseKey(session)).Err()) // as if it expired
+			}
+			cut.arm()
+			_, err = s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, IdempotencyKey: tc.idem, WriteKey: tc.write, Lease: l}, Policy{})
+			mustNoErr(t, err)
+			if n := cut.cuts.Load(); n != 1 {
+				t.Fatalf("cut %d answers, want 1: the write was not retried", n)
+			}
+			for _, want := range []string{"message q1", "message a1", "complete"} {
+				if e := next(t, w); show(e) != want || (e.Kind == EventComplete && e.Generation != l.Generation()) {
+					t.Fatalf("got %s of %q, want %s", show(e), e.Generation, want)
+				}
+			}
+			ectx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			e, err := w.Next(ectx)
+			cancel()
+			if err == nil {
+				t.Errorf("got %s of %q after the generation's complete, want nothing: the retried write ended it again", show(e), e.Generation)
+			}
+		})
+	}
+}
+
+// cutAnswer dials connections that, once armed, lose the answer to the
+// first write carrying mark: the server gets the command and runs it, the
+// client reads EOF (a connection broken after the command ran), and
+// go-redis sends it again on a new connection.
+type cutAnswer struct {
+	mark  []byte
+	armed atomic.Bool
+	cuts  atomic.Int32
+}
+
+func (a *cutAnswer) arm() { a.cuts.Store(0); a.armed.Store(true) }
+
+func (a *cutAnswer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &cutConn{Conn: c, a: a}, nil
+}
+
+type cutConn struct {
+	net.Conn
+	a    *cutAnswer
+	lose bool
+}
+
+func (c *cutConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if err == nil && bytes.Contains(p, c.a.mark) && c.a.armed.CompareAndSwap(true, false) {
+		c.lose = true
+	}
+	return n, err
+}
+
+func (c *cutConn) Read(p []byte) (int, error) {
+	if c.lose {
+		// The server answers once it has run the command: wait for
+		// that, drop the answer and the connection.
+		_ = c.Conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Conn.Read(make([]byte, 64<<10))
+		_ = c.Conn.Close()
+		c.a.cuts.Add(1)
+		c.lose = false
+		return 0, io.EOF
+	}
+	return c.Conn.Read(p)
 }

@@ -217,11 +217,13 @@ local function write()
   if ARGV[4] ~= '' then
     local w = ARGV[18]
     -- This very write, retried after its answer was lost: nothing to do.
-    if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2}, 0 end
+    if w ~= '' and redis.call('ZSCORE', KEYS[4], w) then return {conv, 2}, 0, true end
     -- NX: a key already there marks a repeat, and keeps its time.
     dup = redis.call('ZADD', KEYS[4], 'NX', ARGV[1], ARGV[4]) == 0
-    -- Another write's repeat, without a write key: nothing either.
-    if dup and w == '' then return {conv, 2}, 0 end
+    -- Another write's repeat, without a write key: nothing either. (A
+    -- request whose key the proxy generated has none: this is its own
+    -- write, retried.)
+    if dup and w == '' then return {conv, 2}, 0, true end
     if w ~= '' then redis.call('ZADD', KEYS[4], ARGV[1], w) end
     redis.call('PEXPIRE', KEYS[4], ARGV[6])
     -- Otherwise a repeat of a recorded request: no second turn, but its
@@ -364,16 +366,20 @@ local function write()
   -- queued on it.
   return res, count - tonumber(m[6] or '0')
 end
-local res, pending = write()
+-- again: this very write ran before (its answer was lost, go-redis sent
+-- it again), and released the lease or ended the generation then.
+local res, pending, again = write()
 if ARGV[19] ~= '' then
   -- The turn is written: the next waiting request reads it.
   local last = ''
   if #res > 2 then last = res[#res] end
   if not release(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[21], ARGV[19], ARGV[20], last, ARGV[22])
-    and redis.call('EXISTS', KEYS[5]) == 0 then
+    and not again and redis.call('EXISTS', KEYS[5]) == 0 then
     -- The lease was lost (its TTL passed) and no one holds it: no
     -- generation is active, so this one's end is said with its turn,
-    -- not a hub's block later by the dead-holder check (settle).
+    -- not a hub's block later by the dead-holder check (settle). Not
+    -- by a retry of the write: its first run said it, or another
+    -- generation was active then and its end followed the turn.
     endmark(KEYS[8], KEYS[9], ARGV[20], last)
   end
 end
