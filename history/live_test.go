@@ -586,3 +586,87 @@ func (c *cutConn) Read(p []byte) (int, error) {
 	}
 	return c.Conn.Read(p)
 }
+
+// TestWatchResumedAfterTheMarkExpiredGetsComplete: a watcher that saw a
+// reply's deltas and came back after the session stopped counting as
+// watched (its mark's TTL passed: a laptop asleep during a long reply)
+// got the reply's messages but never its complete, so a console kept the
+// reply's draft "writing…" beside the recorded message. A generation whose
+// deltas were written says its end even when no one watches any more.
+func TestWatchResumedAfterTheMarkExpiredGetsComplete(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		store  func(t *testing.T) watchStore
+		expire func(t *testing.T, s watchStore) // the watch mark's TTL passes
+	}{
+		{"memory", func(t *testing.T) watchStore { return NewMemory() }, func(t *testing.T, s watchStore) {
+			m := s.(*MemoryStore)
+			m.mu.Lock()
+			m.lives[session].keptUntil = time.Time{}
+			m.mu.Unlock()
+		}},
+		{"redis", func(t *testing.T) watchStore {
+			s := NewRedis(redistest.Start(t).Client(t), "t")
+			t.Cleanup(func() { _ = s.Close() })
+			return s
+		}, func(t *testing.T, s watchStore) {
+			r := s.(*RedisStore)
+			mustNoErr(t, r.client.Del(ctx, r.watchedKey(session)).Err())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.store(t)
+			w, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+			mustNoErr(t, err)
+			l.Publish(Delta{Content: "one"})
+			first := next(t, w)
+			if show(first) != "delta one" {
+				t.Fatalf("got %q, want the delta", show(first))
+			}
+			w.Close()
+			// The hub lets go once its last watch closed.
+			deadline := time.Now().Add(5 * time.Second)
+			for watchedHere(s) && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			tc.expire(t, s)
+			_, err = s.Append(ctx, session, Turn{Messages: qa(1), NowMs: t0 + 1, Lease: l}, Policy{})
+			mustNoErr(t, err)
+
+			w2, err := s.Watch(ctx, session, first.Cursor.String())
+			mustNoErr(t, err)
+			defer w2.Close()
+			var got []string
+			for len(got) < 3 {
+				ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
+				e, err := w2.Next(ectx)
+				cancel()
+				if err != nil {
+					t.Fatalf("after %q: %v", got, err)
+				}
+				got = append(got, show(e))
+				if e.Kind == EventComplete && e.Generation != l.Generation() {
+					t.Errorf("complete of %q, want %q", e.Generation, l.Generation())
+				}
+			}
+			if want := []string{"message q1", "message a1", "complete"}; !reflect.DeepEqual(got, want) {
+				t.Errorf("got %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// watchedHere reports whether s's process still reads the session for a
+// watch.
+func watchedHere(s watchStore) bool {
+	switch st := s.(type) {
+	case *MemoryStore:
+		return st.hubs.watched(session)
+	case *RedisStore:
+		return st.hubs.watched(session)
+	}
+	return false
+}

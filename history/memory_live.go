@@ -54,7 +54,7 @@ func (s *MemoryStore) watchMark(session string) string {
 // addLive appends an entry to the session's live stream if it is watched.
 // s.mu must be held.
 func (s *MemoryStore) addLive(session string, e liveEntry) {
-	if s.watchMark(session) == "" {
+	if s.watchMark(session) == "" && !s.shownLast(session, e) {
 		return
 	}
 	l := s.live(session)
@@ -71,6 +71,18 @@ func (s *MemoryStore) addLive(session string, e liveEntry) {
 		l.entries = append(l.entries[:0:0], l.entries[n:]...)
 	}
 	s.liveChanged(session)
+}
+
+// shownLast reports whether e ends a generation whose delta is the live
+// stream's last entry: no longer watched, but a watcher that saw the
+// delta and comes back learns that the generation ended. s.mu must be held.
+func (s *MemoryStore) shownLast(session string, e liveEntry) bool {
+	l := s.lives[session]
+	if e.kind != EventComplete || e.gen == "" || l == nil || len(l.entries) == 0 {
+		return false
+	}
+	last := l.entries[len(l.entries)-1]
+	return last.kind == EventDelta && last.gen == e.gen
 }
 
 // publishDelta and publishEnd write a generation's delta and end. s.mu

@@ -118,7 +118,14 @@ end
 -- endmark notes in the live stream that a generation ended, after the
 -- message with id last ('' when it recorded none), if anyone watches.
 local function endmark(live, watched, gen, last)
-  if redis.call('EXISTS', watched) == 1 then
+  local say = redis.call('EXISTS', watched) == 1
+  if not say and gen ~= '' then
+    -- No longer watched, but this generation's deltas were written: a
+    -- watcher that saw them and comes back learns that it ended.
+    local e = redis.call('XREVRANGE', live, '+', '-', 'COUNT', 1)
+    say = #e == 1 and e[1][2][2] == 'delta' and e[1][2][4] == gen
+  end
+  if say then
     redis.call('XADD', live, 'MAXLEN', '~', LIVE_CAP, '*', 't', 'end', 'gen', gen, 'last', last)
     redis.call('PEXPIRE', live, LIVE_TTL)
   end
