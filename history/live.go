@@ -159,8 +159,10 @@ type liveSource interface {
 	// read returns the events after c and the cursor after them, waiting
 	// up to block for the first one (0: not at all).
 	read(ctx context.Context, session string, c Cursor, block time.Duration) ([]LiveEvent, Cursor, error)
-	// keep says the session is still watched from this process.
-	keep(ctx context.Context, session string) error
+	// keep says the session is still watched from this process, and
+	// reports whether the message at id (the hub's cursor; "0-0": none
+	// seen) is gone: the session was erased, or retention trimmed it.
+	keep(ctx context.Context, session, id string) (gone bool, err error)
 	// settle ends a generation whose holder is gone without saying so (its
 	// lease expired): it adds its complete event, unless a generation is
 	// active. It reports whether one is.
@@ -169,14 +171,22 @@ type liveSource interface {
 
 // Timing of the hubs.
 const (
-	// hubKeep is how often a hub says its session is still watched; the
-	// mark lives watchTTL.
-	hubKeep  = 20 * time.Second
 	watchTTL = time.Minute
 	// hubRing is how many recent events a hub keeps for its watches: a
 	// watch further behind than that reconnects (ErrWatchLagged).
 	hubRing = 1024
 )
+
+// hubKeep is how often a hub says its session is still watched (the mark
+// lives watchTTL), and looks whether what its watches show is gone. A
+// variable for tests; a store reads it when it is built.
+var hubKeep = 20 * time.Second
+
+// ErrWatchGone is returned by Watch.Next when what the watch showed is
+// gone from the store (the session was erased, or retention trimmed its
+// conversation): its client reconnects with its last id and gets a fresh
+// snapshot, rather than new messages under ones that no longer exist.
+var ErrWatchGone = errors.New("watch: the session's messages are gone")
 
 // hubBlock is the longest blocking read of a hub: how long a hub with no
 // watch left may still hold its connection, and how long a generation
@@ -189,6 +199,7 @@ type hubs struct {
 	src   liveSource
 	obs   LiveObserver
 	block time.Duration // hubBlock when the store was built
+	keep  time.Duration // hubKeep when the store was built
 
 	mu   sync.Mutex
 	byID map[string]*hub
@@ -196,7 +207,7 @@ type hubs struct {
 }
 
 func newHubs(src liveSource, obs LiveObserver) *hubs {
-	return &hubs{src: src, obs: obs, block: hubBlock, byID: map[string]*hub{}, done: make(chan struct{})}
+	return &hubs{src: src, obs: obs, block: hubBlock, keep: hubKeep, byID: map[string]*hub{}, done: make(chan struct{})}
 }
 
 func (hs *hubs) close() {
@@ -300,9 +311,14 @@ func (h *hub) run() {
 				evs, next, err = h.hs.src.read(ctx, h.session, pos, 0)
 			}
 		}
-		if err == nil && time.Since(kept) >= hubKeep {
-			err = h.hs.src.keep(ctx, h.session)
+		if err == nil && time.Since(kept) >= h.hs.keep {
+			var gone bool
+			gone, err = h.hs.src.keep(ctx, h.session, pos.Messages)
 			kept = time.Now()
+			if err == nil && gone {
+				h.stopGone()
+				return
+			}
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -345,6 +361,18 @@ func (h *hub) add(evs []LiveEvent, next Cursor) {
 	}
 	close(h.changed)
 	h.changed = make(chan struct{})
+}
+
+// stopGone stops the hub because what it showed is gone: its watches get
+// ErrWatchGone, and the hub leaves hs, so that a watch started from now on
+// reads the session afresh.
+func (h *hub) stopGone() {
+	h.hs.mu.Lock()
+	if h.hs.byID[h.session] == h {
+		delete(h.hs.byID, h.session)
+	}
+	h.hs.mu.Unlock()
+	h.stop(ErrWatchGone)
 }
 
 func (h *hub) stop(err error) {

@@ -670,3 +670,65 @@ func watchedHere(s watchStore) bool {
 	}
 	return false
 }
+
+// TestWatchOfAnErasedSessionEnds: a watch showed the session's messages
+// and went on after the session was erased: a console kept the erased
+// conversation on screen, and the session's next turn (its conversation
+// again "c1") appeared under it. The hub now notices, at its next keep,
+// that what it showed is gone: the watch ends with ErrWatchGone, and its
+// client's resume gets a fresh snapshot. A watch whose messages stay
+// never ends so.
+func TestWatchOfAnErasedSessionEnds(t *testing.T) {
+	ctx := context.Background()
+	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
+	hubKeep, hubBlock = 20*time.Millisecond, 50*time.Millisecond
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) watchStore
+	}{
+		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
+		{"redis", func(t *testing.T) watchStore {
+			s := NewRedis(redistest.Start(t).Client(t), "t")
+			t.Cleanup(func() { _ = s.Close() })
+			return s
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.store(t)
+			appendQA(t, s, session, 1, t0, Policy{})
+			w, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			defer w.Close()
+			// Turns go on: nothing is gone, the watch carries on.
+			var last LiveEvent
+			for i := 2; i <= 4; i++ {
+				appendQA(t, s, session, i, t0+int64(i), Policy{})
+				for range 2 {
+					last = next(t, w)
+				}
+				time.Sleep(3 * hubKeep)
+			}
+			if got := show(last); got != "message a4" {
+				t.Fatalf("got %q, want message a4", got)
+			}
+			if _, err := s.(interface {
+				Erase(context.Context, string) (Erased, error)
+			}).Erase(ctx, session); err != nil {
+				t.Fatal(err)
+			}
+			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			e, err := w.Next(ectx)
+			cancel()
+			if !errors.Is(err, ErrWatchGone) {
+				t.Fatalf("after the erase: got %s, %v; want ErrWatchGone", show(e), err)
+			}
+			appendQA(t, s, session, 5, t0+5, Policy{})
+			w2, err := s.Watch(ctx, session, last.Cursor.String())
+			mustNoErr(t, err)
+			defer w2.Close()
+			if !w2.Fresh() {
+				t.Error("resumed after the erase: got no snapshot")
+			}
+		})
+	}
+}

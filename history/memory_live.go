@@ -186,11 +186,11 @@ func (m memLiveSource) read(ctx context.Context, session string, c Cursor, block
 	}
 }
 
-func (m memLiveSource) keep(ctx context.Context, session string) error {
+func (m memLiveSource) keep(ctx context.Context, session, id string) (bool, error) {
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
 	m.s.live(session).keptUntil = m.s.now().Add(watchTTL)
-	return nil
+	return id != "0-0" && m.s.messageGone(m.s.sessions[session], id), nil
 }
 
 // settle reports whether a generation is active; an in-process holder

@@ -74,11 +74,13 @@ return {1, lastid(KEYS[1]), lastid(KEYS[2]), busy}
 
 // keepScript keeps a session's watch mark alive.
 //
-// KEYS: watched. ARGV: TTL ms.
+// KEYS: watched, messages. ARGV: TTL ms, the hub's message id ('0-0':
+// none). Returns 1 when that message is gone.
 var keepScript = redis.NewScript(`
 redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
+if ARGV[2] ~= '0-0' and #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then return 1 end
+return 0
 `)
 
 // settleScript ends a generation whose holder died: no lease, and the live
@@ -168,11 +170,12 @@ func (r redisLive) read(ctx context.Context, session string, c Cursor, block tim
 	return evs, next, nil
 }
 
-func (r redisLive) keep(ctx context.Context, session string) error {
-	if err := keepScript.Run(ctx, r.s.client, []string{r.s.watchedKey(session)}, watchTTL.Milliseconds()).Err(); err != nil {
-		return fmt.Errorf("keep watch %s: %w", session, err)
+func (r redisLive) keep(ctx context.Context, session, id string) (bool, error) {
+	gone, err := keepScript.Run(ctx, r.s.client, []string{r.s.watchedKey(session), r.s.streamKey(session)}, watchTTL.Milliseconds(), id).Int()
+	if err != nil {
+		return false, fmt.Errorf("keep watch %s: %w", session, err)
 	}
-	return nil
+	return gone == 1, nil
 }
 
 func (r redisLive) settle(ctx context.Context, session string) (bool, error) {
