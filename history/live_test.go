@@ -732,3 +732,60 @@ func TestWatchOfAnErasedSessionEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestRedisWatchResumedAfterLostLeaseReleaseGetsComplete: a generation
+// whose deltas were written, whose watchers then left and whose lease was
+// lost (its TTL passed: the holder could not renew it), ends without a
+// turn (the upstream failed: Lease.Release). No one holds the lease, so no
+// other generation's end follows, and a watcher that comes back with its
+// last id has no dead-holder check to end it (the lease is free when it
+// starts): the release must say the end, or the console shows the reply
+// as being written for good. Said once, also when the release is sent
+// again.
+func TestRedisWatchResumedAfterLostLeaseReleaseGetsComplete(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "t")
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	w, err := s.Watch(ctx, session, "")
+	mustNoErr(t, err)
+	_, l, err := s.TakeTurn(ctx, session, 20, t0, Policy{}, hold)
+	mustNoErr(t, err)
+	l.Publish(Delta{Content: "one"})
+	first := next(t, w)
+	if show(first) != "delta one" {
+		t.Fatalf("got %q, want the delta", show(first))
+	}
+	w.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.hubs.watched(session) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	mustNoErr(t, c.Del(ctx, s.watchedKey(session)).Err()) // the mark's TTL passed
+	mustNoErr(t, c.Del(ctx, s.leaseKey(session)).Err())   // as if it expired
+	mustNoErr(t, l.Release(ctx))
+	// Sent again (releaseAnswered does): no second end.
+	mustNoErr(t, redisLeaseBackend{s}.release(ctx, l))
+
+	w2, err := s.Watch(ctx, session, first.Cursor.String())
+	mustNoErr(t, err)
+	defer w2.Close()
+	if w2.Fresh() {
+		t.Fatalf("resumed from a snapshot, want from %s", first.Cursor)
+	}
+	ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	e, err := w2.Next(ectx)
+	cancel()
+	if err != nil {
+		t.Fatalf("no complete: %v", err)
+	}
+	if e.Kind != EventComplete || e.Generation != l.Generation() {
+		t.Fatalf("got %s of %q, want complete of %q", show(e), e.Generation, l.Generation())
+	}
+	ectx, cancel = context.WithTimeout(ctx, 300*time.Millisecond)
+	e, err = w2.Next(ectx)
+	cancel()
+	if err == nil {
+		t.Errorf("got %s of %q after the complete, want nothing", show(e), e.Generation)
+	}
+}

@@ -115,17 +115,20 @@ local function wake(queue, waiters, channel)
   if h then redis.call('PUBLISH', channel, h) end
 end
 
+-- shown reports whether generation gen's delta is the live stream's last
+-- entry: its deltas were written and its end not yet. A watcher that saw
+-- them and comes back, also after the session stopped counting as
+-- watched, must learn that it ended.
+local function shown(live, gen)
+  if gen == '' then return false end
+  local e = redis.call('XREVRANGE', live, '+', '-', 'COUNT', 1)
+  return #e == 1 and e[1][2][2] == 'delta' and e[1][2][4] == gen
+end
+
 -- endmark notes in the live stream that a generation ended, after the
 -- message with id last ('' when it recorded none), if anyone watches.
 local function endmark(live, watched, gen, last)
-  local say = redis.call('EXISTS', watched) == 1
-  if not say and gen ~= '' then
-    -- No longer watched, but this generation's deltas were written: a
-    -- watcher that saw them and comes back learns that it ended.
-    local e = redis.call('XREVRANGE', live, '+', '-', 'COUNT', 1)
-    say = #e == 1 and e[1][2][2] == 'delta' and e[1][2][4] == gen
-  end
-  if say then
+  if redis.call('EXISTS', watched) == 1 or shown(live, gen) then
     redis.call('XADD', live, 'MAXLEN', '~', LIVE_CAP, '*', 't', 'end', 'gen', gen, 'last', last)
     redis.call('PEXPIRE', live, LIVE_TTL)
   end
@@ -213,7 +216,16 @@ return {1, s[1], r[1] or '', mark, sum, lo}
 var releaseScript = redis.NewScript(luaLease + `
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
 if release(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[1], ARGV[2], '', '') then return 1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[3]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  wake(KEYS[2], KEYS[3], ARGV[3])
+  -- The lease was lost (its TTL passed) and no one holds it: a generation
+  -- whose deltas were written ends here, as a lost holder's turn does
+  -- (appendScript). Nothing else would end it once its watchers left: a
+  -- watcher that comes back finds the lease free and runs no dead-holder
+  -- check. Only after its own delta, so a release sent again, or one that
+  -- comes after its turn's write, says nothing more.
+  if ARGV[2] ~= '' and shown(KEYS[4], ARGV[2]) then endmark(KEYS[4], KEYS[5], ARGV[2], '') end
+end
 return 0
 `)
 
