@@ -789,3 +789,41 @@ func TestRedisWatchResumedAfterLostLeaseReleaseGetsComplete(t *testing.T) {
 		t.Errorf("got %s of %q after the complete, want nothing", show(e), e.Generation)
 	}
 }
+
+// TestWatchOfAnExpiredStreamEnds: retention expired the session's stream
+// (nothing written for longer than the retention). Redis drops the key at
+// once, and the watch ends at its hub's next keep; the MemoryStore applied
+// the expiry only when the session was next read or written, or at its
+// sweep (once a minute in the proxy), so its watch went on showing the
+// expired messages, which a snapshot no longer had.
+func TestWatchOfAnExpiredStreamEnds(t *testing.T) {
+	ctx := context.Background()
+	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
+	hubKeep, hubBlock = 20*time.Millisecond, 50*time.Millisecond
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) watchStore
+	}{
+		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
+		{"redis", func(t *testing.T) watchStore {
+			s := NewRedis(redistest.Start(t).Client(t), "t")
+			t.Cleanup(func() { _ = s.Close() })
+			return s
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.store(t)
+			p := Policy{Retention: 300 * time.Millisecond}
+			appendQA(t, s, session, 1, time.Now().UnixMilli(), p)
+			w, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			defer w.Close()
+			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			e, err := w.Next(ectx)
+			cancel()
+			if !errors.Is(err, ErrWatchGone) {
+				t.Fatalf("after the stream expired: got %s, %v; want ErrWatchGone", show(e), err)
+			}
+		})
+	}
+}

@@ -190,7 +190,13 @@ func (m memLiveSource) keep(ctx context.Context, session, id string) (bool, erro
 	m.s.mu.Lock()
 	defer m.s.mu.Unlock()
 	m.s.live(session).keptUntil = m.s.now().Add(watchTTL)
-	return id != "0-0" && m.s.messageGone(m.s.sessions[session], id), nil
+	ss := m.s.sessions[session]
+	if ss != nil {
+		// Retention's expiry is due now, as Redis drops the key on time;
+		// the store applies it only when the session is used or swept.
+		m.s.expire(ss, m.s.now())
+	}
+	return id != "0-0" && m.s.messageGone(ss, id), nil
 }
 
 // settle reports whether a generation is active; an in-process holder
