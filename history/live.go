@@ -430,8 +430,13 @@ func (w *Watch) Next(ctx context.Context) (LiveEvent, error) {
 		h := w.h
 		h.mu.Lock()
 		if h.err != nil {
-			err := h.err
+			err, active := h.err, h.active
 			h.mu.Unlock()
+			if errors.Is(err, ErrWatchGone) {
+				if err = w.rejoin(ctx, active); err == nil {
+					continue
+				}
+			}
 			return LiveEvent{}, err
 		}
 		if w.seq < 0 || w.seq < h.first {
@@ -477,6 +482,29 @@ func (w *Watch) Next(ctx context.Context) (LiveEvent, error) {
 			return LiveEvent{}, ctx.Err()
 		}
 	}
+}
+
+// rejoin moves a watch whose hub stopped because what the hub showed is
+// gone onto a hub read afresh, unless what the watch itself showed is
+// gone too. A watch may have joined the hub after the erase (from a
+// snapshot that has none of the erased messages), before the hub noticed:
+// ending it would only make its client reconnect.
+func (w *Watch) rejoin(ctx context.Context, generating bool) error {
+	gone, err := w.src.keep(ctx, w.session, w.cur.Messages)
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", w.session, err)
+	}
+	if gone {
+		return ErrWatchGone
+	}
+	old := w.h
+	h, err := old.hs.join(w.session, w.cur, generating)
+	if err != nil {
+		return err
+	}
+	old.hs.leave(old)
+	w.h, w.seq = h, -1
+	return nil
 }
 
 // Close ends the watch; its session's hub stops with its last watch.

@@ -827,3 +827,61 @@ func TestWatchOfAnExpiredStreamEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchStartedAfterAnEraseGoesOn: a watch that started from a
+// snapshot after the session was erased, before its process's hub noticed
+// the erase, joined that hub and was ended with it (ErrWatchGone), though
+// nothing it showed was gone: a console opened on the erased session
+// reconnected for nothing. It now goes on, on a hub of its own, and gets
+// the session's next turn; the watch that showed the erased messages
+// still ends.
+func TestWatchStartedAfterAnEraseGoesOn(t *testing.T) {
+	ctx := context.Background()
+	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
+	hubKeep, hubBlock = 300*time.Millisecond, 50*time.Millisecond
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) watchStore
+	}{
+		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
+		{"redis", func(t *testing.T) watchStore {
+			s := NewRedis(redistest.Start(t).Client(t), "t")
+			t.Cleanup(func() { _ = s.Close() })
+			return s
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.store(t)
+			appendQA(t, s, session, 1, t0, Policy{})
+			w1, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			defer w1.Close()
+			if _, err := s.(interface {
+				Erase(context.Context, string) (Erased, error)
+			}).Erase(ctx, session); err != nil {
+				t.Fatal(err)
+			}
+			w2, err := s.Watch(ctx, session, "")
+			mustNoErr(t, err)
+			defer w2.Close()
+			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			e, err := w1.Next(ectx)
+			cancel()
+			if !errors.Is(err, ErrWatchGone) {
+				t.Fatalf("the watch of the erased messages: got %s, %v; want ErrWatchGone", show(e), err)
+			}
+			appendQA(t, s, session, 2, t0+2, Policy{})
+			for _, want := range []string{"message q2", "message a2"} {
+				ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				e, err := w2.Next(ectx)
+				cancel()
+				if err != nil || show(e) != want {
+					t.Fatalf("the watch started after the erase: got %s, %v; want %s", show(e), err, want)
+				}
+			}
+			if !watchedHere(s) {
+				t.Error("the watch started after the erase is open: the session is not read for it")
+			}
+		})
+	}
+}
