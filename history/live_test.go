@@ -682,55 +682,42 @@ func TestWatchOfAnErasedSessionEnds(t *testing.T) {
 	ctx := context.Background()
 	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
 	hubKeep, hubBlock = 20*time.Millisecond, 50*time.Millisecond
-	for _, tc := range []struct {
-		name  string
-		store func(t *testing.T) watchStore
-	}{
-		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
-		{"redis", func(t *testing.T) watchStore {
-			s := NewRedis(redistest.Start(t).Client(t), "t")
-			t.Cleanup(func() { _ = s.Close() })
-			return s
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := tc.store(t)
-			appendQA(t, s, session, 1, t0, Policy{})
-			w, err := s.Watch(ctx, session, "")
-			mustNoErr(t, err)
-			defer w.Close()
-			// Turns go on: nothing is gone, the watch carries on.
-			var last LiveEvent
-			for i := 2; i <= 4; i++ {
-				appendQA(t, s, session, i, t0+int64(i), Policy{})
-				for range 2 {
-					last = next(t, w)
-				}
-				time.Sleep(3 * hubKeep)
+	eachWatchStore(t, func(t *testing.T, s watchStore) {
+		appendQA(t, s, session, 1, t0, Policy{})
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		// Turns go on: nothing is gone, the watch carries on.
+		var last LiveEvent
+		for i := 2; i <= 4; i++ {
+			appendQA(t, s, session, i, t0+int64(i), Policy{})
+			for range 2 {
+				last = next(t, w)
 			}
-			if got := show(last); got != "message a4" {
-				t.Fatalf("got %q, want message a4", got)
-			}
-			if _, err := s.(interface {
-				Erase(context.Context, string) (Erased, error)
-			}).Erase(ctx, session); err != nil {
-				t.Fatal(err)
-			}
-			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			e, err := w.Next(ectx)
-			cancel()
-			if !errors.Is(err, ErrWatchGone) {
-				t.Fatalf("after the erase: got %s, %v; want ErrWatchGone", show(e), err)
-			}
-			appendQA(t, s, session, 5, t0+5, Policy{})
-			w2, err := s.Watch(ctx, session, last.Cursor.String())
-			mustNoErr(t, err)
-			defer w2.Close()
-			if !w2.Fresh() {
-				t.Error("resumed after the erase: got no snapshot")
-			}
-		})
-	}
+			time.Sleep(3 * hubKeep)
+		}
+		if got := show(last); got != "message a4" {
+			t.Fatalf("got %q, want message a4", got)
+		}
+		if _, err := s.(interface {
+			Erase(context.Context, string) (Erased, error)
+		}).Erase(ctx, session); err != nil {
+			t.Fatal(err)
+		}
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		e, err := w.Next(ectx)
+		cancel()
+		if !errors.Is(err, ErrWatchGone) {
+			t.Fatalf("after the erase: got %s, %v; want ErrWatchGone", show(e), err)
+		}
+		appendQA(t, s, session, 5, t0+5, Policy{})
+		w2, err := s.Watch(ctx, session, last.Cursor.String())
+		mustNoErr(t, err)
+		defer w2.Close()
+		if !w2.Fresh() {
+			t.Error("resumed after the erase: got no snapshot")
+		}
+	})
 }
 
 // TestRedisWatchResumedAfterLostLeaseReleaseGetsComplete: a generation
@@ -800,32 +787,19 @@ func TestWatchOfAnExpiredStreamEnds(t *testing.T) {
 	ctx := context.Background()
 	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
 	hubKeep, hubBlock = 20*time.Millisecond, 50*time.Millisecond
-	for _, tc := range []struct {
-		name  string
-		store func(t *testing.T) watchStore
-	}{
-		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
-		{"redis", func(t *testing.T) watchStore {
-			s := NewRedis(redistest.Start(t).Client(t), "t")
-			t.Cleanup(func() { _ = s.Close() })
-			return s
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := tc.store(t)
-			p := Policy{Retention: 300 * time.Millisecond}
-			appendQA(t, s, session, 1, time.Now().UnixMilli(), p)
-			w, err := s.Watch(ctx, session, "")
-			mustNoErr(t, err)
-			defer w.Close()
-			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			e, err := w.Next(ectx)
-			cancel()
-			if !errors.Is(err, ErrWatchGone) {
-				t.Fatalf("after the stream expired: got %s, %v; want ErrWatchGone", show(e), err)
-			}
-		})
-	}
+	eachWatchStore(t, func(t *testing.T, s watchStore) {
+		p := Policy{Retention: 300 * time.Millisecond}
+		appendQA(t, s, session, 1, time.Now().UnixMilli(), p)
+		w, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w.Close()
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		e, err := w.Next(ectx)
+		cancel()
+		if !errors.Is(err, ErrWatchGone) {
+			t.Fatalf("after the stream expired: got %s, %v; want ErrWatchGone", show(e), err)
+		}
+	})
 }
 
 // TestWatchStartedAfterAnEraseGoesOn: a watch that started from a
@@ -839,49 +813,47 @@ func TestWatchStartedAfterAnEraseGoesOn(t *testing.T) {
 	ctx := context.Background()
 	defer func(k, b time.Duration) { hubKeep, hubBlock = k, b }(hubKeep, hubBlock)
 	hubKeep, hubBlock = 300*time.Millisecond, 50*time.Millisecond
-	for _, tc := range []struct {
-		name  string
-		store func(t *testing.T) watchStore
-	}{
-		{"memory", func(t *testing.T) watchStore { return NewMemory() }},
-		{"redis", func(t *testing.T) watchStore {
-			s := NewRedis(redistest.Start(t).Client(t), "t")
-			t.Cleanup(func() { _ = s.Close() })
-			return s
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := tc.store(t)
-			appendQA(t, s, session, 1, t0, Policy{})
-			w1, err := s.Watch(ctx, session, "")
-			mustNoErr(t, err)
-			defer w1.Close()
-			if _, err := s.(interface {
-				Erase(context.Context, string) (Erased, error)
-			}).Erase(ctx, session); err != nil {
-				t.Fatal(err)
-			}
-			w2, err := s.Watch(ctx, session, "")
-			mustNoErr(t, err)
-			defer w2.Close()
+	eachWatchStore(t, func(t *testing.T, s watchStore) {
+		appendQA(t, s, session, 1, t0, Policy{})
+		w1, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w1.Close()
+		if _, err := s.(interface {
+			Erase(context.Context, string) (Erased, error)
+		}).Erase(ctx, session); err != nil {
+			t.Fatal(err)
+		}
+		w2, err := s.Watch(ctx, session, "")
+		mustNoErr(t, err)
+		defer w2.Close()
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		e, err := w1.Next(ectx)
+		cancel()
+		if !errors.Is(err, ErrWatchGone) {
+			t.Fatalf("the watch of the erased messages: got %s, %v; want ErrWatchGone", show(e), err)
+		}
+		appendQA(t, s, session, 2, t0+2, Policy{})
+		for _, want := range []string{"message q2", "message a2"} {
 			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			e, err := w1.Next(ectx)
+			e, err := w2.Next(ectx)
 			cancel()
-			if !errors.Is(err, ErrWatchGone) {
-				t.Fatalf("the watch of the erased messages: got %s, %v; want ErrWatchGone", show(e), err)
+			if err != nil || show(e) != want {
+				t.Fatalf("the watch started after the erase: got %s, %v; want %s", show(e), err, want)
 			}
-			appendQA(t, s, session, 2, t0+2, Policy{})
-			for _, want := range []string{"message q2", "message a2"} {
-				ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-				e, err := w2.Next(ectx)
-				cancel()
-				if err != nil || show(e) != want {
-					t.Fatalf("the watch started after the erase: got %s, %v; want %s", show(e), err, want)
-				}
-			}
-			if !watchedHere(s) {
-				t.Error("the watch started after the erase is open: the session is not read for it")
-			}
-		})
-	}
+		}
+		if !watchedHere(s) {
+			t.Error("the watch started after the erase is open: the session is not read for it")
+		}
+	})
+}
+
+// eachWatchStore runs f on a new memory store and on a Redis store of a
+// redis-server of its own.
+func eachWatchStore(t *testing.T, f func(t *testing.T, s watchStore)) {
+	t.Run("memory", func(t *testing.T) { f(t, NewMemory()) })
+	t.Run("redis", func(t *testing.T) {
+		s := NewRedis(redistest.Start(t).Client(t), "t")
+		t.Cleanup(func() { _ = s.Close() })
+		f(t, s)
+	})
 }
