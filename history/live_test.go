@@ -67,6 +67,13 @@ func next(t *testing.T, w *Watch) LiveEvent {
 	return e
 }
 
+// nextWithin is the watch's next event, or the error of waiting d for it.
+func nextWithin(w *Watch, d time.Duration) (LiveEvent, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return w.Next(ctx)
+}
+
 // show is an event as the tests compare them.
 func show(e LiveEvent) string {
 	switch e.Kind {
@@ -440,9 +447,7 @@ func TestRedisWatchLostLeaseTurnCompletes(t *testing.T) {
 	mustNoErr(t, err)
 	var got []string
 	for len(got) < 3 {
-		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		e, err := w.Next(ectx)
-		cancel()
+		e, err := nextWithin(w, 5*time.Second)
 		if err != nil {
 			t.Fatalf("after %q: %v", got, err)
 		}
@@ -469,9 +474,7 @@ func TestRedisWatchLostLeaseTurnCompletes(t *testing.T) {
 			t.Fatalf("got %s, want %s", show(e), want)
 		}
 	}
-	ectx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	e, err := w.Next(ectx)
-	cancel()
+	e, err := nextWithin(w, 300*time.Millisecond)
 	if err == nil {
 		t.Fatalf("got %s of %q while another generation is active, want nothing", show(e), e.Generation)
 	}
@@ -528,9 +531,7 @@ func TestRedisWatchRetriedAppendCompletesOnce(t *testing.T) {
 					t.Fatalf("got %s of %q, want %s", show(e), e.Generation, want)
 				}
 			}
-			ectx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-			e, err := w.Next(ectx)
-			cancel()
+			e, err := nextWithin(w, 300*time.Millisecond)
 			if err == nil {
 				t.Errorf("got %s of %q after the generation's complete, want nothing: the retried write ended it again", show(e), e.Generation)
 			}
@@ -641,9 +642,7 @@ func TestWatchResumedAfterTheMarkExpiredGetsComplete(t *testing.T) {
 			defer w2.Close()
 			var got []string
 			for len(got) < 3 {
-				ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
-				e, err := w2.Next(ectx)
-				cancel()
+				e, err := nextWithin(w2, 3*time.Second)
 				if err != nil {
 					t.Fatalf("after %q: %v", got, err)
 				}
@@ -704,9 +703,7 @@ func TestWatchOfAnErasedSessionEnds(t *testing.T) {
 		}).Erase(ctx, session); err != nil {
 			t.Fatal(err)
 		}
-		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		e, err := w.Next(ectx)
-		cancel()
+		e, err := nextWithin(w, 5*time.Second)
 		if !errors.Is(err, ErrWatchGone) {
 			t.Fatalf("after the erase: got %s, %v; want ErrWatchGone", show(e), err)
 		}
@@ -760,18 +757,14 @@ func TestRedisWatchResumedAfterLostLeaseReleaseGetsComplete(t *testing.T) {
 	if w2.Fresh() {
 		t.Fatalf("resumed from a snapshot, want from %s", first.Cursor)
 	}
-	ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	e, err := w2.Next(ectx)
-	cancel()
+	e, err := nextWithin(w2, 3*time.Second)
 	if err != nil {
 		t.Fatalf("no complete: %v", err)
 	}
 	if e.Kind != EventComplete || e.Generation != l.Generation() {
 		t.Fatalf("got %s of %q, want complete of %q", show(e), e.Generation, l.Generation())
 	}
-	ectx, cancel = context.WithTimeout(ctx, 300*time.Millisecond)
-	e, err = w2.Next(ectx)
-	cancel()
+	e, err = nextWithin(w2, 300*time.Millisecond)
 	if err == nil {
 		t.Errorf("got %s of %q after the complete, want nothing", show(e), e.Generation)
 	}
@@ -793,9 +786,7 @@ func TestWatchOfAnExpiredStreamEnds(t *testing.T) {
 		w, err := s.Watch(ctx, session, "")
 		mustNoErr(t, err)
 		defer w.Close()
-		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		e, err := w.Next(ectx)
-		cancel()
+		e, err := nextWithin(w, 5*time.Second)
 		if !errors.Is(err, ErrWatchGone) {
 			t.Fatalf("after the stream expired: got %s, %v; want ErrWatchGone", show(e), err)
 		}
@@ -826,17 +817,13 @@ func TestWatchStartedAfterAnEraseGoesOn(t *testing.T) {
 		w2, err := s.Watch(ctx, session, "")
 		mustNoErr(t, err)
 		defer w2.Close()
-		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		e, err := w1.Next(ectx)
-		cancel()
+		e, err := nextWithin(w1, 5*time.Second)
 		if !errors.Is(err, ErrWatchGone) {
 			t.Fatalf("the watch of the erased messages: got %s, %v; want ErrWatchGone", show(e), err)
 		}
 		appendQA(t, s, session, 2, t0+2, Policy{})
 		for _, want := range []string{"message q2", "message a2"} {
-			ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			e, err := w2.Next(ectx)
-			cancel()
+			e, err := nextWithin(w2, 5*time.Second)
 			if err != nil || show(e) != want {
 				t.Fatalf("the watch started after the erase: got %s, %v; want %s", show(e), err, want)
 			}
