@@ -53,6 +53,7 @@ type RedisStore struct {
 	wake     *waker
 	blocking redis.UniversalClient // the watches' blocking reads
 	hubs     *hubs
+	cache    *windowCache // nil: off
 }
 
 // NewRedis returns a store that keeps its keys under prefix (DefaultPrefix
@@ -61,7 +62,8 @@ func NewRedis(client redis.UniversalClient, prefix string, opts ...RedisOption) 
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler), blocking: client}
+	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler), blocking: client,
+		cache: newWindowCache(DefaultWindowCacheBytes)}
 	for _, o := range opts {
 		o(s)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -41,6 +42,13 @@ func WithLeaseTTL(d time.Duration) RedisOption {
 			s.leaseTTL = d
 		}
 	}
+}
+
+// WithWindowCacheBytes bounds the store's window cache (see windowCache)
+// to about n bytes; 0 or less turns it off. DefaultWindowCacheBytes when
+// not set.
+func WithWindowCacheBytes(n int64) RedisOption {
+	return func(s *RedisStore) { s.cache = newWindowCache(n) }
 }
 
 // WithLiveObserver counts the store's leases and deltas.
@@ -161,7 +169,8 @@ end
 // when busy, else {1, conversation or ”, its first entry's id or ”,
 // watch mark or ”, latest summary entry or {}, and the window's lower
 // bound as XRANGE takes it: '(' and the last id that summary covers, or
-// the first entry's id}.
+// the first entry's id, its last entry's id or ”, and the session's
+// created_ms (which tells a session erased and written again)}.
 var takeScript = redis.NewScript(luaLease + luaSummary + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
@@ -197,14 +206,14 @@ else
   end
 end
 mark = redis.call('GET', KEYS[7]) or ''
-local s = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active')
+local s = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'created_ms')
 if not s[1] or s[3] ~= '1' then return {1, '', '', mark} end
 local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', '', mark} end
 if tonumber(ARGV[1]) <= 0 then return {1, s[1], '', mark} end
-local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':summary', s[1] .. ':summary_to')
+local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':summary', s[1] .. ':summary_to', s[1] .. ':last')
 local sum, lo = latestsum(KEYS[3], r[2], r[3], r[1] or '')
-return {1, s[1], r[1] or '', mark, sum, lo}
+return {1, s[1], r[1] or '', mark, sum, lo, r[4] or '', s[4] or ''}
 `)
 
 // releaseScript gives a lease up without a turn, or takes a waiter that
@@ -274,11 +283,15 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			waited = time.Since(start)
 		}
 		opCtx, cancel := context.WithTimeout(ctx, o.opTimeout())
-		res, newest, err := s.takeRead(opCtx, keys, n, []any{n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
+		tail := s.cache.get(session)
+		if tail != nil && !tail.covers(n) {
+			tail = nil
+		}
+		res, newest, err := s.takeRead(opCtx, keys, n, tail, []any{n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
 			boolArg(o.Hold), boolArg(o.Wait <= 0), channel})
 		var w Window
 		if err == nil && len(res) >= 4 {
-			w, err = s.takeWindow(opCtx, keys, n, res, newest)
+			w, err = s.takeWindow(opCtx, session, keys, n, res, tail, newest)
 		}
 		cancel()
 		if err != nil {
@@ -344,54 +357,101 @@ func (s *RedisStore) abandon(l *Lease) {
 }
 
 // takeRead runs takeScript and, in the same transaction, reads the newest
-// n entries of the session's stream, newest first (nothing when n <= 0).
+// n entries of the session's stream, newest first (nothing when n <= 0):
+// with a cached tail, only those after its newest entry, and the stream's
+// length, to tell whether the tail still holds (streamTail.extend).
 // The window is picked from them here (takeWindow) rather than inside the
 // script: handing a window through Lua cost Redis about four times what
 // reading it does, and Redis serves every session on one thread.
-func (s *RedisStore) takeRead(ctx context.Context, keys []string, n int, args []any) (res, newest []any, err error) {
-	send := func(eval func(redis.Pipeliner) *redis.Cmd) (*redis.Cmd, *redis.Cmd, error) {
-		var cmd, read *redis.Cmd
-		_, err := s.client.TxPipelined(ctx, func(pipe redis.Pipeliner) error {
+func (s *RedisStore) takeRead(ctx context.Context, keys []string, n int, tail *streamTail, args []any) (res []any, newest streamRead, err error) {
+	from := "+"
+	to := "-"
+	if tail != nil {
+		to = "(" + tail.newest()
+	}
+	send := func(eval func(redis.Pipeliner) *redis.Cmd) (cmd, read *redis.Cmd, length *redis.IntCmd, err error) {
+		_, err = s.client.TxPipelined(ctx, func(pipe redis.Pipeliner) error {
 			cmd = eval(pipe)
 			if n > 0 {
-				read = pipe.Do(ctx, "XREVRANGE", keys[2], "+", "-", "COUNT", n)
+				read = pipe.Do(ctx, "XREVRANGE", keys[2], from, to, "COUNT", n)
+				if s.cache != nil {
+					length = pipe.XLen(ctx, keys[2])
+				}
 			}
 			return nil
 		})
-		return cmd, read, err
+		return cmd, read, length, err
 	}
-	cmd, read, err := send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.EvalSha(ctx, pipe, keys, args...) })
+	cmd, read, length, err := send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.EvalSha(ctx, pipe, keys, args...) })
 	if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
-		cmd, read, err = send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.Eval(ctx, pipe, keys, args...) })
+		cmd, read, length, err = send(func(pipe redis.Pipeliner) *redis.Cmd { return takeScript.Eval(ctx, pipe, keys, args...) })
 	}
 	if cmd.Err() != nil {
-		return nil, nil, cmd.Err()
+		return nil, streamRead{}, cmd.Err()
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, streamRead{}, err
 	}
 	if res, err = cmd.Slice(); err != nil {
-		return nil, nil, err
+		return nil, streamRead{}, err
 	}
 	if read != nil {
-		if newest, err = read.Slice(); err != nil {
-			return nil, nil, err
+		raw, err := read.Slice()
+		if err != nil {
+			return nil, streamRead{}, err
 		}
+		newest.entries = make([]*streamEntry, len(raw))
+		for i, e := range raw {
+			if newest.entries[i], err = decodeStreamEntry(e); err != nil {
+				return nil, streamRead{}, err
+			}
+		}
+	}
+	if length != nil {
+		newest.length = length.Val()
 	}
 	return res, newest, nil
 }
 
+// streamRead is what takeRead read of a session's stream: its newest
+// entries (after a cached tail's, when it had one), newest first, and its
+// length (when the store caches windows).
+type streamRead struct {
+	entries []*streamEntry
+	length  int64
+}
+
+// decodeStreamEntry decodes a stream entry as XREVRANGE gives it.
+func decodeStreamEntry(e any) (*streamEntry, error) {
+	m, err := decodeEntry(e)
+	if err != nil {
+		return nil, err
+	}
+	return &streamEntry{conv: entryConversation(e), summary: entrySummary(e), msg: m}, nil
+}
+
 // takeWindow makes the window of takeScript's {1, conversation, first
-// entry id, mark, summary, summary's last id} out of newest, the stream's
-// newest n entries: those of the conversation after the range its latest
-// summary covers, summaries left out. They hold all of its window unless
-// fewer than n are such while the stream goes on past them into that range
-// (turns written late to an older conversation, which a reply that
-// outlasted a new one's start does; summaries among them): then the window
-// is read by a script of its own, a second round trip.
-func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, newest []any) (Window, error) {
+// entry id, mark, summary, summary's last id, last entry id, created} out
+// of the
+// stream's newest n entries: read, or, with a cached tail, the tail
+// extended by read. It picks the entries of the conversation after the
+// range its latest summary covers, summaries left out. They hold all of
+// its window unless fewer than n are such while the stream goes on past
+// them into that range (turns written late to an older conversation, which
+// a reply that outlasted a new one's start does; summaries among them):
+// then the window is read by a script of its own, a second round trip. So
+// it is when the tail turns out stale (the stream changed other than by
+// appends, or the conversation's last entry is not among the newest n):
+// the cache forgets it.
+func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []string, n int, res []any, tail *streamTail, read streamRead) (Window, error) {
 	conv, _ := res[1].(string)
 	first, _ := res[2].(string)
+	var last, created string
+	if len(res) >= 8 {
+		last, _ = res[6].(string)
+		created, _ = res[7].(string)
+	}
+	newest, fresh := s.cacheTail(session, n, tail, read, created, last)
 	w := Window{ConversationID: conv}
 	if conv == "" || first == "" {
 		return w, nil
@@ -410,54 +470,88 @@ func (s *RedisStore) takeWindow(ctx context.Context, keys []string, n int, res, 
 			}
 		}
 	}
-	var entries []any
+	var entries []*streamEntry
 	for _, e := range newest {
-		id := entryID(e)
-		if entryConversation(e) == conv && !entrySummary(e) && (compareIDs(id, lo) > 0 || (inclusive && id == lo)) {
+		id := e.id()
+		if e.conv == conv && !e.summary && (compareIDs(id, lo) > 0 || (inclusive && id == lo)) {
 			entries = append(entries, e)
 		}
 	}
-	if len(entries) < n && len(newest) == n && compareIDs(entryID(newest[n-1]), lo) > 0 {
-		read, err := windowScript.Run(ctx, s.client, keys[:3], n, 0, 0).Slice()
-		if err != nil {
-			return Window{}, fmt.Errorf("read window: %w", err)
-		}
-		if len(read) == 0 {
-			return w, nil // reset between the two reads
-		}
-		if len(read) != 3 {
-			return Window{}, fmt.Errorf("read window: script reply of %d elements, want 3", len(read))
-		}
-		if id, _ := read[0].(string); id != conv {
-			// A new conversation began between the two reads: the
-			// turn belongs to the one read first, which is this one.
-			return w, nil
-		}
-		entries, _ = read[1].([]any)
-		// The messages start after the range of the summary this read
-		// found, which may be newer than the first read's (one stored
-		// between the two): the window carries that one, or the messages
-		// between the two ranges would be in neither.
-		w.Summary = nil
-		if e, ok := read[2].([]any); ok && len(e) > 0 {
-			m, err := decodeEntry(e)
-			if err != nil {
-				return Window{}, err
-			}
-			w.Summary = &m
-		}
+	if !fresh || len(entries) < n && len(newest) == n && compareIDs(newest[n-1].id(), lo) > 0 {
+		return s.readWindow(ctx, keys, n, w)
 	}
 	if len(entries) > 0 {
+		// A slice of copies: the caller may change its messages, not the
+		// cached entries.
 		w.Messages = make([]Message, len(entries))
 		for i, e := range entries {
-			m, err := decodeEntry(e)
-			if err != nil {
-				return Window{}, err
-			}
-			w.Messages[len(entries)-1-i] = m
+			w.Messages[len(entries)-1-i] = e.msg
 		}
 	}
 	return w, nil
+}
+
+// cacheTail returns the stream's newest n entries, newest first: those
+// read, or with a tail, the tail extended by them. It keeps the result in
+// the cache for the session's next take. false when the tail turns out
+// stale: the stream changed other than by appends (see extend), the
+// session is not the one the tail was read from (its created_ms), or its
+// conversation's last entry, last, is not among the newest n though it
+// was written after the tail's newest entry. The cache then forgets the
+// tail. A take that found no current conversation (whose window is empty
+// whatever the stream holds) or a session without a created_ms (one
+// written before it was kept) has nothing to tell the session by: nothing
+// is cached then.
+func (s *RedisStore) cacheTail(session string, n int, tail *streamTail, read streamRead, created, last string) ([]*streamEntry, bool) {
+	if created == "" {
+		if tail != nil {
+			s.cache.drop(session)
+			return nil, false
+		}
+		return read.entries[:min(n, len(read.entries))], true
+	}
+	next := newTail(read.entries, read.length, created)
+	if tail != nil {
+		var ok bool
+		if next, ok = tail.extend(read.entries, read.length, created, n); !ok {
+			s.cache.drop(session)
+			return nil, false
+		}
+	}
+	newest := next.entries[:min(n, len(next.entries))]
+	if tail != nil && len(read.entries) < n && last != "" && !slices.ContainsFunc(newest, func(e *streamEntry) bool { return e.id() == last }) {
+		s.cache.drop(session)
+		return nil, false
+	}
+	if len(next.entries) > 0 {
+		s.cache.put(session, next)
+	}
+	return newest, true
+}
+
+// readWindow reads the window of w's conversation by windowScript, when
+// the take's own read cannot give it (see takeWindow).
+func (s *RedisStore) readWindow(ctx context.Context, keys []string, n int, w Window) (Window, error) {
+	read, err := windowScript.Run(ctx, s.client, keys[:3], n, 0, 0).Slice()
+	if err != nil {
+		return Window{}, fmt.Errorf("read window: %w", err)
+	}
+	if len(read) == 0 {
+		return w, nil // reset between the two reads
+	}
+	if len(read) != 3 {
+		return Window{}, fmt.Errorf("read window: script reply of %d elements, want 3", len(read))
+	}
+	if id, _ := read[0].(string); id != w.ConversationID {
+		// A new conversation began between the two reads: the turn
+		// belongs to the one read first, which is this one.
+		return w, nil
+	}
+	// The messages start after the range of the summary this read found,
+	// which may be newer than the first read's (one stored between the
+	// two): the window carries that one, or the messages between the two
+	// ranges would be in neither.
+	return windowOf(read[0], read[1], read[2])
 }
 
 // entryID is a stream entry's id, {id, fields}; "" when e is not one.

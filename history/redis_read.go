@@ -485,6 +485,9 @@ func (s *RedisStore) Erase(ctx context.Context, session string) (Erased, error) 
 	if err != nil {
 		return Erased{}, fmt.Errorf("erase session %s: %w", session, err)
 	}
+	// Only to free its memory: a tail of the erased stream is not trusted
+	// anyway (see windowCache), and other instances keep theirs.
+	s.cache.drop(session)
 	vals, ok := res.([]any)
 	if !ok || len(vals) != 3 {
 		return Erased{}, fmt.Errorf("erase session %s: script reply %v, want 3 numbers", session, res)

@@ -38,10 +38,10 @@ func TestTakeWindowSecondReadKeepsItsSummary(t *testing.T) {
 	first := summarize("", 0, 1) // q0 a0; the stream: q0 a0 q1 a1 q2 a2 S1
 	const n = 5                  // S1 a2 q2 a1 q1: four after its range, fewer than n
 	keys := append(s.sessionKeys(session)[:3], s.leaseKey(session), s.queueKey(session), s.waitersKey(session), s.watchedKey(session))
-	res, newest, err := s.takeRead(ctx, keys, n, []any{n, t0 + 10, 0, "tok", 60000, 0, 0, s.wakeChannel(session)})
+	res, newest, err := s.takeRead(ctx, keys, n, nil, []any{n, t0 + 10, 0, "tok", 60000, 0, 0, s.wakeChannel(session)})
 	mustNoErr(t, err)
 	summarize(first.ID, 0, 3) // between the two reads: q0 to a1
-	w, err := s.takeWindow(ctx, keys, n, res, newest)
+	w, err := s.takeWindow(ctx, session, keys, n, res, nil, newest)
 	mustNoErr(t, err)
 	if w.Summary == nil {
 		t.Fatalf("window: no summary")
