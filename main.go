@@ -479,7 +479,8 @@ func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs hist
 		return nil, nil, err
 	}
 	s := history.NewRedis(client, rc.Prefix, history.WithLeaseTTL(cfg.Store.LeaseTTL), history.WithLiveObserver(obs),
-		history.WithRedisLogger(log.With("component", "store")), history.WithBlockingClient(blocking))
+		history.WithRedisLogger(log.With("component", "store")), history.WithBlockingClient(blocking),
+		history.WithWindowCacheBytes(cfg.Store.WindowCacheBytes))
 	return s, func() { _ = s.Close(); _ = blocking.Close(); _ = client.Close() }, nil
 }
 

@@ -151,6 +151,11 @@ type Store struct {
 	// estimate), so that an outage with very large turns cannot exhaust
 	// memory. 0: no bound in bytes. Default 64 MiB.
 	RetryQueueBytes int64 `yaml:"retry_queue_bytes"`
+	// WindowCacheBytes bounds (an estimate) what a Redis store keeps in
+	// memory of each session's newest messages, so that a turn reads from
+	// Redis only the messages added since the session's last one. 0: no
+	// cache. Default 32 MiB.
+	WindowCacheBytes int64 `yaml:"window_cache_bytes"`
 }
 
 // Client bounds what one client connection can hold on the client port.
@@ -305,12 +310,13 @@ func Default() Config {
 		},
 		Redis: Redis{Prefix: "hp"},
 		Store: Store{
-			OnError:         "fail_open",
-			RetryQueue:      10000,
-			RetryQueueBytes: 64 << 20,
-			Timeout:         2 * time.Second,
-			MemoryMaxBytes:  256 << 20,
-			LeaseTTL:        10 * time.Second,
+			OnError:          "fail_open",
+			RetryQueue:       10000,
+			RetryQueueBytes:  64 << 20,
+			Timeout:          2 * time.Second,
+			MemoryMaxBytes:   256 << 20,
+			LeaseTTL:         10 * time.Second,
+			WindowCacheBytes: 32 << 20,
 		},
 		Session: Session{
 			DefaultChannel: "api",

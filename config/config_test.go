@@ -90,6 +90,7 @@ func TestDefaultValues(t *testing.T) {
 			OnClientDisconnect: DisconnectCancel,
 			Compaction:         Compaction{Enabled: ptr(false), TriggerMessages: 50, TargetMessages: 30, KeepRecentTurns: 10, MaxSummaryTokens: 512, Titles: ptr(false)}}},
 		{"store.retry_queue_bytes", d.Store.RetryQueueBytes, int64(64 << 20)},
+		{"store.window_cache_bytes", d.Store.WindowCacheBytes, int64(32 << 20)},
 		{"store.lease_ttl", d.Store.LeaseTTL, 10 * time.Second},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},
@@ -436,6 +437,8 @@ func TestValidation(t *testing.T) {
 		{"agent on_client_disconnect unknown", func(c *Config) { c.Agents = map[string]Agent{"a": {OnClientDisconnect: "keep"}} }, `agents.a.on_client_disconnect: "keep" is not one of cancel, finish`},
 		{"retry_queue_bytes negative", func(c *Config) { c.Store.RetryQueueBytes = -1 }, `store.retry_queue_bytes: -1 is negative`},
 		{"retry_queue_bytes zero", func(c *Config) { c.Store.RetryQueueBytes = 0 }, ""},
+		{"window_cache_bytes negative", func(c *Config) { c.Store.WindowCacheBytes = -1 }, `store.window_cache_bytes: -1 is negative`},
+		{"window_cache_bytes zero", func(c *Config) { c.Store.WindowCacheBytes = 0 }, ""},
 
 		{"default_channel colon", func(c *Config) { c.Session.DefaultChannel = "a:b" }, `session.default_channel: "a:b" is not a valid session part`},
 		{"default_agent empty", func(c *Config) { c.Session.DefaultAgent = "" }, `session.default_agent: "" is not a valid session part`},

@@ -141,6 +141,9 @@ func (c Config) Validate() error {
 	if c.Store.MemoryMaxBytes < 0 {
 		v.addf("store.memory_max_bytes", c.Store.MemoryMaxBytes, "is negative")
 	}
+	if c.Store.WindowCacheBytes < 0 {
+		v.addf("store.window_cache_bytes", c.Store.WindowCacheBytes, "is negative")
+	}
 	v.positive("store.timeout", c.Store.Timeout)
 	v.positive("store.lease_ttl", c.Store.LeaseTTL)
 	if c.Store.LeaseTTL > 0 && c.Store.LeaseTTL < time.Second {
