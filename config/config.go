@@ -151,10 +151,10 @@ type Store struct {
 	// estimate), so that an outage with very large turns cannot exhaust
 	// memory. 0: no bound in bytes. Default 64 MiB.
 	RetryQueueBytes int64 `yaml:"retry_queue_bytes"`
-	// WindowCacheBytes bounds (an estimate) what a Redis store keeps in
-	// memory of each session's newest messages, so that a turn reads from
-	// Redis only the messages added since the session's last one. 0: no
-	// cache. Default 32 MiB.
+	// WindowCacheBytes bounds the heap a Redis store keeps of each
+	// session's newest messages, so that a turn reads from Redis only the
+	// messages added since the session's last one. 0: no cache. Default
+	// 16 MiB.
 	WindowCacheBytes int64 `yaml:"window_cache_bytes"`
 }
 
@@ -316,7 +316,7 @@ func Default() Config {
 			Timeout:          2 * time.Second,
 			MemoryMaxBytes:   256 << 20,
 			LeaseTTL:         10 * time.Second,
-			WindowCacheBytes: 32 << 20,
+			WindowCacheBytes: 16 << 20,
 		},
 		Session: Session{
 			DefaultChannel: "api",

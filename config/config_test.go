@@ -90,7 +90,7 @@ func TestDefaultValues(t *testing.T) {
 			OnClientDisconnect: DisconnectCancel,
 			Compaction:         Compaction{Enabled: ptr(false), TriggerMessages: 50, TargetMessages: 30, KeepRecentTurns: 10, MaxSummaryTokens: 512, Titles: ptr(false)}}},
 		{"store.retry_queue_bytes", d.Store.RetryQueueBytes, int64(64 << 20)},
-		{"store.window_cache_bytes", d.Store.WindowCacheBytes, int64(32 << 20)},
+		{"store.window_cache_bytes", d.Store.WindowCacheBytes, int64(16 << 20)},
 		{"store.lease_ttl", d.Store.LeaseTTL, 10 * time.Second},
 		{"tokens.default_encoding", d.Tokens.DefaultEncoding, "o200k_base"},
 		{"metrics.session_series_limit", d.Metrics.SessionSeriesLimit, 10000},

@@ -3,18 +3,19 @@ package history
 import (
 	"container/list"
 	"sync"
+	"unsafe"
 )
 
 // DefaultWindowCacheBytes is the size of a RedisStore's window cache when
 // WithWindowCacheBytes does not set one.
-const DefaultWindowCacheBytes = 32 << 20
+const DefaultWindowCacheBytes = 16 << 20
 
 // windowCache keeps, per session, the newest entries of the session's
 // stream as this RedisStore last read them, decoded (a streamTail), so that
 // the session's next TakeTurn reads and decodes only the entries added
 // since (XREVRANGE stream + (newest COUNT n) instead of its whole window.
-// It is bounded by an estimate of the bytes it holds, the least recently
-// used sessions dropped first.
+// It is bounded by the heap its tails hold (entryBytes, within a tenth of
+// the runtime's count), the least recently used sessions dropped first.
 //
 // Why a tail read earlier still holds: within a stream's life, entries are
 // only added at its end (XADD *, ids growing) and removed from its start
@@ -146,18 +147,44 @@ type streamEntry struct {
 
 func (e *streamEntry) id() string { return e.msg.ID }
 
-// entryOverhead is what an entry holds beyond its message's strings: the
-// entry itself, its pointer, and a Message's fixed part.
-const entryOverhead = 64
+// entryBytes estimates what an entry holds on the heap: the entry itself
+// (its Message inline) and its slot in a tail, and each string, byte slice
+// and usage it points to, each rounded up as the allocator rounds it. The
+// entry's conversation is its message's (one string). Strings the decoder
+// fills in from constants (a lean entry's implied kind and status) are
+// counted as if they were allocated: a little over, never under.
+// TestWindowCacheEstimateIsTheHeap holds it to the runtime's own count.
+func entryBytes(e *streamEntry) int64 {
+	m := &e.msg
+	n := allocBytes(int(unsafe.Sizeof(*e))) + 8
+	for _, s := range [...]string{m.ID, m.Conversation, m.Role, m.Content, m.Name, m.ToolCallID, m.Refusal, m.Kind,
+		m.User, m.Model, m.RequestID, m.Status, m.IdempotencyKey, m.CoversFrom, m.CoversTo} {
+		n += allocBytes(len(s))
+	}
+	n += allocBytes(len(m.Parts)) + allocBytes(len(m.ToolCalls))
+	if m.Usage != nil {
+		n += allocBytes(int(unsafe.Sizeof(*m.Usage)))
+	}
+	return n
+}
+
+// allocBytes is what an allocation of n bytes takes: Go's size classes are
+// 16 bytes apart up to 256 and at most an eighth apart above.
+func allocBytes(n int) int64 {
+	switch {
+	case n == 0:
+		return 0
+	case n <= 256:
+		return int64(n+15) &^ 15
+	default:
+		return int64(n + n/8)
+	}
+}
 
 func newTail(entries []*streamEntry, length int64, created string) *streamTail {
 	t := &streamTail{entries: entries, length: length, created: created}
 	for _, e := range entries {
-		m := &e.msg
-		t.bytes += entryOverhead + messageBytes(*m) + int64(len(m.IdempotencyKey)+len(m.CoversFrom)+len(m.CoversTo))
-		if m.Usage != nil {
-			t.bytes += 48
-		}
+		t.bytes += entryBytes(e)
 	}
 	return t
 }
