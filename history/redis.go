@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"time"
@@ -194,7 +195,8 @@ return {h[1], w[1], w[2]}
 // ms, idempotency window ms, six usage deltas, arrival ms, the conversation
 // the turn was read from (or ""), derived title, 1 to start a new
 // conversation, message count, write key, lease token (or ""), generation,
-// wake channel, the generation's last delta (JSON, or ""), then per
+// wake channel, the generation's last delta (JSON, or ""), a random
+// nonce (the session's created_nonce, when this turn creates it), then per
 // message its number of field/value strings followed by them.
 // Returns {conversation id, 0 (existing) | 1 (new) | 2 (duplicate),
 // messages its latest summary does not cover, ids...}.
@@ -256,7 +258,13 @@ local function write()
     if t and math.abs(t) < 2^52 and math.abs(d) < 2^52 then put(usage[i], int(t + d))
     else redis.call('HINCRBY', KEYS[1], usage[i], ARGV[6 + i]) end
   end
-  if not h[5] then put('created_ms', ARGV[1]) end
+  if not h[5] then
+    put('created_ms', ARGV[1])
+    -- Tells this session from one erased and written again within the
+    -- same millisecond, whose stream may reuse the erased one's ids: a
+    -- window cache's tail of the erased stream is then not trusted.
+    put('created_nonce', ARGV[23])
+  end
   local n = tonumber(ARGV[17])
   if dup then n = 0 end
   if n == 0 then
@@ -316,7 +324,7 @@ local function write()
   end
   if now > last then put('last_active_ms', ARGV[1]) end
   local res = {conv, new}
-  local i = 23
+  local i = 24
   for k = 1, n do
     local c = tonumber(ARGV[i])
     local fields = {'conversation', conv}
@@ -593,6 +601,10 @@ func appendArgs(t Turn, p Policy, token, gen, channel, final string) []any {
 		gen,
 		channel,
 		final,
+		// A new session's created_nonce; 64 random bits tell two
+		// sessions of one id apart, where created_ms (the proxy's clock)
+		// may not.
+		strconv.FormatUint(rand.Uint64(), 36),
 	}
 	for _, m := range t.Messages {
 		fields := encodeMessage(m)

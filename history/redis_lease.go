@@ -170,7 +170,8 @@ end
 // watch mark or ”, latest summary entry or {}, and the window's lower
 // bound as XRANGE takes it: '(' and the last id that summary covers, or
 // the first entry's id, its last entry's id or ”, and the session's
-// created_ms (which tells a session erased and written again)}.
+// created_ms and created_nonce, as "ms:nonce" (which tell a session erased
+// and written again; ” without a created_ms)}.
 var takeScript = redis.NewScript(luaLease + luaSummary + `
 local token, ttl = ARGV[4], tonumber(ARGV[5])
 local mark = ''
@@ -206,14 +207,16 @@ else
   end
 end
 mark = redis.call('GET', KEYS[7]) or ''
-local s = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'created_ms')
+local s = redis.call('HMGET', KEYS[1], 'conversation', 'last_active_ms', 'is_active', 'created_ms', 'created_nonce')
 if not s[1] or s[3] ~= '1' then return {1, '', '', mark} end
 local idle = tonumber(ARGV[3])
 if idle > 0 and tonumber(ARGV[2]) - tonumber(s[2] or '0') > idle then return {1, '', '', mark} end
 if tonumber(ARGV[1]) <= 0 then return {1, s[1], '', mark} end
 local r = redis.call('HMGET', KEYS[2], s[1] .. ':start', s[1] .. ':summary', s[1] .. ':summary_to', s[1] .. ':last')
 local sum, lo = latestsum(KEYS[3], r[2], r[3], r[1] or '')
-return {1, s[1], r[1] or '', mark, sum, lo, r[4] or '', s[4] or ''}
+local created = ''
+if s[4] then created = s[4] .. ':' .. (s[5] or '') end
+return {1, s[1], r[1] or '', mark, sum, lo, r[4] or '', created}
 `)
 
 // releaseScript gives a lease up without a turn, or takes a waiter that
@@ -495,9 +498,9 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 // read, or with a tail, the tail extended by them. It keeps the result in
 // the cache for the session's next take. false when the tail turns out
 // stale: the stream changed other than by appends (see extend), the
-// session is not the one the tail was read from (its created_ms), or its
-// conversation's last entry, last, is not among the newest n though it
-// was written after the tail's newest entry. The cache then forgets the
+// session is not the one the tail was read from (its created_ms and
+// created_nonce), or its conversation's last entry, last, is not among the
+// newest n though it was written after the tail's newest entry. The cache then forgets the
 // tail. A take that found no current conversation (whose window is empty
 // whatever the stream holds) or a session without a created_ms (one
 // written before it was kept) has nothing to tell the session by: nothing

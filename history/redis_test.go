@@ -134,6 +134,11 @@ func TestRedisLayout(t *testing.T) {
 	ms := strconv.FormatInt(t0, 10)
 	h, err := c.HGetAll(ctx, base+"session").Result()
 	mustNoErr(t, err)
+	// Random: only that there is one.
+	if h["created_nonce"] == "" {
+		t.Errorf("session hash: no created_nonce")
+	}
+	delete(h, "created_nonce")
 	wantHash := map[string]string{
 		"conversation": "c1", "created_ms": ms, "last_active_ms": ms, "is_active": "1",
 		"messages": "2", "conversations": "1",

@@ -27,10 +27,10 @@ const DefaultWindowCacheBytes = 16 << 20
 // erased) or put back by a migration, or entries that came in below the
 // tail's newest (a clock stepped back) change its length by other than the
 // entries read after the tail; a session erased and written again has
-// another created_ms; and the conversation's last entry must be among
-// those read. Only all three at once would pass: a session erased and
-// written again in the very millisecond it was first created, to the same
-// length, its last entry above the tail's newest and older ones below.
+// another created_nonce (64 random bits set with its created_ms: within
+// the millisecond of the erased stream's last write, the new stream reuses
+// its ids, and may have its length and created_ms too); and the
+// conversation's last entry must be among those read.
 //
 // A streamTail is never changed once built: the cache swaps whole tails,
 // and the Messages handed out are copies of the entries' (sharing their
@@ -134,7 +134,7 @@ func (c *windowCache) size() (int64, int) {
 type streamTail struct {
 	entries []*streamEntry
 	length  int64  // the stream's length (XLEN) at that read
-	created string // the session's created_ms then
+	created string // the session's created_ms and created_nonce then
 	bytes   int64  // an estimate of what the entries hold
 }
 
@@ -201,7 +201,7 @@ func (t *streamTail) newest() string { return t.entries[0].id() }
 
 // extend returns the tail after added, the entries after t's newest
 // (newest first, read with COUNT n), when the stream's length is now
-// length and the session's created_ms created. With n of them there may
+// length and the session's created_ms and created_nonce created. With n of them there may
 // be more: they are the stream's newest n on their own, as a full read
 // would give. Otherwise they are every entry added since t was read, and
 // the result keeps the newest of them and t's entries, as many as n or as

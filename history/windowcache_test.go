@@ -476,3 +476,46 @@ func testEstimateIsTheHeap(t *testing.T, c *redis.Client, prefix string, texts [
 	}
 	runtime.KeepAlive(s)
 }
+
+// TestWindowCacheEraseAndWriteAgainWithinAMillisecond: a session erased
+// and written again within the millisecond its stream was written (a
+// script that seeds a session, reads it, erases it and seeds it again),
+// each write at the real clock as the proxy makes it. The new stream's
+// entries then have the ids of the erased ones, the same length, and the
+// session the same created_ms: a cached tail of the erased stream passed
+// every check, and the take injected the erased messages. Each attempt is
+// a new session; the attempts go on until 20 of them wrote the second
+// stream with the ids of the first (a machine too slow for that skips).
+func TestWindowCacheEraseAndWriteAgainWithinAMillisecond(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	a := NewRedis(c, "ms")
+	fresh := NewRedis(c, "ms", WithWindowCacheBytes(0))
+	defer a.Close()
+	write := func(sess, tag string) AppendResult {
+		res, err := a.Append(ctx, sess, Turn{NowMs: time.Now().UnixMilli(),
+			Messages: []Message{{Role: RoleUser, Content: tag + " q"}, {Role: RoleAssistant, Content: tag + " a"}}}, Policy{})
+		mustNoErr(t, err)
+		return res
+	}
+	same := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; same < 20 && time.Now().Before(deadline); i++ {
+		sess := fmt.Sprintf("chat:u%d@example.com:support", i)
+		old := write(sess, "erased")
+		takeNow(t, a, sess, 10, time.Now().UnixMilli(), Policy{})
+		_, err := fresh.Erase(ctx, sess)
+		mustNoErr(t, err)
+		res := write(sess, "new")
+		if slices.Equal(old.IDs, res.IDs) {
+			same++
+		}
+		now := time.Now().UnixMilli()
+		sameWindow(t, fmt.Sprintf("attempt %d (ids of the erased stream reused: %t)", i, slices.Equal(old.IDs, res.IDs)),
+			takeNow(t, a, sess, 10, now, Policy{}), takeNow(t, fresh, sess, 10, now, Policy{}))
+	}
+	if same == 0 {
+		t.Skip("no session was written again within the millisecond of its erased stream")
+	}
+	t.Logf("%d sessions written again with the erased stream's ids", same)
+}
