@@ -286,9 +286,14 @@ func (s *RedisStore) TakeTurn(ctx context.Context, session string, n int, nowMs 
 			waited = time.Since(start)
 		}
 		opCtx, cancel := context.WithTimeout(ctx, o.opTimeout())
-		tail := s.cache.get(session)
-		if tail != nil && !tail.covers(n) {
-			tail = nil
+		var tail *streamTail
+		if n > 0 {
+			// A take of no messages reads nothing of the stream, and the
+			// script tells it nothing of the session: it neither uses nor
+			// forgets the session's tail.
+			if tail = s.cache.get(session); tail != nil && !tail.covers(n) {
+				tail = nil
+			}
 		}
 		res, newest, err := s.takeRead(opCtx, keys, n, tail, []any{n, nowMs, p.IdleTimeout.Milliseconds(), l.token, ttl,
 			boolArg(o.Hold), boolArg(o.Wait <= 0), channel})
@@ -454,8 +459,11 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 		last, _ = res[6].(string)
 		created, _ = res[7].(string)
 	}
-	newest, fresh := s.cacheTail(session, n, tail, read, created, last)
 	w := Window{ConversationID: conv}
+	if n <= 0 {
+		return w, nil // nothing read (see TakeTurn)
+	}
+	newest, fresh := s.cacheTail(session, n, tail, read, created, last)
 	if conv == "" || first == "" {
 		return w, nil
 	}

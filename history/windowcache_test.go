@@ -519,3 +519,32 @@ func TestWindowCacheEraseAndWriteAgainWithinAMillisecond(t *testing.T) {
 	}
 	t.Logf("%d sessions written again with the erased stream's ids", same)
 }
+
+// TestWindowCacheKeptByATakeThatReadsNoWindow: a take of no messages (a
+// request that carries its own history, or starts a new conversation,
+// with ordering on) reads nothing of the stream, so it leaves the
+// session's cached tail as it is: the next turn still reads only what is
+// new. It dropped the tail, as if the session had changed, and the next
+// take read its whole window.
+func TestWindowCacheKeptByATakeThatReadsNoWindow(t *testing.T) {
+	srv := redistest.Start(t)
+	c := srv.Client(t)
+	h := &streamReads{}
+	c.AddHook(h)
+	s := NewRedis(c, "t")
+	defer s.Close()
+	for i := range 3 {
+		appendQA(t, s, session, i, t0+int64(i), Policy{})
+	}
+	takeNow(t, s, session, 6, t0+10, Policy{})
+	takeNow(t, s, session, 0, t0+11, Policy{})
+	res := appendQA(t, s, session, 3, t0+12, Policy{})
+	want := [][2]string{{"+", "(" + idBefore(t, c, s.streamKey(session), res.IDs[0])}}
+	h.take()
+	if got := contents(takeNow(t, s, session, 6, t0+13, Policy{}).Messages); !slices.Equal(got, []string{"q1", "a1", "q2", "a2", "q3", "a3"}) {
+		t.Fatalf("window %v", got)
+	}
+	if _, bounds := h.take(); !reflect.DeepEqual(bounds, want) {
+		t.Fatalf("the take after one of no messages read %v, want %v (only after the tail's newest entry)", bounds, want)
+	}
+}
