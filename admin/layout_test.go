@@ -51,3 +51,46 @@ func TestTimelineKindsAndStatuses(t *testing.T) {
 		}
 	})
 }
+
+// TestImportEmptyToolCalls: an imported assistant message with
+// "tool_calls": [] (as vLLM answers and some SDKs send) calls no tool: the
+// timeline gives it kind message, with its array as sent. One with null
+// content and only [] says nothing, and is refused as one without
+// tool_calls is, storing nothing.
+func TestImportEmptyToolCalls(t *testing.T) {
+	eachStore(t, func(t *testing.T, s Store) {
+		const id = "web:kim:support"
+		srv := newTestAPI(t, s)
+		u := srv.URL + "/admin/v1/sessions/" + url.PathEscape(id)
+		body := map[string]any{"messages": []any{
+			map[string]any{"role": "user", "content": "hi"},
+			map[string]any{"role": "assistant", "content": "hello", "tool_calls": []any{}},
+		}}
+		if code := do(t, http.MethodPost, u+"/messages", body, nil); code != http.StatusCreated {
+			t.Fatalf("import: got %d, want 201", code)
+		}
+		empty := map[string]any{"messages": []any{map[string]any{"role": "assistant", "content": nil, "tool_calls": []any{}}}}
+		var e struct{ Error struct{ Code, Param string } }
+		if code := do(t, http.MethodPost, u+"/messages", empty, &e); code != http.StatusBadRequest || e.Error.Code != "missing_required_parameter" {
+			t.Errorf("import of null content and []: got %d %+v, want 400 missing_required_parameter", code, e.Error)
+		}
+		var got struct {
+			Items []struct {
+				Role, Kind string
+				ToolCalls  json.RawMessage `json:"tool_calls"`
+			}
+		}
+		if code := do(t, http.MethodGet, u+"/timeline", nil, &got); code != http.StatusOK {
+			t.Fatalf("timeline: got %d", code)
+		}
+		if len(got.Items) < 2 {
+			t.Fatalf("timeline: got %d items, want 2", len(got.Items))
+		}
+		if a := got.Items[1]; a.Kind != history.KindMessage || string(a.ToolCalls) != "[]" {
+			t.Errorf("imported reply: got kind %q tool_calls %s, want message []", a.Kind, a.ToolCalls)
+		}
+		if len(got.Items) != 2 {
+			t.Errorf("timeline: got %d items, want 2 (the refused import stores nothing)", len(got.Items))
+		}
+	})
+}

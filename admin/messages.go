@@ -310,7 +310,7 @@ func importable(m history.Message, param string) *wire.Error {
 	if m.Role == history.RoleTool && m.ToolCallID == "" {
 		return wire.BadRequest("missing_required_parameter", param+".tool_call_id", param+".tool_call_id is required on a tool message")
 	}
-	if m.Role == history.RoleAssistant && m.ContentNull && m.ToolCalls == nil && m.Refusal == "" {
+	if m.Role == history.RoleAssistant && m.ContentNull && !history.HasToolCalls(m.ToolCalls) && m.Refusal == "" {
 		return wire.BadRequest("missing_required_parameter", param+".content", param+".content is required on an assistant message without tool_calls or refusal")
 	}
 	return nil

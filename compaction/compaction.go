@@ -535,7 +535,7 @@ func parts(msgs []history.Message) []bool {
 	var calls []*call
 	for i, m := range msgs {
 		switch {
-		case m.Role == history.RoleAssistant && m.ToolCalls != nil:
+		case m.Role == history.RoleAssistant && history.HasToolCalls(m.ToolCalls):
 			calls = append(calls, &call{at: i, ids: history.ToolCallIDs(m.ToolCalls), user: m.User})
 		case m.Role == history.RoleTool:
 			var c *call
@@ -632,7 +632,7 @@ func transcriptLine(m history.Message) string {
 	if m.Refusal != "" {
 		text += " (refused: " + m.Refusal + ")"
 	}
-	if m.ToolCalls != nil {
+	if history.HasToolCalls(m.ToolCalls) {
 		text += " (calls tools: " + string(m.ToolCalls) + ")"
 	}
 	if len(text) > maxFoldMessage {

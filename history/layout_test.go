@@ -266,3 +266,40 @@ func BenchmarkLayout(b *testing.B) {
 		})
 	}
 }
+
+// TestFullFormEmptyToolCallsReadAsMessage: versions before the lean
+// layout wrote kind on every entry, tool_call on an assistant message
+// sent or answered with "tool_calls": [] (an empty array calls nothing).
+// Such an entry reads as kind message, its array as sent.
+func TestFullFormEmptyToolCallsReadAsMessage(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "lean")
+	t.Cleanup(func() { _ = s.Close() })
+	_, err := s.Append(ctx, session, Turn{Messages: []Message{
+		{Role: RoleUser, Content: "hi"},
+		{Role: RoleAssistant, Content: "hello", ToolCalls: json.RawMessage(`[]`)},
+	}, NowMs: t0}, Policy{})
+	mustNoErr(t, err)
+	key := s.streamKey(session)
+	es, err := c.XRange(ctx, key, "-", "+").Result()
+	mustNoErr(t, err)
+	mustNoErr(t, c.Del(ctx, key).Err())
+	for _, e := range es {
+		fields := []any{"conversation", e.Values["conversation"]}
+		for k, v := range e.Values {
+			if k != "conversation" {
+				fields = append(fields, k, v)
+			}
+		}
+		if e.Values["role"] == RoleAssistant {
+			fields = append(fields, "kind", KindToolCall)
+		}
+		mustNoErr(t, c.XAdd(ctx, &redis.XAddArgs{Stream: key, ID: e.ID, Values: fields}).Err())
+	}
+	msgs, err := s.Messages(ctx, session, "")
+	mustNoErr(t, err)
+	if len(msgs) != 2 || msgs[1].Kind != KindMessage || string(msgs[1].ToolCalls) != "[]" {
+		t.Fatalf("got %+v, want the reply of kind message with tool_calls []", msgs)
+	}
+}

@@ -58,7 +58,8 @@ type Message struct {
 	Name        string
 	// ToolCalls is the JSON array of tool calls as sent or assembled; nil
 	// when there are none. Parts and ToolCalls of length zero are stored
-	// and read back as nil.
+	// and read back as nil. An empty array ([]) is kept as sent but calls
+	// nothing: see HasToolCalls.
 	ToolCalls  json.RawMessage
 	ToolCallID string
 	Refusal    string
@@ -297,6 +298,34 @@ type SessionPage struct {
 	NextCursor string
 	// Total is how many sessions match the query, on every page.
 	Total int64
+}
+
+// HasToolCalls reports whether raw, a message's tool_calls, holds at least
+// one call. An empty array calls nothing: vLLM answers "tool_calls": []
+// on every reply and some SDKs send it on every assistant message, where
+// OpenAI answers null, and OpenAI refuses [] in a request (400
+// empty_array). Such a message is a plain one: kind message, never a tool
+// step, and injected without the array. A value that is not an array
+// (only ever stored by hand) counts as calls, as ToolCallIDs does.
+func HasToolCalls(raw json.RawMessage) bool {
+	i := skipSpace(raw, 0)
+	if i == len(raw) {
+		return false
+	}
+	if raw[i] != '[' {
+		return true
+	}
+	i = skipSpace(raw, i+1)
+	return i < len(raw) && raw[i] != ']'
+}
+
+// skipSpace returns the index of the first byte of b from i on that is not
+// JSON whitespace, or len(b).
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
 }
 
 // ToolCallIDs returns the ids of a tool_calls array; an empty (non-nil)

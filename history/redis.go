@@ -625,10 +625,10 @@ func boolArg(b bool) int {
 
 // impliedKind is the kind a message's role and tool calls imply: what
 // Append gives a message without one, and what an entry without a kind
-// field is read as.
+// field is read as. An empty tool_calls array implies no call.
 func impliedKind(m Message) string {
 	switch {
-	case len(m.ToolCalls) > 0:
+	case HasToolCalls(m.ToolCalls):
 		return KindToolCall
 	case m.Role == RoleTool:
 		return KindToolResult
@@ -768,7 +768,9 @@ func decodeEntry(e any) (Message, error) {
 			return Message{}, fmt.Errorf("stream entry %s field %s: %w", id, k, err)
 		}
 	}
-	if m.Kind == "" {
+	// Versions before this one wrote kind tool_call on a message whose
+	// tool_calls was an empty array: it calls nothing.
+	if m.Kind == "" || (m.Kind == KindToolCall && !HasToolCalls(m.ToolCalls)) {
 		m.Kind = impliedKind(m)
 	}
 	if m.Status == "" {

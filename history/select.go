@@ -65,5 +65,5 @@ func startsTurn(m Message) bool {
 // startsStep reports whether m begins a tool step: an assistant message
 // with tool calls, followed by their results.
 func startsStep(m Message) bool {
-	return m.Role == RoleAssistant && m.ToolCalls != nil
+	return m.Role == RoleAssistant && HasToolCalls(m.ToolCalls)
 }

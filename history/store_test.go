@@ -115,6 +115,38 @@ func testConformance(t *testing.T, newFixture func(t *testing.T) fixture) {
 		checkMessages(t, w.Messages, want)
 	})
 
+	t.Run("an empty tool_calls array calls no tool", func(t *testing.T) {
+		// vLLM answers every reply with "tool_calls": [], and some SDKs
+		// send it on every assistant message: no call, so kind message,
+		// with the array kept as sent.
+		s := newFixture(t).store
+		in := []Message{
+			{Role: RoleUser, Content: "hi"},
+			{Role: RoleAssistant, Content: "hello", ToolCalls: json.RawMessage(`[]`)},
+			{Role: RoleUser, Content: "and?"},
+			{Role: RoleAssistant, Content: "more", ToolCalls: json.RawMessage("[ \n]")},
+		}
+		_, err := s.Append(ctx, session, Turn{Messages: in, NowMs: t0}, Policy{})
+		mustNoErr(t, err)
+		check := func(what string, got []Message) {
+			t.Helper()
+			if len(got) != len(in) {
+				t.Fatalf("%s: got %d messages, want %d", what, len(got), len(in))
+			}
+			for i, m := range got {
+				if m.Kind != KindMessage || string(m.ToolCalls) != string(in[i].ToolCalls) {
+					t.Errorf("%s: message %d: got kind %q tool_calls %q, want %q %q", what, i, m.Kind, m.ToolCalls, KindMessage, in[i].ToolCalls)
+				}
+			}
+		}
+		got, err := s.Messages(ctx, session, "")
+		mustNoErr(t, err)
+		check("messages", got)
+		w, err := s.Window(ctx, session, 10, t0, Policy{})
+		mustNoErr(t, err)
+		check("window", w.Messages)
+	})
+
 	t.Run("window is the newest n oldest first", func(t *testing.T) {
 		s := newFixture(t).store
 		for i := 0; i < 5; i++ {

@@ -909,10 +909,11 @@ func (x *exchange) assistant(now int64, complete bool) (history.Message, bool) {
 	if !complete || r.Truncated {
 		m.Status = history.StatusIncomplete
 	}
-	if m.Content == "" && (m.ToolCalls != nil || m.Refusal != "" || r.ContentNull) {
+	calls := history.HasToolCalls(m.ToolCalls) // "tool_calls": [] calls nothing
+	if m.Content == "" && (calls || m.Refusal != "" || r.ContentNull) {
 		m.ContentNull = true
 	}
-	if m.Content == "" && m.ToolCalls == nil && m.Refusal == "" && !complete {
+	if m.Content == "" && !calls && m.Refusal == "" && !complete {
 		return history.Message{}, false
 	}
 	return m, true

@@ -74,7 +74,7 @@ func arrange(window []history.Message, a answer) (msgs []history.Message, answer
 	items := make([]item, 0, len(window)+len(a.results))
 	for _, m := range window {
 		it := item{m: m}
-		if m.Role == history.RoleAssistant && m.ToolCalls != nil {
+		if m.Role == history.RoleAssistant && history.HasToolCalls(m.ToolCalls) {
 			it.ids = history.ToolCallIDs(m.ToolCalls)
 		}
 		items = append(items, it)
@@ -147,9 +147,9 @@ func arrange(window []history.Message, a answer) (msgs []history.Message, answer
 }
 
 // hasTools reports whether m is a tool result or a call, which arrange
-// pairs.
+// pairs; an empty tool_calls array is no call.
 func hasTools(m history.Message) bool {
-	return m.Role == history.RoleTool || (m.Role == history.RoleAssistant && m.ToolCalls != nil)
+	return m.Role == history.RoleTool || (m.Role == history.RoleAssistant && history.HasToolCalls(m.ToolCalls))
 }
 
 // strayBlock finds the first block of tool messages that does not answer

@@ -304,6 +304,46 @@ func TestStreamToolCallsAssembledAndInjectedWithResults(t *testing.T) {
 	require.Equal(t, []string{"user", "assistant", "tool", "tool", "assistant", "user"}, roles(h.up.LastChat().Chat.Messages))
 }
 
+// TestEmptyToolCallsReplyIsAPlainMessage: a whole reply with "tool_calls":
+// [] (vLLM's answer to every request) calls no tool. It is stored as kind
+// message with the array as sent, and injected as the same reply without
+// it would be: OpenAI refuses an empty tool_calls in a request (400
+// empty_array, as the fake does).
+func TestEmptyToolCallsReplyIsAPlainMessage(t *testing.T) {
+	h := newHarness(t)
+	sid := map[string]string{"X-Session-ID": "app:u9:agent"}
+	vllm := func(content string) fakeai.Reply {
+		return fakeai.Reply{Raw: []byte(`{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,` +
+			`"message":{"role":"assistant","content":` + jsonString(content) + `,"tool_calls":[]},"finish_reason":"stop"}],` +
+			`"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}`)}
+	}
+	h.up.Enqueue(vllm("Hello"))
+	r1 := h.do(t, "/v1/chat/completions", chatBody(user("hi")), sid)
+	require.Equal(t, http.StatusOK, r1.StatusCode, readAll(t, r1))
+	h.up.Enqueue(vllm(""))
+	r2 := h.do(t, "/v1/chat/completions", chatBody(user("and?")), sid)
+	require.Equal(t, http.StatusOK, r2.StatusCode, readAll(t, r2))
+
+	stored := h.stored(t, "app:u9:agent")
+	require.Len(t, stored, 4)
+	for _, i := range []int{1, 3} {
+		require.Equal(t, history.KindMessage, stored[i].Kind, "reply %d", i)
+		require.Equal(t, "[]", string(stored[i].ToolCalls), "reply %d keeps its array as sent", i)
+		require.False(t, stored[i].ContentNull, "reply %d was sent with content, not null", i)
+	}
+
+	r3 := h.do(t, "/v1/chat/completions", chatBody(user("bye")), sid)
+	require.Equal(t, http.StatusOK, r3.StatusCode, readAll(t, r3))
+	got := h.up.LastChat().Chat.Messages
+	require.Equal(t, []string{"user", "assistant", "user", "assistant", "user"}, roles(got))
+	for _, i := range []int{1, 3} {
+		_, has := got[i]["tool_calls"]
+		require.False(t, has, "injected reply %d: %v", i, got[i])
+	}
+	require.Equal(t, "Hello", got[1]["content"])
+	require.Equal(t, "", got[3]["content"])
+}
+
 func TestDanglingToolCallIsNotInjected(t *testing.T) {
 	h := newHarness(t)
 	sid := map[string]string{"X-Session-ID": "app:u2:agent"}

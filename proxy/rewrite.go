@@ -101,7 +101,9 @@ func withIncludeUsage(raw json.RawMessage) ([]byte, error) {
 }
 
 // appendWire writes a stored message in the API's shape. Parts and tool
-// calls are JSON that the store kept as it was sent or assembled.
+// calls are JSON that the store kept as it was sent or assembled; an
+// empty tool_calls array is left out, since OpenAI refuses it in a request
+// (400 empty_array) and it calls nothing.
 func appendWire(b []byte, m history.Message) []byte {
 	b = append(b, `{"role":`...)
 	b = appendString(b, m.Role)
@@ -118,7 +120,7 @@ func appendWire(b []byte, m history.Message) []byte {
 		b = append(b, `,"name":`...)
 		b = appendString(b, m.Name)
 	}
-	if m.ToolCalls != nil {
+	if history.HasToolCalls(m.ToolCalls) {
 		b = append(b, `,"tool_calls":`...)
 		b = append(b, m.ToolCalls...)
 	}

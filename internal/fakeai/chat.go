@@ -119,8 +119,9 @@ func validate(b chatBody) (message, param, code string) {
 
 // validateToolOrder rejects what the API rejects about tool messages, with
 // the API's messages: a tool message that answers no call of the assistant
-// message just before its block of tool messages, and an assistant message
-// whose calls are not all answered by the tool messages right after it.
+// message just before its block of tool messages, an assistant message
+// whose calls are not all answered by the tool messages right after it,
+// and an empty tool_calls array.
 // Matching is by position, as the API does: an older call with the same id
 // does not count. A proxy that injects history can get both wrong.
 func validateToolOrder(msgs []map[string]any) (message, param, code string) {
@@ -147,6 +148,12 @@ func validateToolOrder(msgs []map[string]any) (message, param, code string) {
 		}
 		open = nil
 		if calls, ok := m["tool_calls"].([]any); ok && role == "assistant" {
+			if len(calls) == 0 {
+				// What a proxy that injects a stored "tool_calls": [] back
+				// (vLLM's answer on every reply) gets from OpenAI.
+				return fmt.Sprintf("Invalid 'messages[%d].tool_calls': empty array. Expected an array with minimum length 1, but got an empty array instead.", i),
+					fmt.Sprintf("messages[%d].tool_calls", i), "empty_array"
+			}
 			open = []string{}
 			for _, c := range calls {
 				if call, ok := c.(map[string]any); ok {

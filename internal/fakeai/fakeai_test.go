@@ -854,6 +854,10 @@ func TestValidation(t *testing.T) {
 			body: `{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}},{"id":"c2","type":"function","function":{"name":"f","arguments":"{}"}}]},` +
 				`{"role":"tool","tool_call_id":"c2","content":"r"},{"role":"user","content":"y"}]}`,
 			wantParam: "messages.[3].role", wantMessage: "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: c1"},
+		{name: "empty tool_calls",
+			body:      `{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"a","tool_calls":[]},{"role":"user","content":"y"}]}`,
+			wantParam: "messages[1].tool_calls", wantCode: "empty_array",
+			wantMessage: "Invalid 'messages[1].tool_calls': empty array. Expected an array with minimum length 1, but got an empty array instead."},
 	}
 	s := New(t)
 	s.Enqueue(Reply{Content: "kept"})
