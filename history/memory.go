@@ -740,6 +740,9 @@ func (s *MemoryStore) erase(session string) Erased {
 type MemoryStats struct {
 	Sessions, Messages, IdempotencyKeys int
 	Bytes                               int64 // estimated
+	// Waiting is how many requests wait in TakeTurn for a session's turn
+	// lease, all sessions together.
+	Waiting int
 }
 
 // Stats says what the store holds now.
@@ -750,6 +753,9 @@ func (s *MemoryStore) Stats() MemoryStats {
 	for _, ss := range s.sessions {
 		st.Messages += len(ss.stream)
 		st.IdempotencyKeys += len(ss.idem)
+	}
+	for _, t := range s.turns {
+		st.Waiting += len(t.queue)
 	}
 	return st
 }

@@ -90,9 +90,13 @@ func TestWaiterWhoLeavesIsNotForwarded(t *testing.T) {
 		}
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond) // it waits; then its client goes
+	// It waits in the lease's queue (not merely on its way there, which a
+	// loaded machine can stretch past any sleep); then its client goes.
+	waiting := func() int { return h.store.Stats().Waiting }
+	require.Eventually(t, func() bool { return waiting() == 1 }, 10*time.Second, time.Millisecond, "the request never queued for the turn")
 	cancel()
 	require.Error(t, <-done)
+	require.Eventually(t, func() bool { return waiting() == 0 }, 10*time.Second, time.Millisecond, "the request that left is still queued")
 	close(gate)
 	rest()
 
