@@ -701,23 +701,30 @@ func encodeSummary(m Message) []string {
 // complete (see encodeMessage); entries written before these were left
 // out carry both, and read the same.
 func decodeEntry(e any) (Message, error) {
+	m, _, err := decodeEntryOf(e)
+	return m, err
+}
+
+// decodeEntryOf is decodeEntry, and tells which of the message's kind and
+// status the entry left out (a lean entry's): those are the constants,
+// not strings read from Redis (see entryBytes).
+func decodeEntryOf(e any) (m Message, implied impliedFields, err error) {
 	pair, ok := e.([]any)
 	if !ok || len(pair) != 2 {
-		return Message{}, fmt.Errorf("stream entry: got %T, want [id fields]", e)
+		return Message{}, implied, fmt.Errorf("stream entry: got %T, want [id fields]", e)
 	}
 	id, ok := pair[0].(string)
 	if !ok {
-		return Message{}, fmt.Errorf("stream entry id: got %T, want string", pair[0])
+		return Message{}, implied, fmt.Errorf("stream entry id: got %T, want string", pair[0])
 	}
 	fields, ok := pair[1].([]any)
 	if !ok || len(fields)%2 != 0 {
-		return Message{}, fmt.Errorf("stream entry %s fields: got %T of odd length or wrong type", id, pair[1])
+		return Message{}, implied, fmt.Errorf("stream entry %s fields: got %T of odd length or wrong type", id, pair[1])
 	}
-	m := Message{ID: id}
+	m = Message{ID: id}
 	for i := 0; i < len(fields); i += 2 {
 		k, _ := fields[i].(string)
 		v, _ := fields[i+1].(string)
-		var err error
 		switch k {
 		case "conversation":
 			m.Conversation = v
@@ -765,18 +772,19 @@ func decodeEntry(e any) (Message, error) {
 			m.Covers, err = strconv.ParseInt(v, 10, 64)
 		}
 		if err != nil {
-			return Message{}, fmt.Errorf("stream entry %s field %s: %w", id, k, err)
+			return Message{}, implied, fmt.Errorf("stream entry %s field %s: %w", id, k, err)
 		}
 	}
 	// Versions before this one wrote kind tool_call on a message whose
-	// tool_calls was an empty array: it calls nothing.
+	// tool_calls was an empty array: it calls nothing. (The kind read is
+	// then dropped for the constant.)
 	if m.Kind == "" || (m.Kind == KindToolCall && !HasToolCalls(m.ToolCalls)) {
-		m.Kind = impliedKind(m)
+		m.Kind, implied.kind = impliedKind(m), true
 	}
 	if m.Status == "" {
-		m.Status = StatusComplete
+		m.Status, implied.status = StatusComplete, true
 	}
-	return m, nil
+	return m, implied, nil
 }
 
 // convEntries splits a script's {conversation id, entries} reply; an empty

@@ -431,11 +431,11 @@ type streamRead struct {
 
 // decodeStreamEntry decodes a stream entry as XREVRANGE gives it.
 func decodeStreamEntry(e any) (*streamEntry, error) {
-	m, err := decodeEntry(e)
+	m, implied, err := decodeEntryOf(e)
 	if err != nil {
 		return nil, err
 	}
-	return &streamEntry{conv: entryConversation(e), summary: entrySummary(e), msg: m}, nil
+	return &streamEntry{conv: entryConversation(e), summary: entrySummary(e), implied: implied, msg: m}, nil
 }
 
 // takeWindow makes the window of takeScript's {1, conversation, first

@@ -2,6 +2,7 @@ package history
 
 import (
 	"container/list"
+	"slices"
 	"sync"
 	"unsafe"
 )
@@ -15,7 +16,7 @@ const DefaultWindowCacheBytes = 16 << 20
 // the session's next TakeTurn reads and decodes only the entries added
 // since (XREVRANGE stream + (newest COUNT n) instead of its whole window.
 // It is bounded by the heap its tails hold (entryBytes, within a tenth of
-// the runtime's count), the least recently used sessions dropped first.
+// the runtime's count, over rather than under), the least recently used sessions dropped first.
 //
 // Why a tail read earlier still holds: within a stream's life, entries are
 // only added at its end (XADD *, ids growing) and removed from its start
@@ -53,9 +54,11 @@ type cachedTail struct {
 	size    int64 // the bytes it counts for
 }
 
-// tailOverhead is what a cached session holds beyond its entries: its map
-// slot, list element and tail.
-const tailOverhead = 160
+// tailOverhead is what a cached session holds beyond its entries and its
+// id: its tail (64 bytes), cachedTail (32), list element (48) and map
+// slot (24 bytes and a control byte, in a table between 7/16 and 7/8
+// full: up to 64; 80 counted, for the table's growth between sizes).
+const tailOverhead = 224
 
 // newWindowCache returns a cache of at most max bytes; nil (off) when max
 // is 0 or less.
@@ -88,7 +91,7 @@ func (c *windowCache) put(session string, next *streamTail) {
 	if c == nil {
 		return
 	}
-	size := next.bytes + int64(len(session)) + tailOverhead
+	size := next.bytes + allocBytes(len(session)) + tailOverhead
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if el, ok := c.items[session]; ok {
@@ -140,26 +143,40 @@ type streamTail struct {
 
 // streamEntry is one decoded entry of a session's stream.
 type streamEntry struct {
-	conv    string // its conversation
-	summary bool   // a compaction summary, not a message of the window
+	conv    string        // its conversation
+	summary bool          // a compaction summary, not a message of the window
+	implied impliedFields // (in the summary's padding: the entry stays 352 bytes)
 	msg     Message
 }
 
+// impliedFields says which of a message's kind and status its entry left
+// out: the decoder fills those in with constants, which hold no heap.
+type impliedFields struct{ kind, status bool }
+
 func (e *streamEntry) id() string { return e.msg.ID }
 
-// entryBytes estimates what an entry holds on the heap: the entry itself
-// (its Message inline) and its slot in a tail, and each string, byte slice
-// and usage it points to, each rounded up as the allocator rounds it. The
-// entry's conversation is its message's (one string). Strings the decoder
-// fills in from constants (a lean entry's implied kind and status) are
-// counted as if they were allocated: a little over, never under.
-// TestWindowCacheEstimateIsTheHeap holds it to the runtime's own count.
+// entryBytes is what an entry holds on the heap: the entry itself (its
+// Message inline) and each string, byte slice and usage it points to, each
+// as the allocator sizes it (allocBytes). A string read from Redis holds
+// two bytes more than its length (go-redis reads a bulk string with its
+// CRLF into one allocation and keeps the slice as the string); Parts and
+// ToolCalls are copies of theirs, their own length. The entry's
+// conversation is its message's (one string); a kind or status the
+// decoder filled in holds nothing. Its slot in a tail is counted with the
+// tail (sliceBytes). TestWindowCacheEstimateIsTheHeap and
+// TestWindowCacheEstimateOfEveryShape hold it to the runtime's own count.
 func entryBytes(e *streamEntry) int64 {
 	m := &e.msg
-	n := allocBytes(int(unsafe.Sizeof(*e))) + 8
-	for _, s := range [...]string{m.ID, m.Conversation, m.Role, m.Content, m.Name, m.ToolCallID, m.Refusal, m.Kind,
-		m.User, m.Model, m.RequestID, m.Status, m.IdempotencyKey, m.CoversFrom, m.CoversTo} {
-		n += allocBytes(len(s))
+	n := allocBytes(int(unsafe.Sizeof(*e)))
+	for _, s := range [...]string{m.ID, m.Conversation, m.Role, m.Content, m.Name, m.ToolCallID, m.Refusal,
+		m.User, m.Model, m.RequestID, m.IdempotencyKey, m.CoversFrom, m.CoversTo} {
+		n += readBytes(s)
+	}
+	if !e.implied.kind {
+		n += readBytes(m.Kind)
+	}
+	if !e.implied.status {
+		n += readBytes(m.Status)
 	}
 	n += allocBytes(len(m.Parts)) + allocBytes(len(m.ToolCalls))
 	if m.Usage != nil {
@@ -168,21 +185,49 @@ func entryBytes(e *streamEntry) int64 {
 	return n
 }
 
-// allocBytes is what an allocation of n bytes takes: Go's size classes are
-// 16 bytes apart up to 256 and at most an eighth apart above.
+// readBytes is what a non-empty string go-redis read holds (see
+// entryBytes).
+func readBytes(s string) int64 {
+	if s == "" {
+		return 0
+	}
+	return allocBytes(len(s) + 2)
+}
+
+// sizeClasses are the sizes the Go allocator hands out up to 32 KiB (the
+// runtime's internal/runtime/gc.SizeClassToSize).
+var sizeClasses = [...]int{8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240, 256, 288, 320,
+	352, 384, 416, 448, 480, 512, 576, 640, 704, 768, 896, 1024, 1152, 1280, 1408, 1536, 1792, 2048, 2304, 2688, 3072, 3200,
+	3456, 4096, 4864, 5376, 6144, 6528, 6784, 6912, 8192, 9472, 9728, 10240, 10880, 12288, 13568, 14336, 16384, 18432,
+	19072, 20480, 21760, 24576, 27264, 28672, 32768}
+
+// allocBytes is what an allocation of n bytes takes: its size class, or
+// above 32 KiB whole 8 KiB pages. Under 16 bytes a pointer-free object
+// (a string's) shares a 16-byte block with others, which lives as long as
+// any of them does: counted as the whole block.
 func allocBytes(n int) int64 {
 	switch {
-	case n == 0:
+	case n <= 0:
 		return 0
-	case n <= 256:
-		return int64(n+15) &^ 15
-	default:
-		return int64(n + n/8)
+	case n > sizeClasses[len(sizeClasses)-1]:
+		return int64(n+8191) &^ 8191
 	}
+	i, _ := slices.BinarySearch(sizeClasses[:], n)
+	return int64(max(sizeClasses[i], 16))
+}
+
+// sliceBytes is what a tail's slice of entries takes: above 512 bytes an
+// object with pointers carries an 8-byte header (up to 32 KiB).
+func sliceBytes(n int) int64 {
+	b := 8 * n
+	if b > 512 && b <= sizeClasses[len(sizeClasses)-1]-8 {
+		b += 8
+	}
+	return allocBytes(b)
 }
 
 func newTail(entries []*streamEntry, length int64, created string) *streamTail {
-	t := &streamTail{entries: entries, length: length, created: created}
+	t := &streamTail{entries: entries, length: length, created: created, bytes: sliceBytes(cap(entries)) + readBytes(created)}
 	for _, e := range entries {
 		t.bytes += entryBytes(e)
 	}
