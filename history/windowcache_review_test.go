@@ -134,3 +134,50 @@ func measureTails(t *testing.T, c *redis.Client, prefix string, sessions, n int,
 	runtime.KeepAlive(s)
 	return counted - counted0, after - before
 }
+
+// TestWindowCacheBoundUnderConcurrency: puts of tails of every size
+// (larger ones replacing smaller, some larger than the whole cache),
+// drops and gets of a few sessions at once keep the count equal to what
+// the cache holds, and within its bound, at every moment it is looked at.
+func TestWindowCacheBoundUnderConcurrency(t *testing.T) {
+	const max = 64 << 10
+	c := newWindowCache(max)
+	check := func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		var sum int64
+		for el := c.lru.Front(); el != nil; el = el.Next() {
+			sum += el.Value.(*cachedTail).size
+		}
+		if sum != c.bytes || c.bytes > max || len(c.items) != c.lru.Len() {
+			t.Errorf("the cache counts %d bytes for %d (bound %d), %d sessions in its map, %d in its list", c.bytes, sum, max, len(c.items), c.lru.Len())
+		}
+	}
+	var done = make(chan struct{})
+	for g := range 4 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := range 3000 {
+				sess := fmt.Sprintf("chat:u%d@example.com:support", (g*7+i)%9)
+				switch i % 5 {
+				case 0, 1, 2:
+					e := &streamEntry{msg: Message{ID: "1700000000000-0", Content: strings.Repeat("x", (i*131+g)%(max/2)+(i%17)*(max/8))}}
+					c.put(sess, newTail([]*streamEntry{e}, 1, "1700000000000:n"))
+				case 3:
+					c.drop(sess)
+				default:
+					if tl := c.get(sess); tl != nil && len(tl.entries) != 1 {
+						t.Errorf("a tail of %d entries", len(tl.entries))
+					}
+				}
+				if i%100 == 0 {
+					check()
+				}
+			}
+		}()
+	}
+	for range 4 {
+		<-done
+	}
+	check()
+}
