@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"strconv"
 	"time"
@@ -61,8 +62,10 @@ return 1
 // Migrate moves every session of the layout before one stream per session
 // into the current one, found through the P:sessions index (never by
 // scanning keys), and adds every session to the channel, user and agent
-// indexes. Message ids are kept (a few may move up a sequence number where
-// two conversations' streams began in the same millisecond). It is safe to
+// indexes. Message ids are kept (a few old ones may move up a sequence
+// number where two conversations' streams began in the same millisecond,
+// or just before the session's first message in the current layout, whose
+// ids and those after it never change). It is safe to
 // run while proxies of the current version serve, and to run again: a
 // session already moved is only checked. progress, when not nil, is called
 // after each session.
@@ -196,11 +199,7 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 			ttl = d
 		}
 	}
-	for _, e := range current {
-		conv, _ := e.Values["conversation"].(string)
-		entries = append(entries, newMigEntry(e, conv))
-	}
-	// Keep every id, unless it does not follow the one before: two
+	// Keep every old id, unless it does not follow the one before: two
 	// streams began in the same millisecond.
 	prev := ""
 	for i := range entries {
@@ -209,6 +208,23 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 			entries[i].id = strconv.FormatInt(ms, 10) + "-" + strconv.FormatInt(seq+1, 10)
 		}
 		prev = entries[i].id
+	}
+	// The current layout's entries keep their ids, for proxies of this
+	// version serve them: their conversations' start, last and summary
+	// pointers, summaries' ranges, watches and pages name them. Old
+	// entries that do not come before the first of them (a turn of the
+	// old version still in flight while this one began a conversation,
+	// during a rolling upgrade) take the ids just before it instead.
+	if len(current) > 0 {
+		next := current[0].ID
+		for i := len(entries) - 1; i >= 0 && compareIDs(entries[i].id, next) >= 0; i-- {
+			entries[i].id = precedingID(next)
+			next = entries[i].id
+		}
+	}
+	for _, e := range current {
+		conv, _ := e.Values["conversation"].(string)
+		entries = append(entries, newMigEntry(e, conv))
 	}
 
 	// Copy into a stream of its own, then swap it in at once.
@@ -261,6 +277,16 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 		return false, 0, 0, errMigrateRace
 	}
 	return true, len(old), len(entries) - len(current), nil
+}
+
+// precedingID is the greatest stream id below id, which is above 0-0; in the
+// millisecond before, the greatest sequence number parseID reads.
+func precedingID(id string) string {
+	ms, seq, _ := parseID(id)
+	if seq > 0 {
+		return strconv.FormatInt(ms, 10) + "-" + strconv.FormatInt(seq-1, 10)
+	}
+	return strconv.FormatInt(ms-1, 10) + "-" + strconv.FormatInt(math.MaxInt64, 10)
 }
 
 // fieldOrder is the order encodeMessage writes fields in. The message

@@ -279,3 +279,84 @@ func TestRedisMigrateKeepsSummaries(t *testing.T) {
 		}
 	}
 }
+
+// TestRedisMigrateOldEntriesAfterCurrentOnes: during a rolling upgrade a
+// proxy of the old version may write to a session's old stream after
+// this version began its conversation in the current layout (a turn of
+// the old version's still in flight). The old entries go before the
+// current ones, as always; the current conversation keeps its message ids
+// (which watches, pages and its conversation's start and last hold), and
+// every conversation's start and last name messages that exist.
+func TestRedisMigrateOldEntriesAfterCurrentOnes(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	s := NewRedis(c, "")
+	oldConversation(t, c, "hp", session, "c1", t0-1000, []string{"4000-0", "4000-1"}, []string{"old question", "old answer"}, 0)
+	mustNoErr(t, c.HSet(ctx, "hp:{"+session+"}:session", "conversation", "c1", "is_active", "1", "created_ms", t0-1000,
+		"last_active_ms", t0-999, "messages", 2, "conversations", 1).Err())
+	mustNoErr(t, c.ZAdd(ctx, "hp:sessions", redis.Z{Score: float64(t0 - 999), Member: session}).Err())
+	cur := appendQA(t, s, session, 1, t0, Policy{})
+	if cur.ConversationID != "c2" {
+		t.Fatalf("a turn on old data: got %+v, want a new conversation c2", cur)
+	}
+	// The old version's late turn, a millisecond after this version's.
+	ms, _, ok := parseID(cur.IDs[1])
+	if !ok {
+		t.Fatalf("id %q", cur.IDs[1])
+	}
+	late := strconv.FormatInt(ms+1, 10)
+	for i, text := range []string{"late question", "late answer"} {
+		mustNoErr(t, c.XAdd(ctx, &redis.XAddArgs{Stream: "hp:{" + session + "}:conv:c1", ID: late + "-" + strconv.Itoa(i), Values: []any{
+			"role", []string{RoleUser, RoleAssistant}[i], "content", text, "kind", KindMessage, "tokens", "5",
+			"created_ms", strconv.FormatInt(t0+1, 10), "status", StatusComplete,
+		}}).Err())
+	}
+
+	checkMigrated := func(run string) {
+		t.Helper()
+		c2, err := s.Messages(ctx, session, "c2")
+		mustNoErr(t, err)
+		var ids []string
+		for _, m := range c2 {
+			ids = append(ids, m.ID)
+		}
+		if !reflect.DeepEqual(ids, cur.IDs) {
+			t.Errorf("%s: c2's ids: got %q, want %q as written", run, ids, cur.IDs)
+		}
+		c1, err := s.Messages(ctx, session, "c1")
+		mustNoErr(t, err)
+		if want := []string{"old question", "old answer", "late question", "late answer"}; !reflect.DeepEqual(contents(c1), want) {
+			t.Errorf("%s: c1: got %q, want %q", run, contents(c1), want)
+		}
+		entries, err := c.XRange(ctx, "hp:{"+session+"}:messages", "-", "+").Result()
+		mustNoErr(t, err)
+		exists := map[string]bool{}
+		for _, e := range entries {
+			exists[e.ID] = true
+		}
+		convs, err := s.Conversations(ctx, session)
+		mustNoErr(t, err)
+		for _, cv := range convs {
+			if !exists[cv.StartID] || !exists[cv.LastID] {
+				t.Errorf("%s: conversation %s: start %s, last %s; want ids of its messages (stream: %d entries)", run, cv.ID, cv.StartID, cv.LastID, len(entries))
+			}
+		}
+		w, err := s.Window(ctx, session, 10, t0+2, Policy{})
+		mustNoErr(t, err)
+		if w.ConversationID != "c2" || !reflect.DeepEqual(contents(w.Messages), []string{"q1", "a1"}) {
+			t.Errorf("%s: window: got %q in %q, want c2's q1 a1", run, contents(w.Messages), w.ConversationID)
+		}
+	}
+	_, err := s.Migrate(ctx, nil)
+	mustNoErr(t, err)
+	checkMigrated("first run")
+	got, err := s.Migrate(ctx, nil)
+	mustNoErr(t, err)
+	if want := (MigrateResult{Current: 1}); got != want {
+		t.Errorf("second run: got %+v, want %+v", got, want)
+	}
+	checkMigrated("second run")
+	if r := appendQA(t, s, session, 2, t0+3, Policy{}); r.NewConversation || r.ConversationID != "c2" {
+		t.Errorf("next turn: got %+v, want it in c2", r)
+	}
+}
