@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -427,12 +426,11 @@ func TestWindowCacheEstimateIsTheHeap(t *testing.T) {
 
 func testEstimateIsTheHeap(t *testing.T, c *redis.Client, prefix string, texts []string) {
 	ctx := context.Background()
-	seed := NewRedis(c, prefix, WithWindowCacheBytes(0))
-	defer seed.Close()
 	const sessions, turns = 150, 11
 	calls := json.RawMessage(`[{"id":"call_1","type":"function","function":{"name":"lookup","arguments":"{\"order\":\"A-1\"}"}}]`)
-	id := func(i int) string { return fmt.Sprintf("chat:est%d@example.com:support", i) }
-	for i := range sessions + 5 {
+	i := 0 // the session being seeded: each starts its texts elsewhere
+	seed := func(t *testing.T, s *RedisStore, id string) {
+		defer func() { i++ }()
 		for j := range turns {
 			rid := fmt.Sprintf("req_%d_%d_8f3a9c2e7b1d4f60", i, j) // as the proxy records them: a request id, the user, the model
 			msgs := []Message{{Role: RoleUser, Content: texts[(i+j)%len(texts)], Model: "gpt-4o-mini", RequestID: rid, User: "est@example.com"}}
@@ -441,40 +439,16 @@ func testEstimateIsTheHeap(t *testing.T, c *redis.Client, prefix string, texts [
 					Message{Role: RoleTool, ToolCallID: "call_1", Content: `{"status":"shipped"}`, RequestID: rid, User: "est@example.com"})
 			}
 			msgs = append(msgs, Message{Role: RoleAssistant, Content: texts[(i+j+1)%len(texts)], Model: "gpt-4o-mini", RequestID: rid, User: "est@example.com"})
-			_, err := seed.Append(ctx, id(i), Turn{NowMs: t0 + int64(j), IdempotencyKey: fmt.Sprintf("k-%d-%d", i, j),
+			_, err := s.Append(ctx, id, Turn{NowMs: t0 + int64(j), IdempotencyKey: fmt.Sprintf("k-%d-%d", i, j),
 				Usage: Usage{PromptTokens: 10, CompletionTokens: 5, Requests: 1}, Messages: msgs}, Policy{})
 			mustNoErr(t, err)
 		}
 	}
-	s := NewRedis(c, prefix, WithWindowCacheBytes(1<<30))
-	defer s.Close()
-	for i := sessions; i < sessions+5; i++ { // the client's connections and buffers, before measuring
-		takeNow(t, s, id(i), 21, t0+100, Policy{})
-	}
-	s.cache.drop(id(sessions))
-	heap := func() int64 {
-		var ms runtime.MemStats
-		runtime.GC()
-		runtime.GC()
-		runtime.ReadMemStats(&ms)
-		return int64(ms.HeapAlloc)
-	}
-	counted0, _ := s.cache.size()
-	before := heap()
-	for i := range sessions {
-		takeNow(t, s, id(i), 21, t0+100, Policy{})
-	}
-	after := heap()
-	counted, n := s.cache.size()
-	if n < sessions {
-		t.Fatalf("the cache holds %d sessions, want at least %d", n, sessions)
-	}
-	held, est := after-before, counted-counted0
+	est, held := measureTails(t, c, prefix, sessions, 21, seed)
 	t.Logf("%d sessions: the heap grew by %d bytes, the cache counts %d (%.2f)", sessions, held, est, float64(est)/float64(held))
 	if r := float64(est) / float64(held); r < 1 || r > 1.1 {
 		t.Errorf("the cache counts %d bytes for what holds %d on the heap (%.2f of it), want within a tenth over", est, held, r)
 	}
-	runtime.KeepAlive(s)
 }
 
 // TestWindowCacheEraseAndWriteAgainWithinAMillisecond: a session erased
