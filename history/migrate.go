@@ -33,27 +33,38 @@ var errMigrateRace = errors.New("session written during its migration")
 const migrateBatch = 500
 
 // swapScript ends a session's migration atomically: if the session's
-// stream is as it was read (its last id, or absent), the copy replaces it,
-// the conversations' metadata is written, and the old keys are deleted.
+// stream and its old keys are as they were read (the last id of each
+// stream, or absent, and the number of old conversations), the copy
+// replaces the stream, the conversations' metadata is written, and the old
+// keys are deleted. The old keys are checked too because a proxy of the
+// old version may still write to them during a rolling upgrade: a turn it
+// added after they were read, or a conversation it began, would otherwise
+// be deleted with them, never copied.
 //
 // KEYS: session, conversations, messages, copy, old conversation set, old
 // streams... ARGV: last id of messages when read ("" absent), TTL ms of the
-// result (0: none), then field/value pairs of the conversations hash.
-// Returns 1, or 0 when the session changed meanwhile (nothing is written).
+// result (0: none), the number of old conversations when read, the last id
+// of each old stream when read ("" empty or absent), then field/value pairs
+// of the conversations hash. Returns 1, or 0 when the session changed
+// meanwhile (nothing is written).
 var swapScript = redis.NewScript(`
-local last = ''
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  local e = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  if #e > 0 then last = e[1][1] end
+local function lastID(key)
+  local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #e > 0 then return e[1][1] end
+  return ''
 end
-if last ~= ARGV[1] then return 0 end
+if lastID(KEYS[3]) ~= ARGV[1] then return 0 end
+if redis.call('ZCARD', KEYS[5]) ~= tonumber(ARGV[3]) then return 0 end
+for i = 6, #KEYS do
+  if lastID(KEYS[i]) ~= ARGV[i - 2] then return 0 end
+end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('RENAME', KEYS[4], KEYS[3])
   if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 else
   redis.call('DEL', KEYS[3])
 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = #KEYS - 1, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSETNX', KEYS[1], 'retained', '1')
 for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
 return 1
@@ -154,6 +165,7 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 	})
 	keys := []string{s.sessionKey(id), s.convsKey(id), s.streamKey(id), s.migratingKey(id), oldSet}
 	var entries []migEntry
+	var oldLast []any // each old stream's last id when read, for the swap
 	ttl := time.Duration(0)
 	meta := map[string]map[string]string{}
 	for _, z := range old {
@@ -168,6 +180,11 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 		for _, e := range es {
 			entries = append(entries, newMigEntry(e, conv))
 		}
+		last := ""
+		if len(es) > 0 {
+			last = es[len(es)-1].ID
+		}
+		oldLast = append(oldLast, last)
 		if len(es) > 0 {
 			d, err := s.client.PTTL(ctx, stream).Result()
 			if err != nil {
@@ -261,7 +278,7 @@ func (s *RedisStore) migrateSession(ctx context.Context, id string) (moved bool,
 			m["auto_title"] = DeriveTitle(e.m)
 		}
 	}
-	args := []any{lastID, ttl.Milliseconds()}
+	args := append([]any{lastID, ttl.Milliseconds(), len(old)}, oldLast...)
 	for conv, fields := range meta {
 		for k, v := range fields {
 			if v != "" {
