@@ -512,8 +512,13 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 // tail. A take that found no current conversation (whose window is empty
 // whatever the stream holds) or a session without a created_ms (one
 // written before it was kept) has nothing to tell the session by: nothing
-// is cached then.
+// is cached then, nor when the cache is off.
 func (s *RedisStore) cacheTail(session string, n int, tail *streamTail, read streamRead, created, last string) ([]*streamEntry, bool) {
+	if s.cache == nil {
+		// Off: there is no tail (TakeTurn found none), and building one
+		// to keep would only cost its allocation and its count.
+		return read.entries[:min(n, len(read.entries))], true
+	}
 	if created == "" {
 		if tail != nil {
 			s.cache.drop(session)

@@ -522,3 +522,24 @@ func TestWindowCacheKeptByATakeThatReadsNoWindow(t *testing.T) {
 		t.Fatalf("the take after one of no messages read %v, want %v (only after the tail's newest entry)", bounds, want)
 	}
 }
+
+// TestWindowCacheOffBuildsNoTail: with the cache off, a take hands out the
+// entries it read and builds no tail (nor counts its bytes) that nothing
+// would keep.
+func TestWindowCacheOffBuildsNoTail(t *testing.T) {
+	s := &RedisStore{} // the cache off, as WithWindowCacheBytes(0) leaves it
+	read := streamRead{length: 3}
+	for i := range 3 {
+		read.entries = append(read.entries, &streamEntry{conv: "c", msg: Message{ID: fmt.Sprintf("1-%d", 3-i), Role: RoleUser, Content: "hi"}})
+	}
+	var newest []*streamEntry
+	allocs := testing.AllocsPerRun(100, func() {
+		newest, _ = s.cacheTail(session, 2, nil, read, "1700000000000 0123456789abcdef", "1-3")
+	})
+	if allocs != 0 {
+		t.Errorf("a take with the cache off allocated %v times in cacheTail, want 0 (no tail built)", allocs)
+	}
+	if len(newest) != 2 || newest[0] != read.entries[0] || newest[1] != read.entries[1] {
+		t.Errorf("got %d entries, want the 2 newest read", len(newest))
+	}
+}
