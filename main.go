@@ -452,9 +452,16 @@ type store interface {
 	compaction.Store
 }
 
+// storeObserver counts what a store does: its turn leases and deltas,
+// and a Redis store's window cache.
+type storeObserver interface {
+	history.LiveObserver
+	history.WindowCacheObserver
+}
+
 // newStore builds the configured store; obs counts its turn leases and
-// deltas.
-func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs history.LiveObserver) (store, func(), error) {
+// deltas, and its window cache when it is a Redis store with one.
+func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs storeObserver) (store, func(), error) {
 	rc := cfg.Redis
 	if !rc.Enabled() {
 		log.Warn("no Redis configured: conversations are kept in memory and lost on restart (set -redis-url)")
@@ -480,7 +487,7 @@ func newStore(ctx context.Context, cfg config.Config, log *slog.Logger, obs hist
 	}
 	s := history.NewRedis(client, rc.Prefix, history.WithLeaseTTL(cfg.Store.LeaseTTL), history.WithLiveObserver(obs),
 		history.WithRedisLogger(log.With("component", "store")), history.WithBlockingClient(blocking),
-		history.WithWindowCacheBytes(cfg.Store.WindowCacheBytes))
+		history.WithWindowCacheBytes(cfg.Store.WindowCacheBytes), history.WithWindowCacheObserver(obs))
 	return s, func() { _ = s.Close(); _ = blocking.Close(); _ = client.Close() }, nil
 }
 

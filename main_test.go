@@ -6,6 +6,8 @@ import (
 	"flag"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -289,6 +291,43 @@ func TestPprofOnlyWhenAsked(t *testing.T) {
 			require.Equal(t, http.StatusNotFound, get(p.addrs.Proxy, "/debug/pprof/heap?debug=1"))
 			require.Equal(t, http.StatusOK, get(p.addrs.Admin, "/healthz"))
 			require.Equal(t, http.StatusOK, get(p.addrs.Admin, "/metrics"))
+		})
+	}
+}
+
+// TestWindowCacheMetricsOnlyWithTheCache: the program exports the window
+// cache's series, the reads at 0 from start, only with Redis and the
+// cache on.
+func TestWindowCacheMetricsOnlyWithTheCache(t *testing.T) {
+	up := fakeai.New(t)
+	rs := redistest.Start(t)
+	off := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(off, []byte("store:\n  window_cache_bytes: 0\n"), 0o600))
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		want bool
+	}{
+		{"memory", map[string]string{"HISTORYPROXY_UPSTREAM": up.URL}, nil, false},
+		{"redis", map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, nil, true},
+		{"redis, cache off", map[string]string{"HISTORYPROXY_UPSTREAM": up.URL, "HISTORYPROXY_REDIS_URL": rs.URL}, []string{"-config", off}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := start(t, tc.env, tc.args...)
+			resp, err := http.Get("http://" + p.addrs.Admin + "/metrics")
+			require.NoError(t, err)
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, series := range []string{
+				`historyproxy_window_cache_reads_total{result="hit"} 0`,
+				`historyproxy_window_cache_reads_total{result="miss"} 0`,
+				`historyproxy_window_cache_reads_total{result="stale"} 0`,
+				`historyproxy_window_cache_bytes 0`,
+				`historyproxy_window_cache_sessions 0`,
+			} {
+				require.Equal(t, tc.want, strings.Contains(string(body), series+"\n"), "exports %s", series)
+			}
 		})
 	}
 }

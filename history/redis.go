@@ -55,6 +55,7 @@ type RedisStore struct {
 	blocking redis.UniversalClient // the watches' blocking reads
 	hubs     *hubs
 	cache    *windowCache // nil: off
+	cacheObs WindowCacheObserver
 }
 
 // NewRedis returns a store that keeps its keys under prefix (DefaultPrefix
@@ -64,9 +65,14 @@ func NewRedis(client redis.UniversalClient, prefix string, opts ...RedisOption) 
 		prefix = DefaultPrefix
 	}
 	s := &RedisStore{client: client, prefix: prefix, leaseTTL: DefaultLeaseTTL, obs: noObserver{}, log: slog.New(slog.DiscardHandler), blocking: client,
-		cache: newWindowCache(DefaultWindowCacheBytes)}
+		cache: newWindowCache(DefaultWindowCacheBytes), cacheObs: noCacheObserver{}}
 	for _, o := range opts {
 		o(s)
+	}
+	if s.cache != nil {
+		// After every option: which of them sets the cache's size and
+		// which its observer may come in either order.
+		s.cacheObs.WindowCacheOn(s.cache.size)
 	}
 	s.wake = &waker{client: client, log: s.log, subs: map[string]*wakeSub{}}
 	s.hubs = newHubs(redisLive{s}, s.obs)

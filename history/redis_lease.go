@@ -51,6 +51,17 @@ func WithWindowCacheBytes(n int64) RedisOption {
 	return func(s *RedisStore) { s.cache = newWindowCache(n) }
 }
 
+// WithWindowCacheObserver counts the takes that read a window with the
+// store's window cache on, and reports what the cache holds (see
+// WindowCacheObserver).
+func WithWindowCacheObserver(o WindowCacheObserver) RedisOption {
+	return func(s *RedisStore) {
+		if o != nil {
+			s.cacheObs = o
+		}
+	}
+}
+
 // WithLiveObserver counts the store's leases and deltas.
 func WithLiveObserver(o LiveObserver) RedisOption {
 	return func(s *RedisStore) {
@@ -519,9 +530,12 @@ func (s *RedisStore) cacheTail(session string, n int, tail *streamTail, read str
 		// to keep would only cost its allocation and its count.
 		return read.entries[:min(n, len(read.entries))], true
 	}
+	if tail == nil {
+		s.cacheObs.WindowCacheMiss()
+	}
 	if created == "" {
 		if tail != nil {
-			s.cache.drop(session)
+			s.dropStale(session)
 			return nil, false
 		}
 		return read.entries[:min(n, len(read.entries))], true
@@ -530,19 +544,29 @@ func (s *RedisStore) cacheTail(session string, n int, tail *streamTail, read str
 	if tail != nil {
 		var ok bool
 		if next, ok = tail.extend(read.entries, read.length, created, n); !ok {
-			s.cache.drop(session)
+			s.dropStale(session)
 			return nil, false
 		}
 	}
 	newest := next.entries[:min(n, len(next.entries))]
 	if tail != nil && len(read.entries) < n && last != "" && !slices.ContainsFunc(newest, func(e *streamEntry) bool { return e.id() == last }) {
-		s.cache.drop(session)
+		s.dropStale(session)
 		return nil, false
+	}
+	if tail != nil {
+		s.cacheObs.WindowCacheHit()
 	}
 	if len(next.entries) > 0 {
 		s.cache.put(session, next)
 	}
 	return newest, true
+}
+
+// dropStale forgets the session's tail, which a take found no longer
+// holds (see cacheTail), and counts the take as stale.
+func (s *RedisStore) dropStale(session string) {
+	s.cache.drop(session)
+	s.cacheObs.WindowCacheStale()
 }
 
 // readWindow reads the window of w's conversation by windowScript, when

@@ -60,6 +60,37 @@ type cachedTail struct {
 // full: up to 64; 80 counted, for the table's growth between sizes).
 const tailOverhead = 224
 
+// WindowCacheObserver counts what a RedisStore's window cache does (see
+// WithWindowCacheObserver). The store calls it only while its cache is
+// on: with the cache off it calls nothing.
+type WindowCacheObserver interface {
+	// WindowCacheOn is called once, by NewRedis, when the store's cache is
+	// on, with held: the bytes the cache counts and the sessions it holds
+	// at the time held is called. held is safe for concurrent use and
+	// cheap (one lock), to be called at each scrape.
+	WindowCacheOn(held func() (bytes int64, sessions int))
+	// WindowCacheHit, WindowCacheMiss and WindowCacheStale count each take
+	// that read a window (of n > 0 messages, the turn granted): a hit
+	// used the session's tail and read only the entries after it; a miss
+	// had no tail to use (the session's first take on this instance, its
+	// tail evicted, or one that holds fewer entries than the window
+	// asked for) and read the newest n; a stale take found its tail no
+	// longer held (the stream changed other than by appends, or the
+	// session was erased and written again), dropped it, and read the
+	// window again. They are called on the request's path: keep them to
+	// an atomic add.
+	WindowCacheHit()
+	WindowCacheMiss()
+	WindowCacheStale()
+}
+
+type noCacheObserver struct{}
+
+func (noCacheObserver) WindowCacheOn(func() (int64, int)) {}
+func (noCacheObserver) WindowCacheHit()                   {}
+func (noCacheObserver) WindowCacheMiss()                  {}
+func (noCacheObserver) WindowCacheStale()                 {}
+
 // newWindowCache returns a cache of at most max bytes; nil (off) when max
 // is 0 or less.
 func newWindowCache(max int64) *windowCache {
@@ -125,7 +156,8 @@ func (c *windowCache) remove(el *list.Element) {
 	c.bytes -= t.size
 }
 
-// size returns the bytes the cache holds and how many sessions, for tests.
+// size returns the bytes the cache counts and how many sessions it
+// holds (what WindowCacheObserver's held reports).
 func (c *windowCache) size() (int64, int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -51,6 +51,9 @@ var wantFamilies = []string{
 	"historyproxy_upstream_duration_seconds",
 	"historyproxy_upstream_time_to_first_token_seconds",
 	"historyproxy_watches_open",
+	"historyproxy_window_cache_bytes",
+	"historyproxy_window_cache_reads_total",
+	"historyproxy_window_cache_sessions",
 }
 
 // exercised returns the binary's registry with historyproxy's metrics
@@ -89,6 +92,10 @@ func exercised(t *testing.T) *prometheus.Registry {
 	m.WatchOpened()
 	m.DeltasPublished(1)
 	m.DeltasDropped(1)
+	m.WindowCacheOn(func() (int64, int) { return 12 << 10, 1 })
+	m.WindowCacheHit()
+	m.WindowCacheMiss()
+	m.WindowCacheStale()
 	return reg
 }
 

@@ -142,6 +142,11 @@ type Metrics struct {
 
 	live live
 
+	// reg is where New registered the collectors, and WindowCacheOn
+	// registers the window cache's.
+	reg   prometheus.Registerer
+	cache windowCache
+
 	// recent tallies the last day a minute at a time, for the console.
 	recent Recent
 }
@@ -278,7 +283,9 @@ func New(reg prometheus.Registerer, sessionLimit int, opts ...Option) *Metrics {
 			Namespace: namespace, Name: "background_calls_total",
 			Help: "The proxy's own upstream calls, by purpose (compaction, title) and result: ok, error (nothing stored; retried later) or dropped (the queue was full).",
 		}, []string{"purpose", "result"}),
-		live: newLive(),
+		live:  newLive(),
+		reg:   reg,
+		cache: newWindowCache(),
 	}
 	// A value giving its slot back takes every series it labels with it.
 	m.models = newValueCap(maxLabelValues, labelIdle, func(v string) {

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -112,5 +114,54 @@ func TestCostExistsAtZero(t *testing.T) {
 	m.ObserveRequest(Request{Channel: "web", Agent: "support", Model: "gpt-4o", Reached: true, Billed: true, Code: 200, PromptTokens: 5, Priced: true, CostNanos: 500})
 	if v, _ := series(t, reg, "historyproxy_cost_usd_total", map[string]string{"channel": "web", "agent": "support", "model": "gpt-4o", "purpose": PurposeChat}); v != 500e-9 {
 		t.Errorf("cost after a billed request: got %v, want 5e-07", v)
+	}
+}
+
+// TestWindowCacheSeries: the window cache's series are absent until a
+// store with the cache on registers them (a memory store, or the cache
+// off, never does), and then the reads exist at 0 for each result and the
+// gauges report what the cache holds, read at each scrape.
+func TestWindowCacheSeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg, 0)
+	m.WindowCacheHit() // a call before the cache is on neither panics nor exports
+	for _, family := range []string{"historyproxy_window_cache_reads_total", "historyproxy_window_cache_bytes", "historyproxy_window_cache_sessions"} {
+		if n, err := testutil.GatherAndCount(reg, family); err != nil || n != 0 {
+			t.Errorf("without a cache, %s: %d series (%v), want none", family, n, err)
+		}
+	}
+	bytes, sessions := int64(4096), 2
+	m.WindowCacheOn(func() (int64, int) { return bytes, sessions })
+	for _, r := range []string{"hit", "miss", "stale"} {
+		want := 0.0
+		if r == "hit" {
+			want = 1 // the one before
+		}
+		if v, ok := series(t, reg, "historyproxy_window_cache_reads_total", map[string]string{"result": r}); !ok || v != want {
+			t.Errorf("window_cache_reads_total{result=%q}: got %v (present %v), want %v", r, v, ok, want)
+		}
+	}
+	m.WindowCacheMiss()
+	m.WindowCacheStale()
+	m.WindowCacheStale()
+	for r, want := range map[string]float64{"hit": 1, "miss": 1, "stale": 2} {
+		if got := testutil.ToFloat64(m.cache.reads.WithLabelValues(r)); got != want {
+			t.Errorf("window_cache_reads_total{result=%q}: got %v, want %v", r, got, want)
+		}
+	}
+	for _, held := range [][2]int{{4096, 2}, {0, 0}} {
+		bytes, sessions = int64(held[0]), held[1]
+		const want = `
+# HELP historyproxy_window_cache_bytes Heap the window cache counts for the tails it holds (bounded by store.window_cache_bytes).
+# TYPE historyproxy_window_cache_bytes gauge
+historyproxy_window_cache_bytes %d
+# HELP historyproxy_window_cache_sessions Sessions whose newest entries the window cache holds.
+# TYPE historyproxy_window_cache_sessions gauge
+historyproxy_window_cache_sessions %d
+`
+		if err := testutil.GatherAndCompare(reg, strings.NewReader(fmt.Sprintf(want, held[0], held[1])),
+			"historyproxy_window_cache_bytes", "historyproxy_window_cache_sessions"); err != nil {
+			t.Errorf("held %v: %v", held, err)
+		}
 	}
 }
