@@ -286,12 +286,19 @@ func (t *streamTail) newest() string { return t.entries[0].id() }
 // the session do not read all of theirs each time). false when the stream
 // changed in any other way (its length is not t's plus added's: a trim,
 // or entries that came in below t's newest) or the session is another
-// (erased and written again): t's entries then cannot be trusted.
+// (erased and written again, however many entries were read): t's entries
+// then cannot be trusted.
 func (t *streamTail) extend(added []*streamEntry, length int64, created string, n int) (*streamTail, bool) {
+	if created != t.created {
+		// Checked before the n entries' shortcut too: they would make the
+		// right window, but the take is not one of the tail's session, and
+		// counts as stale (WindowCacheObserver).
+		return nil, false
+	}
 	if len(added) >= n {
 		return newTail(added, length, created), true
 	}
-	if length != t.length+int64(len(added)) || created != t.created {
+	if length != t.length+int64(len(added)) {
 		return nil, false
 	}
 	keep := max(n, len(t.entries))

@@ -1,0 +1,155 @@
+package history
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/historyproxy/historyproxy/internal/redistest"
+	"github.com/historyproxy/historyproxy/metrics"
+)
+
+// TestWindowCacheReadsCountedOnceAfterWaiting: a take that waits for the
+// turn (its first scripts find the session busy) counts once, when granted.
+func TestWindowCacheReadsCountedOnceAfterWaiting(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	a := "chat:a@example.com:support"
+	appendQA(t, s, a, 0, t0, Policy{})
+	_, l, err := s.TakeTurn(ctx, a, 6, t0+1, Policy{}, TurnOptions{Hold: true, Wait: time.Second})
+	mustNoErr(t, err)
+	cacheReads(t, reg, "the holder's take", 0, 1, 0)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := s.TakeTurn(ctx, a, 6, t0+2, Policy{}, TurnOptions{Wait: 5 * time.Second})
+		done <- err
+	}()
+	// Released once the waiter is queued, so that it has re-tried.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if n, _ := c.LLen(ctx, s.queueKey(a)).Result(); n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the waiter never queued")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	mustNoErr(t, l.Release(ctx))
+	mustNoErr(t, <-done)
+	cacheReads(t, reg, "after the waiter's take", 1, 1, 0)
+}
+
+// TestWindowCacheWindowNotCounted: Window (ordering off) reads by the
+// script and neither uses nor counts the cache, as README says.
+func TestWindowCacheWindowNotCounted(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	appendQA(t, s, session, 0, t0, Policy{})
+	for range 2 {
+		_, err := s.Window(ctx, session, 6, t0+1, Policy{})
+		mustNoErr(t, err)
+	}
+	cacheReads(t, reg, "two Window reads", 0, 0, 0)
+}
+
+// TestWindowCacheErasedAndWrittenAgainIsStale: a session erased by another
+// instance and written again with at least the window's entries counts
+// stale (README: "a session erased and written again"), not hit: none of
+// the tail was used.
+func TestWindowCacheErasedAndWrittenAgainIsStale(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	other := NewRedis(c, "t")
+	defer other.Close()
+	a := "chat:a@example.com:support"
+	appendQA(t, s, a, 0, t0, Policy{})
+	takeNow(t, s, a, 2, t0+1, Policy{})
+	cacheReads(t, reg, "first take", 0, 1, 0)
+	if _, err := other.Erase(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	appendQA(t, other, a, 8, t0+200, Policy{})
+	appendQA(t, other, a, 9, t0+201, Policy{})
+	if got := contents(takeNow(t, s, a, 2, t0+300, Policy{}).Messages); len(got) != 2 || got[0] != "q9" {
+		t.Fatalf("after the erase: window %v, want q9 and a9", got)
+	}
+	cacheReads(t, reg, "after an erase elsewhere", 0, 1, 1)
+}
+
+// TestWindowCacheReadsCountedOnCluster: the cache and its counts work the
+// same on a cluster.
+func TestWindowCacheReadsCountedOnCluster(t *testing.T) {
+	var c redis.UniversalClient = redistest.StartCluster(t).Client(t)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	a := "chat:a@example.com:support"
+	appendQA(t, s, a, 0, t0, Policy{})
+	takeNow(t, s, a, 4, t0+1, Policy{})
+	appendQA(t, s, a, 1, t0+2, Policy{})
+	takeNow(t, s, a, 4, t0+3, Policy{})
+	cacheReads(t, reg, "cluster", 1, 1, 0)
+}
+
+// TestWindowCacheGaugesRace: scrapes during takes of many sessions (run
+// with -race).
+func TestWindowCacheGaugesRace(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := "chat:" + string(rune('a'+g)) + "@example.com:support"
+			for i := range 5 {
+				if _, err := s.Append(context.Background(), id, Turn{Messages: qa(i), NowMs: t0 + int64(i)}, Policy{}); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, _, err := s.TakeTurn(context.Background(), id, 4, t0+int64(i), Policy{}, TurnOptions{Wait: 5 * time.Second}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	stop := make(chan struct{})
+	scraped := make(chan struct{})
+	go func() {
+		defer close(scraped)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := reg.Gather(); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(stop)
+	<-scraped
+	cacheReads(t, reg, "4 sessions of 5 takes", 16, 4, 0)
+	if v, _ := gathered(t, reg, "historyproxy_window_cache_sessions", ""); v != 4 {
+		t.Errorf("sessions: got %v, want 4", v)
+	}
+}
