@@ -474,8 +474,16 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 	if n <= 0 {
 		return w, nil // nothing read (see TakeTurn)
 	}
+	if conv == "" {
+		// No current conversation (idle past its timeout, or reset): the
+		// window is empty, and the script told nothing of the session to
+		// check the tail by (no created_ms), though the stream has not
+		// changed. The tail is left as it is, neither used nor counted:
+		// the new conversation's first turn checks and extends it.
+		return w, nil
+	}
 	newest, fresh := s.cacheTail(session, n, tail, read, created, last)
-	if conv == "" || first == "" {
+	if first == "" {
 		return w, nil
 	}
 	lo, inclusive := first, true
@@ -520,10 +528,10 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 // session is not the one the tail was read from (its created_ms and
 // created_nonce), or its conversation's last entry, last, is not among the
 // newest n though it was written after the tail's newest entry. The cache then forgets the
-// tail. A take that found no current conversation (whose window is empty
-// whatever the stream holds) or a session without a created_ms (one
-// written before it was kept) has nothing to tell the session by: nothing
-// is cached then, nor when the cache is off.
+// tail. A session without a created_ms (one written before it was kept)
+// has nothing to tell the session by: nothing is cached then, nor when the
+// cache is off. (A take that found no current conversation does not come
+// here: see takeWindow.)
 func (s *RedisStore) cacheTail(session string, n int, tail *streamTail, read streamRead, created, last string) ([]*streamEntry, bool) {
 	if s.cache == nil {
 		// Off: there is no tail (TakeTurn found none), and building one

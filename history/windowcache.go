@@ -70,7 +70,9 @@ type WindowCacheObserver interface {
 	// cheap (one lock), to be called at each scrape.
 	WindowCacheOn(held func() (bytes int64, sessions int))
 	// WindowCacheHit, WindowCacheMiss and WindowCacheStale count each take
-	// that read a window (of n > 0 messages, the turn granted): a hit
+	// that read a window (of n > 0 messages, the turn granted, of a
+	// current conversation: a take that found none left the tail as it
+	// is and counts nothing): a hit
 	// used the session's tail and read only the entries after it; a miss
 	// had no tail to use (the session's first take on this instance, its
 	// tail evicted, or one that holds fewer entries than the window

@@ -2,6 +2,8 @@ package history
 
 import (
 	"context"
+	"reflect"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -152,4 +154,59 @@ func TestWindowCacheGaugesRace(t *testing.T) {
 	if v, _ := gathered(t, reg, "historyproxy_window_cache_sessions", ""); v != 4 {
 		t.Errorf("sessions: got %v, want 4", v)
 	}
+}
+
+// TestWindowCacheNewConversationKeepsTheTail: a take that finds no current
+// conversation (the idle timeout passed, or the session was reset) reads
+// no window, and the stream has not changed: it neither counts a stale
+// tail nor drops it, so the next turn, the new conversation's, reads only
+// what is new. It counted stale and dropped the tail, and the next turn
+// counted a miss and read its whole window.
+func TestWindowCacheNewConversationKeepsTheTail(t *testing.T) {
+	ctx := context.Background()
+	c := redistest.Start(t).Client(t)
+	h := &streamReads{}
+	c.AddHook(h)
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	defer s.Close()
+	idle := Policy{IdleTimeout: time.Hour}
+	a := "chat:a@example.com:support"
+	for i := range 2 {
+		appendQA(t, s, a, i, t0+int64(i), idle)
+	}
+	takeNow(t, s, a, 6, t0+10, idle)
+	cacheReads(t, reg, "the first take", 0, 1, 0)
+	later := t0 + 2*time.Hour.Milliseconds()
+	for _, step := range []struct {
+		name  string
+		start func()
+	}{
+		{"idle", func() {}},
+		{"reset", func() { _, err := s.Reset(ctx, a); mustNoErr(t, err) }},
+	} {
+		step.start()
+		if w := takeNow(t, s, a, 6, later, idle); w.ConversationID != "" || len(w.Messages) != 0 {
+			t.Fatalf("%s: the take found %+v, want no conversation", step.name, w)
+		}
+		if s.cache.get(a) == nil {
+			t.Fatalf("%s: the take that found no conversation dropped the tail", step.name)
+		}
+		_, stale := gathered(t, reg, "historyproxy_window_cache_reads_total", "stale")
+		if v, _ := gathered(t, reg, "historyproxy_window_cache_reads_total", "stale"); v != 0 || !stale {
+			t.Fatalf("%s: stale %v, want 0", step.name, v)
+		}
+		res := appendQA(t, s, a, 5, later, idle)
+		later += 10
+		want := [][2]string{{"+", "(" + idBefore(t, c, s.streamKey(a), res.IDs[0])}}
+		h.take()
+		if got := contents(takeNow(t, s, a, 6, later, idle).Messages); !slices.Equal(got, []string{"q5", "a5"}) {
+			t.Fatalf("%s: the new conversation's window %v, want q5 a5", step.name, got)
+		}
+		if _, bounds := h.take(); !reflect.DeepEqual(bounds, want) {
+			t.Fatalf("%s: the new conversation's first take read %v, want %v (only after the tail)", step.name, bounds, want)
+		}
+		later += 2 * time.Hour.Milliseconds()
+	}
+	cacheReads(t, reg, "the new conversations' takes", 2, 1, 0)
 }
