@@ -73,7 +73,9 @@ type WindowCacheObserver interface {
 	// that read a window (of n > 0 messages, the turn granted, of a
 	// current conversation: a take that found none left the tail as it
 	// is and counts nothing): a hit
-	// used the session's tail and read only the entries after it; a miss
+	// used the session's tail and read only the stream's entries after
+	// it (and the window again by windowScript when turns written late
+	// to an older conversation crowd it out, as without the cache); a miss
 	// had no tail to use (the session's first take on this instance, its
 	// tail evicted, or one that holds fewer entries than the window
 	// asked for) and read the newest n; a stale take found its tail no

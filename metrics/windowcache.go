@@ -22,7 +22,7 @@ type windowCache struct {
 func newWindowCache() windowCache {
 	c := windowCache{reads: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "window_cache_reads_total",
-		Help: "Turns that read their session's window with the window cache on, by result: hit (only the entries after the cached tail were read), miss (no tail to use: the session's first turn on this instance, its tail evicted, or one shorter than the window asked for) or stale (the tail no longer held: dropped, and the window read again).",
+		Help: "Turns that read their session's window with the window cache on, by result: hit (only the stream's entries after the cached tail were read), miss (no tail to use: the session's first turn on this instance, its tail evicted, or one shorter than the window asked for) or stale (the tail no longer held: dropped, and the window read again).",
 	}, []string{"result"})}
 	// Resolved here, so a take adds to a counter without a label lookup,
 	// and all three are exported at 0 from the start.
