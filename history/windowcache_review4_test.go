@@ -23,9 +23,7 @@ import (
 func TestWindowCacheReadsCountedOnceAfterWaiting(t *testing.T) {
 	ctx := context.Background()
 	c := redistest.Start(t).Client(t)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	a := "chat:a@example.com:support"
 	appendQA(t, s, a, 0, t0, Policy{})
 	_, l, err := s.TakeTurn(ctx, a, 6, t0+1, Policy{}, TurnOptions{Hold: true, Wait: time.Second})
@@ -56,9 +54,7 @@ func TestWindowCacheReadsCountedOnceAfterWaiting(t *testing.T) {
 func TestWindowCacheWindowNotCounted(t *testing.T) {
 	ctx := context.Background()
 	c := redistest.Start(t).Client(t)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	appendQA(t, s, session, 0, t0, Policy{})
 	for range 2 {
 		_, err := s.Window(ctx, session, 6, t0+1, Policy{})
@@ -74,9 +70,7 @@ func TestWindowCacheWindowNotCounted(t *testing.T) {
 func TestWindowCacheErasedAndWrittenAgainIsStale(t *testing.T) {
 	ctx := context.Background()
 	c := redistest.Start(t).Client(t)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	other := NewRedis(c, "t")
 	defer other.Close()
 	a := "chat:a@example.com:support"
@@ -98,9 +92,7 @@ func TestWindowCacheErasedAndWrittenAgainIsStale(t *testing.T) {
 // same on a cluster.
 func TestWindowCacheReadsCountedOnCluster(t *testing.T) {
 	var c redis.UniversalClient = redistest.StartCluster(t).Client(t)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	a := "chat:a@example.com:support"
 	appendQA(t, s, a, 0, t0, Policy{})
 	takeNow(t, s, a, 4, t0+1, Policy{})
@@ -113,9 +105,7 @@ func TestWindowCacheReadsCountedOnCluster(t *testing.T) {
 // with -race).
 func TestWindowCacheGaugesRace(t *testing.T) {
 	c := redistest.Start(t).Client(t)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	var wg sync.WaitGroup
 	for g := range 4 {
 		wg.Add(1)
@@ -170,9 +160,7 @@ func TestWindowCacheNewConversationKeepsTheTail(t *testing.T) {
 	c := redistest.Start(t).Client(t)
 	h := &streamReads{}
 	c.AddHook(h)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	idle := Policy{IdleTimeout: time.Hour}
 	a := "chat:a@example.com:support"
 	for i := range 2 {
@@ -242,9 +230,7 @@ func TestWindowCacheHitWithASecondRead(t *testing.T) {
 	c := redistest.Start(t).Client(t)
 	h := &windowScripts{}
 	c.AddHook(h)
-	reg := prometheus.NewRegistry()
-	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
-	defer s.Close()
+	s, reg := observedStore(t, c)
 	a := "chat:a@example.com:support"
 	idle := Policy{IdleTimeout: time.Hour}
 	appendQA(t, s, a, 0, t0, idle)
@@ -267,4 +253,14 @@ func TestWindowCacheHitWithASecondRead(t *testing.T) {
 		t.Fatalf("%d window scripts, want 1 (the late turns crowd the window out)", h.n.Load()-before)
 	}
 	cacheReads(t, reg, "the take after the late turns", 2, 1, 0)
+}
+
+// observedStore is a Redis store with a window cache whose reads are
+// counted into a registry of its own; it closes with the test.
+func observedStore(t *testing.T, c redis.UniversalClient) (*RedisStore, *prometheus.Registry) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	s := NewRedis(c, "t", WithWindowCacheObserver(metrics.New(reg, 0)))
+	t.Cleanup(func() { s.Close() })
+	return s, reg
 }
