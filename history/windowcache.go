@@ -15,8 +15,9 @@ const DefaultWindowCacheBytes = 16 << 20
 // stream as this RedisStore last read them, decoded (a streamTail), so that
 // the session's next TakeTurn reads and decodes only the entries added
 // since (XREVRANGE stream + (newest COUNT n) instead of its whole window.
-// It is bounded by the heap its tails hold (entryBytes, within a tenth of
-// the runtime's count, over rather than under), the least recently used sessions dropped first.
+// It is bounded by the heap its tails hold (entryBytes: 1.00 to 1.04 of the
+// runtime's count in the tests), the least recently used sessions dropped
+// first.
 //
 // Why a tail read earlier still holds: within a stream's life, entries are
 // only added at its end (XADD *, ids growing) and removed from its start
@@ -174,7 +175,10 @@ type streamTail struct {
 	entries []*streamEntry
 	length  int64  // the stream's length (XLEN) at that read
 	created string // the session's created_ms and created_nonce then
-	bytes   int64  // an estimate of what the entries hold
+	bytes   int64  // what it holds on the heap: its entries, their slice, created
+	// entryBytes is the entries' share of bytes, so that extending a tail
+	// counts only the entries it adds and drops, not all of them again.
+	entryBytes int64
 }
 
 // streamEntry is one decoded entry of a session's stream.
@@ -263,11 +267,17 @@ func sliceBytes(n int) int64 {
 }
 
 func newTail(entries []*streamEntry, length int64, created string) *streamTail {
-	t := &streamTail{entries: entries, length: length, created: created, bytes: sliceBytes(cap(entries)) + readBytes(created)}
+	var sum int64
 	for _, e := range entries {
-		t.bytes += entryBytes(e)
+		sum += entryBytes(e)
 	}
-	return t
+	return tailOf(entries, length, created, sum)
+}
+
+// tailOf is a tail of entries whose entryBytes add up to sum.
+func tailOf(entries []*streamEntry, length int64, created string, sum int64) *streamTail {
+	return &streamTail{entries: entries, length: length, created: created, entryBytes: sum,
+		bytes: sum + sliceBytes(cap(entries)) + readBytes(created)}
 }
 
 // covers reports whether the tail holds the stream's newest n entries (or
@@ -282,8 +292,8 @@ func (t *streamTail) newest() string { return t.entries[0].id() }
 
 // extend returns the tail after added, the entries after t's newest
 // (newest first, read with COUNT n), when the stream's length is now
-// length and the session's created_ms and created_nonce created. With n of them there may
-// be more: they are the stream's newest n on their own, as a full read
+// length and the session's created_ms and created_nonce created. With n
+// of them there may be more: they are the stream's newest n on their own, as a full read
 // would give. Otherwise they are every entry added since t was read, and
 // the result keeps the newest of them and t's entries, as many as n or as
 // t had, whichever is more (so that requests of another window size for
@@ -306,8 +316,16 @@ func (t *streamTail) extend(added []*streamEntry, length int64, created string, 
 		return nil, false
 	}
 	keep := max(n, len(t.entries))
+	kept := min(len(t.entries), keep-len(added))
 	es := make([]*streamEntry, 0, min(keep, len(added)+len(t.entries)))
 	es = append(es, added...)
-	es = append(es, t.entries[:min(len(t.entries), keep-len(added))]...)
-	return newTail(es, length, created), true
+	es = append(es, t.entries[:kept]...)
+	sum := t.entryBytes
+	for _, e := range added {
+		sum += entryBytes(e)
+	}
+	for _, e := range t.entries[kept:] {
+		sum -= entryBytes(e)
+	}
+	return tailOf(es, length, created, sum), true
 }

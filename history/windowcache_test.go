@@ -550,3 +550,34 @@ func TestWindowCacheOffBuildsNoTail(t *testing.T) {
 		t.Errorf("got %d entries, want the 2 newest read", len(newest))
 	}
 }
+
+// TestTailExtendCountsAsNew: a tail extended by new entries counts the
+// same bytes as one built from its entries afresh, whether the entries it
+// adds push older ones out or not (extend counts only those it adds and
+// drops).
+func TestTailExtendCountsAsNew(t *testing.T) {
+	id := 0
+	entries := func(k int) []*streamEntry {
+		es := make([]*streamEntry, k)
+		for i := range es {
+			id++
+			es[k-1-i] = &streamEntry{conv: "c1", msg: Message{ID: fmt.Sprintf("%d-0", id), Conversation: "c1", Role: RoleUser,
+				Content: strings.Repeat("w", id*37%900), Model: "gpt-4o-mini"}}
+		}
+		return es
+	}
+	tail := newTail(entries(5), 5, "1:x")
+	length := int64(5)
+	for step, c := range []struct{ added, n int }{{2, 8}, {2, 8}, {3, 8}, {1, 4}, {6, 8}, {0, 8}, {2, 3}} {
+		added := entries(c.added)
+		length += int64(c.added)
+		next, ok := tail.extend(added, length, "1:x", c.n)
+		if !ok {
+			t.Fatalf("step %d: extend refused", step)
+		}
+		if want := newTail(next.entries, length, "1:x"); next.bytes != want.bytes {
+			t.Fatalf("step %d: the extended tail counts %d bytes, built afresh %d", step, next.bytes, want.bytes)
+		}
+		tail = next
+	}
+}
