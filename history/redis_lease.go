@@ -451,8 +451,7 @@ func decodeStreamEntry(e any) (*streamEntry, error) {
 
 // takeWindow makes the window of takeScript's {1, conversation, first
 // entry id, mark, summary, summary's last id, last entry id, created} out
-// of the
-// stream's newest n entries: read, or, with a cached tail, the tail
+// of the stream's newest n entries: read, or, with a cached tail, the tail
 // extended by read. It picks the entries of the conversation after the
 // range its latest summary covers, summaries left out. They hold all of
 // its window unless fewer than n are such while the stream goes on past
@@ -527,8 +526,8 @@ func (s *RedisStore) takeWindow(ctx context.Context, session string, keys []stri
 // stale: the stream changed other than by appends (see extend), the
 // session is not the one the tail was read from (its created_ms and
 // created_nonce), or its conversation's last entry, last, is not among the
-// newest n though it was written after the tail's newest entry. The cache then forgets the
-// tail. A session without a created_ms (one written before it was kept)
+// newest n though it was written after the tail's newest entry. The cache
+// then forgets the tail. A session without a created_ms (one written before it was kept)
 // has nothing to tell the session by: nothing is cached then, nor when the
 // cache is off. (A take that found no current conversation does not come
 // here: see takeWindow.)
@@ -600,16 +599,6 @@ func (s *RedisStore) readWindow(ctx context.Context, keys []string, n int, w Win
 	// two): the window carries that one, or the messages between the two
 	// ranges would be in neither.
 	return windowOf(read[0], read[1], read[2])
-}
-
-// entryID is a stream entry's id, {id, fields}; "" when e is not one.
-func entryID(e any) string {
-	pair, _ := e.([]any)
-	if len(pair) != 2 {
-		return ""
-	}
-	id, _ := pair[0].(string)
-	return id
 }
 
 // entrySummary reports whether a stream entry is a summary: its kind comes
