@@ -22,7 +22,7 @@ type windowCache struct {
 func newWindowCache() windowCache {
 	c := windowCache{reads: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "window_cache_reads_total",
-		Help: "Turns that read their session's window with the window cache on, by result: hit (only the stream's entries after the cached tail were read), miss (no tail to use: the session's first turn on this instance, its tail evicted, or one shorter than the window asked for) or stale (the tail no longer held: dropped, and the window read again).",
+		Help: "Turns that read their session's window with the window cache on, by result: hit (the cached tail was used: the stream read only after it, and the window again only when turns written late to an older conversation crowd it out), miss (no tail to use: the session's first turn on this instance, its tail evicted, or one shorter than the window asked for) or stale (the tail no longer held: dropped, and the window read again).",
 	}, []string{"result"})}
 	// Resolved here, so a take adds to a counter without a label lookup,
 	// and all three are exported at 0 from the start.
@@ -62,8 +62,7 @@ func (m *Metrics) WindowCacheOn(held func() (bytes int64, sessions int)) {
 	m.reg.MustRegister(m.cache.reads, cacheHeld(held))
 }
 
-// WindowCacheHit counts a turn that read only what its session's cached
-// tail did not hold.
+// WindowCacheHit counts a turn that used its session's cached tail.
 func (m *Metrics) WindowCacheHit() { m.cache.hit.Inc() }
 
 // WindowCacheMiss counts a turn that had no cached tail to use.
